@@ -1,0 +1,31 @@
+//! The test bed: real parts for the tests and the demo.
+//!
+//! - [`redis_server`]: a real `redis-server` on a free loopback port, stopped on drop.
+//! - [`githost`]: bare repositories served over smart HTTP by `git http-backend`,
+//!   behind a small HTTP server that checks basic credentials.
+//! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
+//! - [`simulator`]: plays job controller and kubelet for the Jobs in the emulator.
+
+pub mod emulator;
+pub mod githost;
+pub mod redis_server;
+pub mod simulator;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// The workspace root (where the top-level `Cargo.toml` lives).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testbed lives one level below the workspace root")
+        .to_path_buf()
+}
