@@ -1,0 +1,247 @@
+//! The job record (`job:{jobId}`) and the git provider record, read from Redis hashes.
+
+use std::collections::HashMap;
+
+/// The job's `status` field. Terminal states are never left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "success" => Self::Success,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Success | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a hash is not a usable record. Names the key and the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("{key} does not exist")]
+    Missing { key: String },
+    #[error("{key} has no `{field}` field")]
+    MissingField { key: String, field: &'static str },
+    #[error("{key} has an unknown status `{value}`")]
+    BadStatus { key: String, value: String },
+}
+
+/// `job:{jobId}` as the web app wrote it and the runner side updated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: String,
+    pub user_id: String,
+    pub provider_id: String,
+    pub repo_url: String,
+    pub base_branch: Option<String>,
+    pub prompt: String,
+    pub created_at: Option<String>,
+    pub status: JobStatus,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub branch: Option<String>,
+    pub commit_sha: Option<String>,
+    pub error: Option<String>,
+    pub runner_id: Option<String>,
+}
+
+fn take(map: &mut HashMap<String, String>, field: &str) -> Option<String> {
+    map.remove(field).filter(|v| !v.is_empty())
+}
+
+impl JobRecord {
+    /// Builds the record from an HGETALL reply. `job_id` is the id from the key, used
+    /// when the hash lacks an `id` field.
+    pub fn from_hash(job_id: &str, mut map: HashMap<String, String>) -> Result<Self, RecordError> {
+        let key = crate::keys::job(job_id);
+        if map.is_empty() {
+            return Err(RecordError::Missing { key });
+        }
+        let required = |map: &mut HashMap<String, String>, field: &'static str| {
+            take(map, field).ok_or_else(|| RecordError::MissingField {
+                key: key.clone(),
+                field,
+            })
+        };
+        let status = match take(&mut map, "status") {
+            None => JobStatus::Pending,
+            Some(v) => JobStatus::parse(&v).ok_or_else(|| RecordError::BadStatus {
+                key: key.clone(),
+                value: v,
+            })?,
+        };
+        Ok(Self {
+            id: take(&mut map, "id").unwrap_or_else(|| job_id.to_owned()),
+            user_id: required(&mut map, "userId")?,
+            provider_id: required(&mut map, "providerId")?,
+            repo_url: required(&mut map, "repoUrl")?,
+            base_branch: take(&mut map, "baseBranch"),
+            prompt: take(&mut map, "prompt").unwrap_or_default(),
+            created_at: take(&mut map, "createdAt"),
+            status,
+            started_at: take(&mut map, "startedAt"),
+            finished_at: take(&mut map, "finishedAt"),
+            branch: take(&mut map, "branch"),
+            commit_sha: take(&mut map, "commitSha"),
+            error: take(&mut map, "error"),
+            runner_id: take(&mut map, "runnerId"),
+        })
+    }
+}
+
+/// `git_provider:{userId}:{providerId}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProviderRecord {
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+    pub encrypted_token: String,
+}
+
+impl std::fmt::Debug for ProviderRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderRecord")
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("encrypted_token", &"<encrypted>")
+            .finish()
+    }
+}
+
+impl ProviderRecord {
+    pub fn from_hash(
+        user_id: &str,
+        provider_id: &str,
+        mut map: HashMap<String, String>,
+    ) -> Result<Self, RecordError> {
+        let key = crate::keys::git_provider(user_id, provider_id);
+        if map.is_empty() {
+            return Err(RecordError::Missing { key });
+        }
+        Ok(Self {
+            kind: take(&mut map, "type"),
+            base_url: take(&mut map, "baseUrl"),
+            encrypted_token: take(&mut map, "encryptedToken").ok_or(RecordError::MissingField {
+                key,
+                field: "encryptedToken",
+            })?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn status_round_trip_and_terminality() {
+        for s in [
+            JobStatus::Pending,
+            JobStatus::Running,
+            JobStatus::Success,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ] {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+        }
+        assert!(!JobStatus::Pending.is_terminal());
+        assert!(!JobStatus::Running.is_terminal());
+        assert!(JobStatus::Success.is_terminal());
+        assert!(JobStatus::Failed.is_terminal());
+        assert!(JobStatus::Cancelled.is_terminal());
+        assert_eq!(JobStatus::parse("done"), None);
+    }
+
+    #[test]
+    fn parses_a_web_app_record() {
+        let r = JobRecord::from_hash(
+            "j1",
+            hash(&[
+                ("id", "j1"),
+                ("userId", "u1"),
+                ("providerId", "p1"),
+                ("repoUrl", "https://github.com/acme/api.git"),
+                ("prompt", "Fix the bug"),
+                ("status", "pending"),
+                ("createdAt", "2026-11-23T10:15:30.123Z"),
+                ("baseBranch", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.user_id, "u1");
+        assert_eq!(r.status, JobStatus::Pending);
+        assert_eq!(r.base_branch, None, "empty optional fields read as absent");
+    }
+
+    #[test]
+    fn missing_hash_and_fields_are_named() {
+        assert_eq!(
+            JobRecord::from_hash("j1", HashMap::new())
+                .unwrap_err()
+                .to_string(),
+            "job:j1 does not exist"
+        );
+        let err =
+            JobRecord::from_hash("j1", hash(&[("userId", "u1"), ("providerId", "p")])).unwrap_err();
+        assert_eq!(err.to_string(), "job:j1 has no `repoUrl` field");
+        let err = JobRecord::from_hash(
+            "j1",
+            hash(&[
+                ("userId", "u"),
+                ("providerId", "p"),
+                ("repoUrl", "x"),
+                ("status", "weird"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "job:j1 has an unknown status `weird`");
+    }
+
+    #[test]
+    fn provider_debug_hides_the_ciphertext() {
+        let p = ProviderRecord::from_hash("u", "p", hash(&[("encryptedToken", "a:b:c")])).unwrap();
+        assert!(!format!("{p:?}").contains("a:b:c"));
+        assert_eq!(
+            ProviderRecord::from_hash("u", "p", hash(&[("type", "github")]))
+                .unwrap_err()
+                .to_string(),
+            "git_provider:u:p has no `encryptedToken` field"
+        );
+    }
+}
