@@ -45,7 +45,8 @@ impl Masker {
         }
         self.secrets.push((secret.to_owned(), mask_token(secret)));
         // Longest first, so a secret that contains another is replaced whole.
-        self.secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.secrets
+            .sort_by_key(|(secret, _)| std::cmp::Reverse(secret.len()));
     }
 
     /// The text with every secret masked; borrowed when there was nothing to hide.

@@ -1,0 +1,394 @@
+//! The executor's settings, all from the environment (names from the original design).
+//!
+//! A missing or malformed setting is an error that names the setting and never echoes
+//! a secret value; the process then exits before touching the job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use repobox_contract::{EncryptionKey, Masker};
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration error: {setting} {problem}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+fn err(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// How output lines are shipped to `job:{id}:output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputConfig {
+    /// Flush after this many lines...
+    pub flush_lines: usize,
+    /// ...or this long after the first unflushed line, whichever comes first.
+    pub flush_interval: Duration,
+    /// Total bytes pushed for one job; one truncation line follows when reached.
+    pub max_bytes: usize,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            flush_lines: 64,
+            flush_interval: Duration::from_millis(200),
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub job_id: String,
+    /// May hold a password: never log it (see the `Debug` impl).
+    pub redis_url: String,
+    pub encryption_key: EncryptionKey,
+    pub runner_id: String,
+    pub temp_dir: PathBuf,
+    pub cleanup_after_job: bool,
+    pub git_author_name: String,
+    pub git_author_email: String,
+    /// `0` means a full clone.
+    pub clone_depth: u32,
+    pub agent_command: Option<String>,
+    /// Names of extra environment variables handed to the agent (e.g. its API key).
+    pub agent_env: Vec<String>,
+    pub output: OutputConfig,
+    /// Allows `http://` repository URLs (tests, air-gapped mirrors); the token then
+    /// crosses the network in clear, so it is off by default.
+    pub allow_insecure_http: bool,
+    pub log_format: LogFormat,
+    /// How long a stopped git/agent child gets between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    pub git_bin: PathBuf,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("job_id", &self.job_id)
+            .field("redis_url", &Masker::new().mask(&self.redis_url))
+            .field("encryption_key", &self.encryption_key)
+            .field("runner_id", &self.runner_id)
+            .field("temp_dir", &self.temp_dir)
+            .field("cleanup_after_job", &self.cleanup_after_job)
+            .field("clone_depth", &self.clone_depth)
+            .field("agent_command", &self.agent_command.is_some())
+            .field("output", &self.output)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_bool(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(err(
+            setting,
+            format!("must be true or false, not `{other}`"),
+        )),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(setting: &'static str, v: &str) -> Result<T, ConfigError> {
+    v.trim().parse().map_err(|_| {
+        err(
+            setting,
+            format!("must be a non-negative integer, not `{v}`"),
+        )
+    })
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `get` (the environment in production, a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+
+        let job_id = get("JOB_ID").ok_or_else(|| err("JOB_ID", "is required"))?;
+        let redis_url = get("REDIS_URL").ok_or_else(|| err("REDIS_URL", "is required"))?;
+        let redis_url = redis_url.trim().to_owned();
+        if !(redis_url.starts_with("redis://")
+            || redis_url.starts_with("rediss://")
+            || redis_url.starts_with("unix://"))
+        {
+            return Err(err(
+                "REDIS_URL",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+
+        let encryption_key = match (get("ENCRYPTION_KEY_FILE"), get("ENCRYPTION_KEY")) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "ENCRYPTION_KEY",
+                    "and ENCRYPTION_KEY_FILE are both set; set only one",
+                ));
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path.trim()).map_err(|e| {
+                    err(
+                        "ENCRYPTION_KEY_FILE",
+                        format!("cannot be read ({}): {e}", path.trim()),
+                    )
+                })?;
+                EncryptionKey::parse(&text)
+                    .map_err(|e| err("ENCRYPTION_KEY_FILE", format!("content {e}")))?
+            }
+            (None, Some(v)) => {
+                EncryptionKey::parse(&v).map_err(|e| err("ENCRYPTION_KEY", e.to_string()))?
+            }
+            (None, None) => {
+                return Err(err(
+                    "ENCRYPTION_KEY",
+                    "is required (or ENCRYPTION_KEY_FILE with the path of a file holding it)",
+                ));
+            }
+        };
+
+        let output = OutputConfig {
+            flush_lines: match get("OUTPUT_FLUSH_LINES") {
+                Some(v) => parse_num::<usize>("OUTPUT_FLUSH_LINES", &v)?.max(1),
+                None => OutputConfig::default().flush_lines,
+            },
+            flush_interval: match get("OUTPUT_FLUSH_MS") {
+                Some(v) => Duration::from_millis(parse_num("OUTPUT_FLUSH_MS", &v)?),
+                None => OutputConfig::default().flush_interval,
+            },
+            max_bytes: match get("OUTPUT_MAX_BYTES") {
+                Some(v) => parse_num("OUTPUT_MAX_BYTES", &v)?,
+                None => OutputConfig::default().max_bytes,
+            },
+        };
+
+        Ok(Self {
+            job_id: job_id.trim().to_owned(),
+            redis_url,
+            encryption_key,
+            runner_id: get("RUNNER_ID")
+                .or_else(|| get("HOSTNAME"))
+                .unwrap_or_else(|| "runner-1".to_owned()),
+            temp_dir: get("TEMP_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp/repobox")),
+            cleanup_after_job: match get("CLEANUP_AFTER_JOB") {
+                Some(v) => parse_bool("CLEANUP_AFTER_JOB", &v)?,
+                None => true,
+            },
+            git_author_name: get("GIT_AUTHOR_NAME").unwrap_or_else(|| "Repobox".to_owned()),
+            git_author_email: get("GIT_AUTHOR_EMAIL")
+                .unwrap_or_else(|| "repobox@users.noreply.repobox.dev".to_owned()),
+            clone_depth: match get("GIT_CLONE_DEPTH") {
+                Some(v) => parse_num("GIT_CLONE_DEPTH", &v)?,
+                None => 1,
+            },
+            agent_command: get("AGENT_COMMAND"),
+            agent_env: get("AGENT_ENV")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            output,
+            allow_insecure_http: match get("ALLOW_INSECURE_HTTP") {
+                Some(v) => parse_bool("ALLOW_INSECURE_HTTP", &v)?,
+                None => false,
+            },
+            log_format: match get("LOG_FORMAT").as_deref().map(str::trim) {
+                None | Some("json") => LogFormat::Json,
+                Some("text") => LogFormat::Text,
+                Some(other) => {
+                    return Err(err(
+                        "LOG_FORMAT",
+                        format!("must be json or text, not `{other}`"),
+                    ));
+                }
+            },
+            kill_grace: match get("KILL_GRACE_SECONDS") {
+                Some(v) => Duration::from_secs(parse_num("KILL_GRACE_SECONDS", &v)?),
+                None => Duration::from_secs(5),
+            },
+            git_bin: get("GIT_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("git")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    fn base() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("JOB_ID", "job-1"),
+            ("REDIS_URL", "redis://:pw@127.0.0.1:6379/0"),
+            ("ENCRYPTION_KEY", HEX),
+        ]
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&base()).unwrap();
+        assert_eq!(c.job_id, "job-1");
+        assert_eq!(c.runner_id, "runner-1");
+        assert_eq!(c.temp_dir, PathBuf::from("/tmp/repobox"));
+        assert!(c.cleanup_after_job);
+        assert_eq!(c.clone_depth, 1);
+        assert_eq!(c.agent_command, None);
+        assert_eq!(c.output, OutputConfig::default());
+        assert!(!c.allow_insecure_http);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.kill_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn overrides() {
+        let mut p = base();
+        p.extend([
+            ("RUNNER_ID", "pod-abc"),
+            ("TEMP_DIR", "/work"),
+            ("CLEANUP_AFTER_JOB", "false"),
+            ("GIT_AUTHOR_NAME", "Bot"),
+            ("GIT_AUTHOR_EMAIL", "bot@x"),
+            ("GIT_CLONE_DEPTH", "0"),
+            ("AGENT_COMMAND", "echo hi"),
+            ("AGENT_ENV", "ANTHROPIC_API_KEY, OTHER"),
+            ("OUTPUT_MAX_BYTES", "100"),
+            ("OUTPUT_FLUSH_LINES", "0"),
+            ("OUTPUT_FLUSH_MS", "5"),
+            ("ALLOW_INSECURE_HTTP", "yes"),
+            ("LOG_FORMAT", "text"),
+            ("KILL_GRACE_SECONDS", "2"),
+        ]);
+        let c = cfg(&p).unwrap();
+        assert_eq!(c.runner_id, "pod-abc");
+        assert_eq!(c.temp_dir, PathBuf::from("/work"));
+        assert!(!c.cleanup_after_job);
+        assert_eq!(
+            (c.git_author_name.as_str(), c.git_author_email.as_str()),
+            ("Bot", "bot@x")
+        );
+        assert_eq!(c.clone_depth, 0);
+        assert_eq!(c.agent_command.as_deref(), Some("echo hi"));
+        assert_eq!(c.agent_env, ["ANTHROPIC_API_KEY", "OTHER"]);
+        assert_eq!(c.output.max_bytes, 100);
+        assert_eq!(c.output.flush_lines, 1, "0 lines would never flush");
+        assert_eq!(c.output.flush_interval, Duration::from_millis(5));
+        assert!(c.allow_insecure_http);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.kill_grace, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        for missing in ["JOB_ID", "REDIS_URL", "ENCRYPTION_KEY"] {
+            let p: Vec<_> = base().into_iter().filter(|(k, _)| *k != missing).collect();
+            let e = cfg(&p).unwrap_err();
+            assert_eq!(e.setting, missing);
+            assert!(e.to_string().contains(missing));
+        }
+        // Blank counts as missing.
+        let mut p = base();
+        p[0] = ("JOB_ID", "   ");
+        assert_eq!(cfg(&p).unwrap_err().setting, "JOB_ID");
+    }
+
+    #[test]
+    fn malformed_settings_are_named_without_echoing_secrets() {
+        let mut p = base();
+        p[2] = ("ENCRYPTION_KEY", "not-a-valid-key-hunter2");
+        let e = cfg(&p).unwrap_err();
+        assert_eq!(e.setting, "ENCRYPTION_KEY");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+
+        for (k, v) in [
+            ("CLEANUP_AFTER_JOB", "maybe"),
+            ("GIT_CLONE_DEPTH", "-1"),
+            ("OUTPUT_MAX_BYTES", "lots"),
+            ("LOG_FORMAT", "xml"),
+            ("ALLOW_INSECURE_HTTP", "2"),
+        ] {
+            let mut p = base();
+            p.push((k, v));
+            assert_eq!(cfg(&p).unwrap_err().setting, k, "{k}={v}");
+        }
+
+        let mut p = base();
+        p[1] = ("REDIS_URL", "localhost:6379");
+        assert_eq!(cfg(&p).unwrap_err().setting, "REDIS_URL");
+    }
+
+    #[test]
+    fn key_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("{HEX}\n")).unwrap();
+        let path_s = path.to_string_lossy().to_string();
+        let p = vec![
+            ("JOB_ID", "j"),
+            ("REDIS_URL", "redis://127.0.0.1/"),
+            ("ENCRYPTION_KEY_FILE", path_s.as_str()),
+        ];
+        assert!(cfg(&p).is_ok());
+
+        let mut both = p.clone();
+        both.push(("ENCRYPTION_KEY", HEX));
+        assert_eq!(cfg(&both).unwrap_err().setting, "ENCRYPTION_KEY");
+
+        std::fs::write(&path, "short").unwrap();
+        let e = cfg(&p).unwrap_err();
+        assert_eq!(e.setting, "ENCRYPTION_KEY_FILE");
+        assert!(!e.to_string().contains("short"));
+
+        let gone = vec![
+            ("JOB_ID", "j"),
+            ("REDIS_URL", "redis://127.0.0.1/"),
+            ("ENCRYPTION_KEY_FILE", "/nonexistent/key"),
+        ];
+        assert!(
+            cfg(&gone)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be read")
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_redis_password_and_key() {
+        let c = cfg(&base()).unwrap();
+        let d = format!("{c:?}");
+        assert!(!d.contains(":pw@"), "{d}");
+        assert!(!d.contains(HEX), "{d}");
+    }
+}
