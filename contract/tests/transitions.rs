@@ -41,7 +41,7 @@ async fn start_is_exclusive_and_respects_terminal_states() {
         }
     );
     let fields: Vec<String> = con
-        .hget("job:a", &["status", "runnerId", "startedAt"])
+        .hmget("job:a", &["status", "runnerId", "startedAt"])
         .await
         .unwrap();
     assert_eq!(fields, ["running", "r1", "2026-01-01T00:00:00.000Z"]);
@@ -99,7 +99,7 @@ async fn finish_never_overwrites_a_terminal_state() {
         FinishOutcome::Finished
     );
     let fields: Vec<Option<String>> = con
-        .hget(
+        .hmget(
             "job:f",
             &["status", "finishedAt", "branch", "commitSha", "error"],
         )
