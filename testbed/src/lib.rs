@@ -5,11 +5,13 @@
 //!   behind a small HTTP server that checks basic credentials.
 //! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
 //! - [`simulator`]: plays job controller and kubelet for the Jobs in the emulator.
+//! - [`webapp`]: writes jobs and providers into Redis the way the web app does.
 
 pub mod emulator;
 pub mod githost;
 pub mod redis_server;
 pub mod simulator;
+pub mod webapp;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

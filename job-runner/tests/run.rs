@@ -1,0 +1,771 @@
+//! The real `repobox-job-runner` binary against a real redis-server and a real git host
+//! (bare repositories behind `git http-backend`, with basic-auth checks).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use repobox_contract::EncryptionKey;
+use repobox_testbed::githost::GitHost;
+use repobox_testbed::redis_server::RedisServer;
+use repobox_testbed::webapp::{self, NewJob};
+use tokio::process::Command;
+
+const TOKEN: &str = "ghp_1234567890abcdefghijTESTTOKEN";
+const KEY_HEX: &str = "6f1c2a3b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+
+struct Fixture {
+    redis: RedisServer,
+    git: GitHost,
+    key: EncryptionKey,
+    tmp: tempfile::TempDir,
+    con: MultiplexedConnection,
+}
+
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let redis = RedisServer::start().await.unwrap();
+        let git = GitHost::start(TOKEN).await.unwrap();
+        git.create_repo(
+            "acme/api",
+            &[("README.md", "# api\n"), ("src/lib.rs", "pub fn f() {}\n")],
+        )
+        .unwrap();
+        let con = redis.connection().await;
+        Self {
+            redis,
+            git,
+            key: EncryptionKey::parse(KEY_HEX).unwrap(),
+            tmp: tempfile::tempdir().unwrap(),
+            con,
+        }
+    }
+
+    fn job(&self, id: &str) -> NewJob {
+        NewJob::new(
+            id,
+            "user-1",
+            &self.git.url("acme/api"),
+            "Add a greeting file\n\nPlease.",
+        )
+    }
+
+    async fn seed(&mut self, job: &NewJob, token: &str) {
+        webapp::create_job(&mut self.con, job).await.unwrap();
+        webapp::create_provider(
+            &mut self.con,
+            &job.user_id,
+            &job.provider_id,
+            &self.key,
+            token,
+        )
+        .await
+        .unwrap();
+    }
+
+    fn work_dir(&self) -> PathBuf {
+        self.tmp.path().join("work")
+    }
+
+    fn command(&self, job_id: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_repobox-job-runner"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", self.tmp.path())
+            .env("JOB_ID", job_id)
+            .env("REDIS_URL", self.redis.url())
+            .env("ENCRYPTION_KEY", KEY_HEX)
+            .env("RUNNER_ID", "runner-test")
+            .env("TEMP_DIR", self.work_dir())
+            .env("ALLOW_INSECURE_HTTP", "true")
+            .env("KILL_GRACE_SECONDS", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    async fn run(&self, job_id: &str, env: &[(&str, &str)]) -> Run {
+        let out = self.command(job_id, env).output().await.unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn record(&mut self, job_id: &str) -> HashMap<String, String> {
+        self.con.hgetall(format!("job:{job_id}")).await.unwrap()
+    }
+
+    async fn output(&mut self, job_id: &str) -> Vec<String> {
+        self.con
+            .lrange(format!("job:{job_id}:output"), 0, -1)
+            .await
+            .unwrap()
+    }
+
+    /// Every key and value in Redis, as text, to prove no secret landed there.
+    async fn dump_redis(&mut self) -> String {
+        let keys: Vec<String> = self.con.keys("*").await.unwrap();
+        let mut all = String::new();
+        for k in keys {
+            let t: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut self.con)
+                .await
+                .unwrap();
+            let v = match t.as_str() {
+                "hash" => format!(
+                    "{:?}",
+                    self.con
+                        .hgetall::<_, HashMap<String, String>>(&k)
+                        .await
+                        .unwrap()
+                ),
+                "list" => format!(
+                    "{:?}",
+                    self.con.lrange::<_, Vec<String>>(&k, 0, -1).await.unwrap()
+                ),
+                "string" => self.con.get::<_, String>(&k).await.unwrap(),
+                _ => String::new(),
+            };
+            all.push_str(&k);
+            all.push_str(&v);
+        }
+        all
+    }
+
+    /// Asserts the token is in none of: Redis, the logs, the work tree (incl. .git/config).
+    async fn assert_token_nowhere(&mut self, logs: &str) {
+        assert!(
+            !self.dump_redis().await.contains(TOKEN),
+            "token found in redis"
+        );
+        assert!(!logs.contains(TOKEN), "token found in logs");
+        assert!(!logs.contains(KEY_HEX), "key found in logs");
+        let work = self.work_dir();
+        if work.exists() {
+            assert_file_tree_lacks(&work, TOKEN);
+        }
+    }
+}
+
+fn assert_file_tree_lacks(dir: &Path, needle: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            assert_file_tree_lacks(&path, needle);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(needle),
+                "token found in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+fn is_iso_millis(s: &str) -> bool {
+    s.len() == 24
+        && s.ends_with('Z')
+        && s.as_bytes()[19] == b'.'
+        && s.parse::<jiff::Timestamp>().is_ok()
+}
+
+#[tokio::test]
+async fn happy_path_pushes_the_branch_and_records_everything() {
+    let mut f = Fixture::new().await;
+    let job = f.job("a1b2c3d4e5f6");
+    f.seed(&job, TOKEN).await;
+    let agent = "printf 'hello from the agent\\n' > GREETING.md && echo \"agent saw: $REPOBOX_PROMPT_FILE\" && cat \"$REPOBOX_PROMPT_FILE\" | head -1";
+    let run = f
+        .run(
+            &job.id,
+            &[
+                ("AGENT_COMMAND", agent),
+                ("CLEANUP_AFTER_JOB", "false"),
+                ("GIT_AUTHOR_NAME", "Repo Bot"),
+                ("GIT_AUTHOR_EMAIL", "bot@example.com"),
+            ],
+        )
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success", "{rec:?}");
+    assert_eq!(rec["branch"], "repobox/a1b2c3d4");
+    assert_eq!(rec["runnerId"], "runner-test");
+    assert!(is_iso_millis(&rec["startedAt"]), "{}", rec["startedAt"]);
+    assert!(is_iso_millis(&rec["finishedAt"]));
+    assert!(!rec.contains_key("error"));
+
+    let sha = f
+        .git
+        .branch_sha("acme/api", "repobox/a1b2c3d4")
+        .expect("branch pushed");
+    assert_eq!(rec["commitSha"], sha);
+    assert_eq!(
+        f.git.file_at("acme/api", &sha, "GREETING.md").as_deref(),
+        Some("hello from the agent\n")
+    );
+    let msg = f.git.commit_message("acme/api", &sha).unwrap();
+    assert!(msg.starts_with("Add a greeting file\n"), "{msg}");
+    assert!(msg.contains("Repobox-Job: a1b2c3d4e5f6"), "{msg}");
+    assert_eq!(
+        f.git.commit_author("acme/api", &sha).unwrap(),
+        "Repo Bot <bot@example.com>"
+    );
+    // The prompt file lives outside the work tree: it is not committed.
+    assert_eq!(f.git.file_at("acme/api", &sha, "prompt.txt"), None);
+
+    let out = f.output(&job.id).await;
+    let text = out.join("\n");
+    assert!(out[0].starts_with("==> Repobox job a1b2c3d4e5f6"), "{text}");
+    assert!(text.contains("agent saw: "), "{text}");
+    assert!(
+        text.contains("Add a greeting file"),
+        "the agent read the prompt file: {text}"
+    );
+    assert!(
+        out.last()
+            .unwrap()
+            .starts_with("==> Done: pushed repobox/a1b2c3d4"),
+        "{text}"
+    );
+
+    // git asks for credentials only after a 401; every other request was authorized.
+    let reqs = f.git.requests();
+    assert!(
+        reqs.iter().all(|r| r.authorized || r.status == 401),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r.authorized && r.path.ends_with("git-receive-pack"))
+    );
+    // The remote URL on disk has no credentials.
+    let repo = std::fs::read_dir(f.work_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("repo");
+    let config = std::fs::read_to_string(repo.join(".git/config")).unwrap();
+    assert!(config.contains(&f.git.url("acme/api")), "{config}");
+    f.assert_token_nowhere(&run.stderr).await;
+
+    // JSON logs with the job's context.
+    let started = run
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "job started")
+        .unwrap_or_else(|| panic!("no 'job started' JSON log line in {}", run.stderr));
+    let span = &started["spans"][0];
+    assert_eq!(span["job_id"], "a1b2c3d4e5f6");
+    assert_eq!(span["runner_id"], "runner-test");
+    assert_eq!(span["user_id"], "user-1");
+}
+
+#[tokio::test]
+async fn no_changes_succeeds_without_a_push_and_cleans_up() {
+    let mut f = Fixture::new().await;
+    let job = f.job("nochange1");
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success");
+    assert!(
+        !rec.contains_key("branch") && !rec.contains_key("commitSha"),
+        "{rec:?}"
+    );
+    assert_eq!(f.git.branches("acme/api"), ["main"]);
+    assert!(
+        f.git
+            .requests()
+            .iter()
+            .all(|r| !r.path.ends_with("git-receive-pack"))
+    );
+    let out = f.output(&job.id).await;
+    assert!(out.last().unwrap().contains("no changes"), "{out:?}");
+    // CLEANUP_AFTER_JOB defaults to true: the work tree is gone.
+    assert_eq!(std::fs::read_dir(f.work_dir()).unwrap().count(), 0);
+    f.assert_token_nowhere(&run.stderr).await;
+}
+
+async fn expect_failure(
+    f: &mut Fixture,
+    job_id: &str,
+    env: &[(&str, &str)],
+    error_starts: &str,
+) -> Run {
+    let run = f.run(job_id, env).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let rec = f.record(job_id).await;
+    assert_eq!(rec["status"], "failed", "{rec:?}");
+    assert!(
+        rec["error"].starts_with(error_starts),
+        "error was: {}",
+        rec["error"]
+    );
+    assert!(!rec["error"].contains('\n'));
+    assert!(is_iso_millis(&rec["finishedAt"]));
+    let out = f.output(job_id).await;
+    assert_eq!(
+        out.last().unwrap(),
+        &format!("==> Failed: {}", rec["error"])
+    );
+    f.assert_token_nowhere(&run.stderr).await;
+    run
+}
+
+#[tokio::test]
+async fn wrong_token_is_an_authentication_failure() {
+    let mut f = Fixture::new().await;
+    let job = f.job("wrongtok");
+    f.seed(&job, "ghp_thisIsNotTheRightTokenAtAll").await;
+    let run = expect_failure(
+        &mut f,
+        &job.id,
+        &[],
+        "authentication failed for http://127.0.0.1",
+    )
+    .await;
+    assert!(
+        !f.dump_redis()
+            .await
+            .contains("ghp_thisIsNotTheRightTokenAtAll")
+    );
+    assert!(!run.stderr.contains("ghp_thisIsNotTheRightTokenAtAll"));
+    assert!(f.git.requests().iter().any(|r| r.status == 401));
+}
+
+#[tokio::test]
+async fn unknown_repository_is_reported() {
+    let mut f = Fixture::new().await;
+    let mut job = f.job("norepo");
+    job.repo_url = f.git.url("acme/missing");
+    f.seed(&job, TOKEN).await;
+    expect_failure(
+        &mut f,
+        &job.id,
+        &[],
+        "repository not found: http://127.0.0.1",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn missing_job_hash_exits_non_zero_and_writes_nothing() {
+    let mut f = Fixture::new().await;
+    let run = f.run("ghost", &[]).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("job:ghost does not exist"),
+        "{}",
+        run.stderr
+    );
+    let keys: Vec<String> = f.con.keys("*").await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn missing_provider_is_reported() {
+    let mut f = Fixture::new().await;
+    let job = f.job("noprov");
+    webapp::create_job(&mut f.con, &job).await.unwrap();
+    expect_failure(
+        &mut f,
+        &job.id,
+        &[],
+        "git provider `github-1` not found for user `user-1`",
+    )
+    .await;
+    assert!(
+        f.git.requests().is_empty(),
+        "no git traffic without a token"
+    );
+}
+
+#[tokio::test]
+async fn tampered_ciphertext_and_wrong_key_fail_decryption() {
+    let mut f = Fixture::new().await;
+    let job = f.job("tamper");
+    f.seed(&job, TOKEN).await;
+    let pkey = "git_provider:user-1:github-1";
+    let env: String = f.con.hget(pkey, "encryptedToken").await.unwrap();
+    let mut parts: Vec<String> = env.split(':').map(str::to_owned).collect();
+    parts[2] = parts[2].chars().rev().collect();
+    let _: () = f
+        .con
+        .hset(pkey, "encryptedToken", parts.join(":"))
+        .await
+        .unwrap();
+    expect_failure(&mut f, &job.id, &[], "token decryption failed").await;
+
+    let job2 = f.job("wrongkey");
+    f.seed(&job2, TOKEN).await;
+    let other_key = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+    expect_failure(&mut f, &job2.id, &[("ENCRYPTION_KEY", other_key)], "token decryption failed: encrypted token could not be decrypted: wrong ENCRYPTION_KEY or tampered ciphertext").await;
+}
+
+#[tokio::test]
+async fn bad_key_formats_exit_before_touching_the_job() {
+    let mut f = Fixture::new().await;
+    let job = f.job("badkey");
+    f.seed(&job, TOKEN).await;
+    for bad in [
+        "short",
+        "zz".repeat(32).as_str(),
+        "dGhpcyBpcyBub3QgMzIgYnl0ZXM=",
+    ] {
+        let run = f.run(&job.id, &[("ENCRYPTION_KEY", bad)]).await;
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stderr.contains("ENCRYPTION_KEY"), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains(bad),
+            "the bad value is not echoed: {}",
+            run.stderr
+        );
+        assert_eq!(f.record(&job.id).await["status"], "pending");
+    }
+    // Base64 and raw forms of a valid key work; so does a key file.
+    let key_file = f.tmp.path().join("key");
+    std::fs::write(&key_file, format!("{KEY_HEX}\n")).unwrap();
+    let mut cmd = f.command(
+        &job.id,
+        &[("ENCRYPTION_KEY_FILE", key_file.to_str().unwrap())],
+    );
+    cmd.env_remove("ENCRYPTION_KEY");
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(f.record(&job.id).await["status"], "success");
+    assert!(f.output(&job.id).await.len() > 1);
+}
+
+#[tokio::test]
+async fn base_branch_is_cloned_and_branched_from() {
+    let mut f = Fixture::new().await;
+    f.git
+        .create_branch("acme/api", "develop", &[("DEV.md", "dev only\n")])
+        .unwrap();
+    let mut job = f.job("basebr01");
+    job.base_branch = Some("develop".into());
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run(&job.id, &[("AGENT_COMMAND", "echo change >> DEV.md")])
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let sha = f.git.branch_sha("acme/api", "repobox/basebr01").unwrap();
+    assert_eq!(
+        f.git.file_at("acme/api", &sha, "DEV.md").as_deref(),
+        Some("dev only\nchange\n")
+    );
+    let develop = f.git.branch_sha("acme/api", "develop").unwrap();
+    assert_eq!(
+        f.git.rev_parse("acme/api", &format!("{sha}^")).unwrap(),
+        develop
+    );
+
+    let mut job = f.job("basebr02");
+    job.base_branch = Some("nope".into());
+    f.seed(&job, TOKEN).await;
+    expect_failure(&mut f, &job.id, &[], "base branch `nope` not found").await;
+}
+
+#[tokio::test]
+async fn failing_agent_fails_the_job_without_a_push() {
+    let mut f = Fixture::new().await;
+    let job = f.job("agentfail");
+    f.seed(&job, TOKEN).await;
+    let run = expect_failure(
+        &mut f,
+        &job.id,
+        &[(
+            "AGENT_COMMAND",
+            "echo trying; echo broken >&2; touch x; exit 7",
+        )],
+        "agent exited with code 7",
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    let out = f.output(&job.id).await;
+    assert!(
+        out.contains(&"trying".to_owned()) && out.contains(&"broken".to_owned()),
+        "{out:?}"
+    );
+    assert_eq!(f.git.branches("acme/api"), ["main"]);
+}
+
+#[tokio::test]
+async fn the_agent_never_sees_the_token_or_the_key() {
+    let mut f = Fixture::new().await;
+    let job = f.job("agentenv");
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run(
+            &job.id,
+            &[
+                ("AGENT_COMMAND", "env | sort > ../agent-env.txt"),
+                ("CLEANUP_AFTER_JOB", "false"),
+            ],
+        )
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let work = std::fs::read_dir(f.work_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let env = std::fs::read_to_string(work.join("agent-env.txt")).unwrap();
+    assert!(env.contains("REPOBOX_PROMPT=Add a greeting file"), "{env}");
+    assert!(env.contains("REPOBOX_JOB_ID=agentenv"));
+    for secret in [
+        TOKEN,
+        KEY_HEX,
+        "ENCRYPTION_KEY",
+        "REDIS_URL",
+        "REPOBOX_GIT_TOKEN",
+    ] {
+        assert!(!env.contains(secret), "{secret} leaked to the agent");
+    }
+}
+
+#[tokio::test]
+async fn branch_already_on_the_remote_and_rejected_push_are_reported() {
+    let mut f = Fixture::new().await;
+    f.git
+        .create_branch_at("acme/api", "repobox/exists01", "main")
+        .unwrap();
+    let job = f.job("exists01xyz");
+    f.seed(&job, TOKEN).await;
+    expect_failure(
+        &mut f,
+        &job.id,
+        &[("AGENT_COMMAND", "touch y")],
+        "branch repobox/exists01 already exists on the remote",
+    )
+    .await;
+
+    f.git
+        .reject_pushes("acme/api", "pushes to this repository are frozen")
+        .unwrap();
+    let job = f.job("rejected1");
+    f.seed(&job, TOKEN).await;
+    expect_failure(
+        &mut f,
+        &job.id,
+        &[("AGENT_COMMAND", "touch z")],
+        "push rejected by http://127.0.0.1",
+    )
+    .await;
+    let err = f.record(&job.id).await["error"].clone();
+    assert!(
+        err.ends_with("pushes to this repository are frozen"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn output_is_capped_with_one_truncation_line() {
+    let mut f = Fixture::new().await;
+    let job = f.job("capped");
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run(&job.id, &[("AGENT_COMMAND", "i=0; while [ $i -lt 2000 ]; do echo \"line $i of agent output\"; i=$((i+1)); done"), ("OUTPUT_MAX_BYTES", "4096")])
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = f.output(&job.id).await;
+    let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
+    assert!(bytes <= 4096 + 200, "{bytes} bytes");
+    let notices: Vec<_> = out
+        .iter()
+        .filter(|l| l.starts_with("==> Output truncated"))
+        .collect();
+    assert_eq!(notices.len(), 1, "{out:?}");
+    assert_eq!(out.last().unwrap(), notices[0], "nothing after the notice");
+    assert_eq!(f.record(&job.id).await["status"], "success");
+}
+
+#[tokio::test]
+async fn output_is_flushed_in_batches_while_the_job_runs() {
+    let mut f = Fixture::new().await;
+    let job = f.job("streaming");
+    f.seed(&job, TOKEN).await;
+    // The agent waits until the first line it printed is visible in Redis: that only
+    // happens if the sink flushes on its timer, not at exit.
+    let redis_cli = format!(
+        "echo marker-1; until redis-cli -p {} lrange job:streaming:output 0 -1 | grep -q marker-1; do sleep 0.05; done; echo marker-2",
+        f.redis.port()
+    );
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        f.run(
+            &job.id,
+            &[("AGENT_COMMAND", &redis_cli), ("OUTPUT_FLUSH_MS", "50")],
+        ),
+    )
+    .await
+    .expect("the first batch reached Redis before the agent ended");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = f.output(&job.id).await;
+    let i1 = out.iter().position(|l| l == "marker-1").unwrap();
+    let i2 = out.iter().position(|l| l == "marker-2").unwrap();
+    assert!(i1 < i2);
+}
+
+#[tokio::test]
+async fn terminal_jobs_are_not_run_again() {
+    let mut f = Fixture::new().await;
+    for status in ["success", "failed", "cancelled"] {
+        let job = f.job(&format!("term-{status}"));
+        f.seed(&job, TOKEN).await;
+        let _: () = f
+            .con
+            .hset(format!("job:{}", job.id), "status", status)
+            .await
+            .unwrap();
+        let before = f.record(&job.id).await;
+        let run = f.run(&job.id, &[("AGENT_COMMAND", "touch x")]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(f.record(&job.id).await, before);
+        assert!(f.output(&job.id).await.is_empty());
+    }
+    assert!(f.git.requests().is_empty());
+}
+
+#[tokio::test]
+async fn two_runners_racing_for_one_job_push_once() {
+    let mut f = Fixture::new().await;
+    let job = f.job("race0001");
+    f.seed(&job, TOKEN).await;
+    let env = [("AGENT_COMMAND", "echo raced > RACE.md")];
+    let a = f
+        .command(&job.id, &env)
+        .env("RUNNER_ID", "runner-a")
+        .output();
+    let b = f
+        .command(&job.id, &env)
+        .env("RUNNER_ID", "runner-b")
+        .output();
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.status.code(), Some(0));
+    assert_eq!(b.status.code(), Some(0));
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success");
+    let winner = rec["runnerId"].clone();
+    assert!(winner == "runner-a" || winner == "runner-b");
+    let loser_log = if winner == "runner-a" {
+        &b.stderr
+    } else {
+        &a.stderr
+    };
+    // The loser either found the job running or, if it came late, already finished.
+    let loser_log = String::from_utf8_lossy(loser_log);
+    assert!(
+        loser_log.contains("already running elsewhere") || loser_log.contains("already finished"),
+        "{loser_log}"
+    );
+    let pushes = f
+        .git
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("git-receive-pack"))
+        .count();
+    assert_eq!(pushes, 1);
+    let out = f.output(&job.id).await;
+    assert_eq!(
+        out.iter()
+            .filter(|l| l.starts_with("==> Repobox job"))
+            .count(),
+        1,
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_mid_clone_stops_git_and_leaves_the_status_to_the_operator() {
+    let mut f = Fixture::new().await;
+    // A "git host" that accepts the connection and never answers: the clone hangs.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut job = f.job("sigterm1");
+    job.repo_url = format!(
+        "http://127.0.0.1:{}/acme/api.git",
+        listener.local_addr().unwrap().port()
+    );
+    f.seed(&job, TOKEN).await;
+    let child = f.command(&job.id, &[]).spawn().unwrap();
+    let pid = child.id().unwrap() as i32;
+    // The clone is in flight once git has connected.
+    let (_conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("exits well within the grace period")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = f.record(&job.id).await;
+    assert_eq!(
+        rec["status"], "running",
+        "the operator records the terminal status"
+    );
+    let lines = f.output(&job.id).await;
+    assert!(
+        lines.last().unwrap().starts_with("==> Stopped:"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(f.work_dir()).unwrap().count(),
+        0,
+        "work tree cleaned up"
+    );
+    f.assert_token_nowhere(&String::from_utf8_lossy(&out.stderr))
+        .await;
+}
+
+#[tokio::test]
+async fn redis_password_and_urls_never_reach_the_logs() {
+    let redis = RedisServer::start_with_password("s3cret-redis-pass")
+        .await
+        .unwrap();
+    let mut f = Fixture::new().await;
+    f.con = redis.connection().await;
+    let job = f.job("redispw1");
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("REDIS_URL", &redis.url())]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stderr.contains("s3cret-redis-pass"));
+    assert_eq!(f.record(&job.id).await["status"], "success");
+}
