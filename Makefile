@@ -1,0 +1,41 @@
+# The two commands that matter on a fresh machine:
+#   make test   - every check and test (what CI runs)
+#   make demo   - the whole system on an emulated cluster
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test deps lint unit bench crds fmt
+
+## Installs what the tests need: redis-server (Debian) and the Python venv of the test bed.
+deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+	@command -v git >/dev/null || { echo "git is required" >&2; exit 1; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r tests/emulator/requirements.txt
+
+## Formatting and lints, warnings are errors.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## All Rust tests: unit, property, and integration tests on real redis-server, git and the
+## Kubernetes API emulator. Includes the CRD drift check.
+unit:
+	cargo test --workspace --all-targets
+
+test: deps lint unit
+
+## Benchmarks (not run by `make test`): executor vs raw git, operator throughput.
+bench: deps
+	cargo bench -p repobox-job-runner
+
+## Regenerates crds/ from the Rust types.
+crds:
+	cargo run -q -p repobox-operator -- crdgen --out crds/repoboxjobs.repobox.dev.yaml
+
+fmt:
+	cargo fmt --all
