@@ -1,0 +1,127 @@
+//! The one error type of the operator crate.
+//!
+//! Every fallible function in the crate returns [`Result`]. Variants carry enough context to be
+//! useful in a log line or a Kubernetes event, and never a secret value: settings are named, not
+//! echoed, when their value may be sensitive (the Redis URL).
+
+/// Errors raised by the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting (environment variable / flag) has a value the operator cannot use.
+    ///
+    /// `setting` is the environment variable name, so the message points the operator's
+    /// administrator at the exact line of the Deployment to fix.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The environment variable name, e.g. `RUNNER_TOLERATIONS`.
+        setting: &'static str,
+        /// What is wrong with it (never the value of a secret setting).
+        reason: String,
+    },
+
+    /// A Kubernetes object lacks a field the operator needs (e.g. a RepoboxJob without a `uid`,
+    /// which happens when it was not read back from the API server).
+    #[error("{kind} {name:?} has no {field}")]
+    MissingObjectKey {
+        /// The object's kind, e.g. `RepoboxJob`.
+        kind: &'static str,
+        /// The object's name, empty when the name itself is missing.
+        name: String,
+        /// The missing field, e.g. `metadata.uid`.
+        field: &'static str,
+    },
+
+    /// A RepoboxJob's spec or name cannot be turned into a valid Job.
+    #[error("invalid RepoboxJob {name:?}: {reason}")]
+    InvalidSpec {
+        /// The RepoboxJob's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Serializing an object (e.g. the CRD to YAML) failed.
+    #[error("serialization failed: {0}")]
+    Serialization(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short, stable, CamelCase label for the variant: suitable for a metric label or an
+    /// event reason, where the full message would have unbounded cardinality.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidConfig { .. } => "InvalidConfig",
+            Error::MissingObjectKey { .. } => "MissingObjectKey",
+            Error::InvalidSpec { .. } => "InvalidSpec",
+            Error::Serialization(_) => "Serialization",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_setting_and_field() {
+        let e = Error::InvalidConfig {
+            setting: "RUNNER_TOLERATIONS",
+            reason: "expected an array".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid setting RUNNER_TOLERATIONS: expected an array"
+        );
+        let e = Error::MissingObjectKey {
+            kind: "RepoboxJob",
+            name: "abc".into(),
+            field: "metadata.uid",
+        };
+        assert_eq!(e.to_string(), "RepoboxJob \"abc\" has no metadata.uid");
+        let e = Error::InvalidSpec {
+            name: "abc".into(),
+            reason: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "invalid RepoboxJob \"abc\": bad");
+        assert_eq!(
+            Error::Serialization("x".into()).to_string(),
+            "serialization failed: x"
+        );
+    }
+
+    #[test]
+    fn metric_labels_are_stable() {
+        assert_eq!(
+            Error::InvalidConfig {
+                setting: "X",
+                reason: String::new()
+            }
+            .metric_label(),
+            "InvalidConfig"
+        );
+        assert_eq!(
+            Error::MissingObjectKey {
+                kind: "K",
+                name: String::new(),
+                field: "f"
+            }
+            .metric_label(),
+            "MissingObjectKey"
+        );
+        assert_eq!(
+            Error::InvalidSpec {
+                name: String::new(),
+                reason: String::new()
+            }
+            .metric_label(),
+            "InvalidSpec"
+        );
+        assert_eq!(
+            Error::Serialization(String::new()).metric_label(),
+            "Serialization"
+        );
+    }
+}
