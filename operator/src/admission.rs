@@ -12,8 +12,9 @@
 //!   before an earlier one of the same user;
 //! * fairness: when the global limit is the bottleneck, users take turns. Admission proceeds in
 //!   rounds; in each round every user with per-user headroom and queued work gets one slot. Within
-//!   a round, users with fewer admitted jobs go first, then users whose oldest queued job is older,
-//!   then by user id (for determinism). One user's burst therefore cannot starve the others;
+//!   a round, users with fewer admitted jobs go first, then users whose oldest queued job is older
+//!   (by the FIFO order above), then by user id (for determinism). One user's burst therefore
+//!   cannot starve the others;
 //! * work conserving: a job waits with [`WaitReason::ClusterQuotaExceeded`] only when the cluster
 //!   is full, and with [`WaitReason::UserQuotaExceeded`] only when its user is full;
 //! * a limit of 0 admits nothing (the configuration rejects 0, this is defence in depth);
@@ -25,7 +26,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
-use crate::crd::reasons;
+use kube::ResourceExt;
+
+use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 
 /// A Redis stream entry id, `<milliseconds>-<sequence>`, ordered numerically.
 ///
@@ -195,6 +198,36 @@ pub struct Decision {
     /// Every other queued job with its reason, in stream order (so the index is a fair "position
     /// in queue" for a status message).
     pub waiting: Vec<Waiting>,
+}
+
+/// Splits RepoboxJobs into admission candidates and slot holders, by phase:
+///
+/// * `Starting` / `Running` jobs hold a slot ([`Running`]) until they reach a terminal phase,
+///   even when cancelled or being deleted (their pod may still run);
+/// * `Queued` jobs (including those without a status) are [`Candidate`]s, unless cancellation
+///   was requested or they are being deleted: those must never start;
+/// * terminal jobs are neither.
+pub fn partition<'a>(
+    jobs: impl IntoIterator<Item = &'a RepoboxJob>,
+) -> (Vec<Candidate>, Vec<Running>) {
+    let mut queued = Vec::new();
+    let mut running = Vec::new();
+    for rj in jobs {
+        let phase = rj.phase();
+        if phase.is_admitted() {
+            running.push(Running::new(rj.name_any(), rj.spec.user_id.clone()));
+        } else if phase == RepoboxJobPhase::Queued
+            && !rj.spec.cancel_requested()
+            && rj.metadata.deletion_timestamp.is_none()
+        {
+            queued.push(Candidate::new(
+                rj.name_any(),
+                rj.spec.user_id.clone(),
+                &rj.spec.stream_entry_id,
+            ));
+        }
+    }
+    (queued, running)
 }
 
 /// Decides which queued jobs start now. See the module documentation for the rules.
@@ -577,6 +610,64 @@ mod tests {
                 .count();
             assert_eq!(n, 2, "u{u}");
         }
+    }
+
+    #[test]
+    fn partition_by_phase() {
+        use crate::crd::{RepoboxJobSpec, RepoboxJobStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let job = |name: &str, phase: Option<RepoboxJobPhase>, cancel: bool, deleting: bool| {
+            let mut rj = RepoboxJob::new(
+                name,
+                RepoboxJobSpec {
+                    job_id: name.into(),
+                    user_id: format!("user-{name}"),
+                    repo: String::new(),
+                    stream_entry_id: "7-1".into(),
+                    provider_id: None,
+                    base_branch: None,
+                    timeout_seconds: None,
+                    cancel: cancel.then_some(true),
+                },
+            );
+            rj.status = phase.map(|p| RepoboxJobStatus {
+                phase: Some(p),
+                ..RepoboxJobStatus::default()
+            });
+            if deleting {
+                rj.metadata.deletion_timestamp =
+                    Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            }
+            rj
+        };
+        use RepoboxJobPhase::*;
+        let jobs = [
+            job("fresh", None, false, false),
+            job("queued", Some(Queued), false, false),
+            job("queued-cancelled", Some(Queued), true, false),
+            job("queued-deleting", Some(Queued), false, true),
+            job("starting", Some(Starting), false, false),
+            job("running-cancelled", Some(Running), true, false),
+            job("running-deleting", Some(Running), false, true),
+            job("succeeded", Some(Succeeded), false, false),
+            job("failed", Some(Failed), false, false),
+            job("cancelled", Some(Cancelled), true, false),
+        ];
+        let (q, r) = partition(&jobs);
+        assert_eq!(
+            q,
+            vec![
+                c("fresh", "user-fresh", "7-1"),
+                c("queued", "user-queued", "7-1")
+            ]
+        );
+        assert_eq!(q[0].stream_id, StreamId { ms: 7, seq: 1 });
+        let running: Vec<&str> = r.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            running,
+            ["starting", "running-cancelled", "running-deleting"]
+        );
+        assert_eq!(r[0].user, "user-starting");
     }
 
     #[test]
