@@ -60,11 +60,12 @@ use crate::error::{Error, Result};
 #[serde(rename_all = "camelCase")]
 pub struct RepoboxJobSpec {
     /// The Repobox job id: the `jobId` of the stream entry and the `{jobId}` of `job:{jobId}`.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "jobId is immutable"}]))]
     pub job_id: String,
 
     /// The owner of the job; quotas are counted per user id.
+    #[schemars(length(max = 512))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "userId is immutable"}]))]
     pub user_id: String,
 
@@ -74,7 +75,7 @@ pub struct RepoboxJobSpec {
 
     /// The Redis stream entry id (`<milliseconds>-<sequence>`) that created this job. Jobs are
     /// admitted in this order, per user.
-    #[schemars(regex(pattern = r"^[0-9]{1,20}(-[0-9]{1,20})?$"))]
+    #[schemars(regex(pattern = r"^[0-9]{1,20}(-[0-9]{1,20})?$"), length(max = 41))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "streamEntryId is immutable"}]))]
     pub stream_entry_id: String,
 
@@ -811,6 +812,14 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(spec_schema["properties"]["jobId"]["minLength"], 1);
+        // Bounded lengths keep the CEL transition rules' estimated cost low.
+        for f in ["jobId", "userId", "streamEntryId"] {
+            assert!(spec_schema["properties"][f]["maxLength"].is_u64(), "{f}");
+            assert!(
+                spec_schema["properties"][f]["x-kubernetes-validations"].is_array(),
+                "{f}"
+            );
+        }
         assert!(spec_schema["properties"]["streamEntryId"]["pattern"].is_string());
         assert_eq!(
             spec_schema["properties"]["userId"]["x-kubernetes-validations"][0]["rule"],

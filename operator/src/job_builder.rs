@@ -37,7 +37,7 @@ use kube::{Resource, ResourceExt};
 use crate::config::JobConfig;
 use crate::crd::RepoboxJob;
 use crate::error::{Error, Result};
-use crate::names::{is_dns1123_label, label_value};
+use crate::names::{is_dns1123_label, is_label_value, label_value};
 
 /// `app.kubernetes.io/name` of runner Jobs and pods.
 pub const APP_NAME: &str = "repobox-job-runner";
@@ -105,13 +105,24 @@ pub const POD_FAILURE_POLICY_REASON: &str = "PodFailurePolicy";
 pub fn labels(rj: &RepoboxJob) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_NAME.to_owned(), APP_NAME.to_owned()),
-        (LABEL_INSTANCE.to_owned(), label_value(&rj.name_any())),
+        (LABEL_INSTANCE.to_owned(), instance_label(&rj.name_any())),
         (LABEL_COMPONENT.to_owned(), COMPONENT.to_owned()),
         (LABEL_PART_OF.to_owned(), PART_OF.to_owned()),
         (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
         (LABEL_JOB_ID.to_owned(), label_value(&rj.spec.job_id)),
         (LABEL_USER.to_owned(), label_value(&rj.spec.user_id)),
     ])
+}
+
+/// The `app.kubernetes.io/instance` value: the RepoboxJob (and Job) name itself whenever it is a
+/// valid label value — always, for names [`job_for`] accepts — so selecting by instance finds the
+/// object of that name; otherwise its [`label_value`].
+fn instance_label(name: &str) -> String {
+    if is_label_value(name) {
+        name.to_owned()
+    } else {
+        label_value(name)
+    }
 }
 
 /// The effective timeout (`activeDeadlineSeconds`): the RepoboxJob's override or the default.
@@ -548,6 +559,19 @@ mod tests {
             env_map(&job)[0],
             ("JOB_ID".to_owned(), json!(r.spec.job_id))
         );
+    }
+
+    #[test]
+    fn instance_label_is_the_name_even_when_hash_shaped() {
+        // `object_name` of an id that needed changing ends in `-<10 hex>`; the instance label
+        // must still equal the name.
+        let r = rj("Needs_Changing", "u");
+        let name = r.metadata.name.clone().unwrap();
+        assert_ne!(name, "Needs_Changing");
+        let job = build(&r, &[]);
+        assert_eq!(job.metadata.labels.as_ref().unwrap()[LABEL_INSTANCE], name);
+        assert_eq!(job.metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(instance_label("Bad Name"), label_value("Bad Name"));
     }
 
     #[test]
