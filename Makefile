@@ -25,7 +25,7 @@ lint:
 ## All Rust tests: unit, property, and integration tests on real redis-server, git and the
 ## Kubernetes API emulator. Includes the CRD drift check.
 unit:
-	cargo test --workspace --all-targets
+	cargo test --workspace --lib --bins --tests
 
 test: deps lint unit
 

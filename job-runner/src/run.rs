@@ -241,6 +241,7 @@ async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -
         duration_ms = started.elapsed().as_millis() as u64,
         output_lines = stats.lines_pushed,
         output_truncated = stats.truncated,
+        peak_rss_kib = crate::telemetry::peak_rss_kib().unwrap_or(0),
         "job finished"
     );
     Ok(outcome)
@@ -366,25 +367,22 @@ impl Job<'_> {
         self.out
             .note(&format!("Cloning {} ({base_label})", self.display_url))
             .await;
-        self.git_step(&self.work, &args, true, Op::Clone, Stdout::Stream)
-            .await?;
-
-        // The job's branch must not exist yet: fail before the agent spends any time.
-        let listed = self
-            .git_step(
-                &repo,
-                &[
-                    "ls-remote".into(),
-                    "--heads".into(),
-                    "origin".into(),
-                    format!("refs/heads/{}", self.branch),
-                ],
-                true,
-                Op::LsRemote,
-                Stdout::Capture,
-            )
-            .await?;
-        if !listed.stdout.trim().is_empty() {
+        // The job's branch must not exist yet. Asking the remote costs a round trip, so it
+        // runs alongside the clone rather than after it, and still fails the job before the
+        // agent spends any time.
+        let ls_remote = [
+            "ls-remote".to_owned(),
+            "--heads".to_owned(),
+            "--".to_owned(),
+            self.display_url.clone(),
+            format!("refs/heads/{}", self.branch),
+        ];
+        let (cloned, listed) = tokio::join!(
+            self.git_step(&self.work, &args, true, Op::Clone, Stdout::Stream),
+            self.git_step(&self.work, &ls_remote, true, Op::LsRemote, Stdout::Capture),
+        );
+        cloned?;
+        if !listed?.stdout.trim().is_empty() {
             return Err(Stop::Failed(format!(
                 "branch {} already exists on the remote",
                 self.branch
@@ -421,17 +419,42 @@ impl Job<'_> {
             Stdout::Stream,
         )
         .await?;
-        let status = self
-            .git_step(
-                &repo,
-                &["status".into(), "--porcelain".into()],
-                false,
-                Op::Local,
-                Stdout::Capture,
-            )
-            .await?;
-        if status.stdout.trim().is_empty() {
-            return Ok(None);
+        // `diff --cached --quiet` exits 1 when the index differs from HEAD: cheaper than
+        // `status`, which would scan the tree for untracked files again.
+        if self.cancel.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        let mut diff = self.git.command(&repo, false);
+        diff.args(["diff", "--cached", "--quiet"]);
+        let changed = process::run(
+            diff,
+            &self.out,
+            Stdout::Capture,
+            self.cancel,
+            self.cfg.kill_grace,
+        )
+        .await
+        .map_err(|e| Stop::Failed(format!("cannot run git: {e}")))?;
+        if changed.cancelled {
+            return Err(Stop::Cancelled);
+        }
+        match changed.status.code() {
+            Some(0) => return Ok(None),
+            Some(1) => {}
+            _ => {
+                let tail: Vec<String> = changed
+                    .stderr_tail
+                    .iter()
+                    .map(|l| self.masker.mask(l).into_owned())
+                    .collect();
+                return Err(Stop::Failed(git::explain_failure(
+                    Op::Local,
+                    &self.display_url,
+                    &self.branch,
+                    None,
+                    &tail,
+                )));
+            }
         }
         let message = git::commit_message(&self.record.prompt, &self.cfg.job_id);
         let msg_file = self.work.join("commit-message.txt");
