@@ -1,0 +1,165 @@
+{{/* Chart name. */}}
+{{- define "repobox.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: the prefix of every object name. */}}
+{{- define "repobox.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Standard labels. Call with (dict "ctx" $ "component" "operator").
+*/}}
+{{- define "repobox.labels" -}}
+helm.sh/chart: {{ include "repobox.chart" .ctx }}
+app.kubernetes.io/name: {{ include "repobox.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: repobox
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of the operator pods. */}}
+{{- define "repobox.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "repobox.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/*
+Labels the operator puts on runner Jobs and pods (operator/src/job_builder.rs: APP_NAME,
+MANAGED_BY). The runner NetworkPolicy selects on them.
+*/}}
+{{- define "repobox.runnerPodSelector" -}}
+app.kubernetes.io/name: repobox-job-runner
+app.kubernetes.io/managed-by: repobox-operator
+{{- end -}}
+
+{{/* Namespaces. */}}
+{{- define "repobox.jobsNamespace" -}}
+{{- default .Release.Namespace .Values.jobsNamespace -}}
+{{- end -}}
+
+{{- define "repobox.leaseNamespace" -}}
+{{- default .Release.Namespace .Values.leaderElection.namespace -}}
+{{- end -}}
+
+{{- define "repobox.leaseName" -}}
+{{- default (include "repobox.fullname" .) .Values.leaderElection.leaseName -}}
+{{- end -}}
+
+{{/* Service accounts. */}}
+{{- define "repobox.serviceAccountName" -}}
+{{- default (include "repobox.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "repobox.runnerServiceAccountName" -}}
+{{- default (printf "%s-runner" (include "repobox.fullname" .)) .Values.runner.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Images. */}}
+{{- define "repobox.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "repobox.runnerImage" -}}
+{{- printf "%s:%s" .Values.runner.image.repository (default .Chart.AppVersion .Values.runner.image.tag) -}}
+{{- end -}}
+
+{{/*
+Secrets: the name and key of the Redis URL and of the encryption key, either given
+(existingSecret) or created by this chart. Rendering fails when neither is given.
+*/}}
+{{- define "repobox.redisSecretName" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- .Values.redis.existingSecret -}}
+{{- else if .Values.redis.url -}}
+{{- printf "%s-redis" (include "repobox.fullname" .) -}}
+{{- else -}}
+{{- fail "repobox-operator: set redis.url (the chart creates a Secret) or redis.existingSecret (a Secret with the Redis URL under redis.existingSecretKey)" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.redisSecretKey" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- required "repobox-operator: redis.existingSecretKey must not be empty" .Values.redis.existingSecretKey -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.encryptionKeySecretName" -}}
+{{- if .Values.encryptionKey.existingSecret -}}
+{{- .Values.encryptionKey.existingSecret -}}
+{{- else if .Values.encryptionKey.value -}}
+{{- printf "%s-encryption-key" (include "repobox.fullname" .) -}}
+{{- else -}}
+{{- fail "repobox-operator: set encryptionKey.value (the chart creates a Secret) or encryptionKey.existingSecret (a Secret with the 32-byte key under encryptionKey.existingSecretKey; create one with: kubectl create secret generic repobox-encryption-key --from-literal=key=$(openssl rand -hex 32))" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.encryptionKeySecretKey" -}}
+{{- if .Values.encryptionKey.existingSecret -}}
+{{- required "repobox-operator: encryptionKey.existingSecretKey must not be empty" .Values.encryptionKey.existingSecretKey -}}
+{{- else -}}
+key
+{{- end -}}
+{{- end -}}
+
+{{/*
+Namespaces the chart-created Secrets go to: the release namespace (operator) and the jobs
+namespace (runner pods).
+*/}}
+{{- define "repobox.secretNamespaces" -}}
+{{- $ns := list .Release.Namespace -}}
+{{- $jobs := include "repobox.jobsNamespace" . -}}
+{{- if ne $jobs .Release.Namespace -}}
+{{- $ns = append $ns $jobs -}}
+{{- end -}}
+{{- join " " $ns -}}
+{{- end -}}
+
+{{/*
+The API server's addresses as CIDRs: networkPolicy.apiServer.cidrs, else (autodetect) the
+`kubernetes` Service IP and its EndpointSlice addresses, looked up at install time. Offline
+(`helm template`) the lookup finds nothing. Output: a JSON list.
+*/}}
+{{- define "repobox.apiServerCidrs" -}}
+{{- $cidrs := list -}}
+{{- if .Values.networkPolicy.apiServer.cidrs -}}
+{{- $cidrs = .Values.networkPolicy.apiServer.cidrs -}}
+{{- else if .Values.networkPolicy.apiServer.autodetect -}}
+{{- $svc := lookup "v1" "Service" "default" "kubernetes" -}}
+{{- with $svc -}}
+{{- range (.spec.clusterIPs | default (list .spec.clusterIP)) -}}
+{{- if . -}}
+{{- $cidrs = append $cidrs (ternary (printf "%s/128" .) (printf "%s/32" .) (contains ":" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" -}}
+{{- with $slice -}}
+{{- range .endpoints -}}
+{{- range .addresses -}}
+{{- $cidrs = append $cidrs (ternary (printf "%s/128" .) (printf "%s/32" .) (contains ":" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $cidrs | uniq | toJson -}}
+{{- end -}}
