@@ -62,7 +62,9 @@ def merge(base: dict, *overs: dict) -> dict:
     out = copy.deepcopy(base)
     for over in overs:
         for k, v in over.items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
+            if v is None:
+                out[k] = None  # as Helm: null removes a default
+            elif isinstance(v, dict) and isinstance(out.get(k), dict):
                 out[k] = merge(out[k], v)
             else:
                 out[k] = copy.deepcopy(v)
@@ -110,7 +112,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "networkPolicy": {
             "apiServer": {"cidrs": ["172.18.0.2/32", "10.96.0.1/32"]},
-            "redis": {"cidrs": ["10.20.0.0/24"], "podSelector": {}},
+            "redis": {"cidrs": ["10.20.0.0/24"], "podSelector": None},
             "blockedCidrs": ["169.254.169.254/32", "fd00:ec2::254/128"],
             "gitHosts": {"cidrs": ["0.0.0.0/0", "::/0"], "ports": [443, 22]},
             "metrics": {"from": [{"namespaceSelector": {"matchLabels": {

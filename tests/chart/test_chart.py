@@ -446,6 +446,9 @@ def test_networkpolicy_runner_egress(rendered):
         v6 = [b for b in ipblocks if b["cidr"] == "::/0"]
         assert v6 and v6[0]["except"] == ["fd00:ec2::254/128"]
         assert {"cidr": "10.20.0.0/24"} in ipblocks
+        # redis.podSelector: null leaves only the CIDR rule.
+        redis_rules = [r for r in spec["egress"] if r["ports"] == [{"protocol": "TCP", "port": 6379}]]
+        assert redis_rules[0]["to"] == [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
 
 
 def test_networkpolicy_operator(rendered):
