@@ -43,6 +43,31 @@ pub enum Error {
     /// Serializing an object (e.g. the CRD to YAML) failed.
     #[error("serialization failed: {0}")]
     Serialization(String),
+
+    /// The `/metrics`, `/healthz`, `/readyz` server could not bind its address or failed while
+    /// serving (then the probes fail too, so the process should exit).
+    #[error("metrics server on {addr}: {source}")]
+    MetricsServer {
+        /// The address from `METRICS_ADDR`.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Leader election cannot work with the given settings (empty identity, zero duration).
+    #[error("leader election: {0}")]
+    LeaderElection(String),
+
+    /// A call on the leader-election Lease failed (e.g. releasing it at shutdown).
+    #[error("Lease {lease}: {source}")]
+    Lease {
+        /// `namespace/name` of the Lease.
+        lease: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// The crate's result type.
@@ -57,6 +82,9 @@ impl Error {
             Error::MissingObjectKey { .. } => "MissingObjectKey",
             Error::InvalidSpec { .. } => "InvalidSpec",
             Error::Serialization(_) => "Serialization",
+            Error::MetricsServer { .. } => "MetricsServer",
+            Error::LeaderElection(_) => "LeaderElection",
+            Error::Lease { .. } => "Lease",
         }
     }
 }

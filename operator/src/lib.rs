@@ -12,5 +12,9 @@ pub mod crd;
 pub mod error;
 pub mod job_builder;
 pub mod names;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;
+pub mod leader;
 
 pub use error::{Error, Result};
