@@ -68,6 +68,22 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+
+    /// A Kubernetes API call failed (transient ones are retried by the error policy).
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    /// A Redis command failed (the connection is re-established with backoff).
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+
+    /// Another replica took the Lease: this one stops so it can restart as a standby.
+    #[error("leadership lost")]
+    LeadershipLost,
+
+    /// Adding or removing the RepoboxJob finalizer, or the cleanup behind it, failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 /// The crate's result type.
@@ -85,6 +101,10 @@ impl Error {
             Error::MetricsServer { .. } => "MetricsServer",
             Error::LeaderElection(_) => "LeaderElection",
             Error::Lease { .. } => "Lease",
+            Error::Kube(_) => "Kube",
+            Error::Redis(_) => "Redis",
+            Error::Finalizer(_) => "Finalizer",
+            Error::LeadershipLost => "LeadershipLost",
         }
     }
 }

@@ -7,14 +7,20 @@
 //! [`admission`] (quota decisions) and [`job_builder`] (RepoboxJob → Job).
 
 pub mod admission;
+pub mod admitter;
+pub mod app;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod intake;
 pub mod job_builder;
-pub mod names;
-pub mod metrics;
-pub mod server;
-pub mod telemetry;
 pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod outcome;
+pub mod reconcile;
+pub mod server;
+pub mod status;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use repobox_operator::config::{Config, LogFormat};
+use repobox_operator::config::Config;
 use repobox_operator::crd;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,29 +51,47 @@ fn with_default_subcommand(mut args: Vec<OsString>) -> Vec<OsString> {
     args
 }
 
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-fn run(config: &Config) -> ExitCode {
-    init_tracing(config);
-    if let Err(e) = config.validate() {
-        tracing::error!(error = %e, "invalid configuration");
-        return ExitCode::FAILURE;
-    }
-    tracing::info!(
-        runner_id = config.runner_id(),
-        namespace = config.jobs_namespace(),
-        config = ?config,
-        "configuration loaded; the controller is not yet wired"
-    );
-    ExitCode::SUCCESS
+fn run(config: Config) -> ExitCode {
+    repobox_operator::telemetry::init(&config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "shutting down gracefully");
+            on_signal.cancel();
+        });
+        tracing::info!(
+            runner_id = config.runner_id(),
+            namespace = config.jobs_namespace(),
+            config = ?config,
+            "starting"
+        );
+        match repobox_operator::app::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "the operator stopped with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn crdgen(out: Option<PathBuf>) -> ExitCode {
@@ -100,7 +120,7 @@ fn crdgen(out: Option<PathBuf>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
     match cli.command {
-        Command::Run(config) => run(&config),
+        Command::Run(config) => run(*config),
         Command::Crdgen { out } => crdgen(out),
     }
 }

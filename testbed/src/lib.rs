@@ -31,3 +31,21 @@ pub fn workspace_root() -> PathBuf {
         .expect("testbed lives one level below the workspace root")
         .to_path_buf()
 }
+
+/// The `repobox-job-runner` binary the workspace built (the cluster simulator runs it for each
+/// Job). `cargo test --workspace` builds it; `make test` builds it first explicitly.
+pub fn job_runner_binary() -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    for profile in ["debug", "release"] {
+        let path = target.join(profile).join("repobox-job-runner");
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    anyhow::bail!(
+        "repobox-job-runner is not built under {}: run `cargo build -p repobox-job-runner` first",
+        target.display()
+    )
+}

@@ -1,0 +1,254 @@
+//! The admission loop: the one place that decides which queued RepoboxJobs start.
+//!
+//! Admission needs a view of every job at once (quotas are per user and cluster-wide), so it
+//! runs as a single task rather than inside per-object reconciles: reconciles and finished jobs
+//! `poke` it, and each pass reads the controller's cache, applies the pure
+//! [`admission::decide`], creates the Jobs of the admitted and writes the waiting reason of the
+//! others. Counts come from the cluster's state, never from a counter that could leak; a restart
+//! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
+//! an overlay, so a lagging cache can never admit a job twice or exceed a limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admission::{self, Running, WaitReason};
+use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::job_builder::{self, MANAGED_BY_SELECTOR};
+use crate::reconcile::Context;
+use crate::{Error, Result};
+
+/// How often a pass runs even without a poke (a safety net, not the mechanism).
+const IDLE_PASS: Duration = Duration::from_secs(15);
+/// Jobs created concurrently in one pass.
+const CREATE_CONCURRENCY: usize = 16;
+
+#[derive(Default)]
+struct State {
+    /// Admitted by this process (Job created) but still `Queued` in the cache: name → user.
+    overlay: HashMap<String, String>,
+    /// The last value written to `runner:user:{id}:running`.
+    published: BTreeMap<String, usize>,
+}
+
+#[derive(Default)]
+pub struct Admitter {
+    notify: Notify,
+    state: Mutex<State>,
+}
+
+impl Admitter {
+    /// Asks for a pass soon; many pokes before the pass runs coalesce into one.
+    pub fn poke(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Runs passes until cancelled. The first pass seeds the overlay with the Jobs that exist,
+    /// so a restart between "Job created" and "status written" is counted correctly.
+    pub async fn run(self: Arc<Self>, ctx: Arc<Context>, cancel: CancellationToken) {
+        if let Err(e) = self.seed(&ctx).await {
+            warn!(error = %e, "could not list existing Jobs; relying on the cache");
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(IDLE_PASS) => {}
+            }
+            if !ctx.store_ready() {
+                tracing::debug!("admission waits for the cache");
+                continue;
+            }
+            if let Err(e) = self.pass(&ctx).await {
+                warn!(error = %e, "admission pass failed; retrying on the next trigger");
+                ctx.metrics.reconcile_failed(e.metric_label());
+            }
+        }
+    }
+
+    async fn seed(&self, ctx: &Context) -> Result<()> {
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+        let list = jobs
+            .list(&ListParams::default().labels(MANAGED_BY_SELECTOR))
+            .await?;
+        let mut state = self.state.lock().await;
+        for job in list {
+            let user = job
+                .labels()
+                .get(job_builder::LABEL_USER)
+                .cloned()
+                .unwrap_or_default();
+            state.overlay.insert(job.name_any(), user);
+        }
+        Ok(())
+    }
+
+    /// One admission decision over the whole cache.
+    pub async fn pass(&self, ctx: &Context) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let all = ctx.store.state();
+        tracing::debug!(
+            objects = all.len(),
+            overlay = state.overlay.len(),
+            "admission pass"
+        );
+        let by_name: HashMap<String, &Arc<RepoboxJob>> =
+            all.iter().map(|rj| (rj.name_any(), rj)).collect();
+
+        // The overlay only bridges the gap until the cache shows the admission.
+        state.overlay.retain(|name, _| {
+            by_name.get(name).is_some_and(|rj| {
+                rj.phase() == RepoboxJobPhase::Queued && rj.metadata.deletion_timestamp.is_none()
+            })
+        });
+        for (name, user) in state.overlay.iter_mut() {
+            if user.is_empty()
+                && let Some(rj) = by_name.get(name)
+            {
+                user.clone_from(&rj.spec.user_id);
+            }
+        }
+        let (mut queued, mut running) = admission::partition(all.iter().map(Arc::as_ref));
+        queued.retain(|c| !state.overlay.contains_key(&c.name));
+        running.extend(
+            state
+                .overlay
+                .iter()
+                .map(|(n, u)| Running::new(n.clone(), u.clone())),
+        );
+
+        let limits = ctx.cfg.limits();
+        let decision = admission::decide(&queued, &running, limits);
+
+        // Create the Jobs of the admitted, a few at a time.
+        let admitted: Vec<Arc<RepoboxJob>> = decision
+            .admit
+            .iter()
+            .filter_map(|n| by_name.get(n).map(|rj| Arc::clone(rj)))
+            .collect();
+        let results: Vec<(Arc<RepoboxJob>, Result<()>)> = futures::stream::iter(admitted)
+            .map(|rj| async move {
+                let r = create_job(ctx, &rj).await;
+                (rj, r)
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect()
+            .await;
+        for (rj, result) in results {
+            match result {
+                Ok(()) => {
+                    state.overlay.insert(rj.name_any(), rj.spec.user_id.clone());
+                    running.push(Running::new(rj.name_any(), rj.spec.user_id.clone()));
+                }
+                Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
+                    // Permanent: this RepoboxJob can never become a Job.
+                    ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
+                        .await;
+                }
+                Err(e) => {
+                    warn!(job = %rj.name_any(), error = %e, "creating the Job failed; retrying");
+                    ctx.metrics.reconcile_failed(e.metric_label());
+                    let admitter = ctx.admitter.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        admitter.poke();
+                    });
+                }
+            }
+        }
+
+        // Tell the waiting why they wait (only when that changed).
+        for w in &decision.waiting {
+            let Some(rj) = by_name.get(&w.name) else {
+                continue;
+            };
+            let message = match w.reason {
+                WaitReason::UserQuotaExceeded => format!(
+                    "waiting: user {} already has {} jobs running (MAX_JOBS_PER_USER)",
+                    rj.spec.user_id, limits.per_user
+                ),
+                WaitReason::ClusterQuotaExceeded => {
+                    format!(
+                        "waiting: all {} cluster slots are in use (MAX_CONCURRENT_JOBS)",
+                        limits.global
+                    )
+                }
+            };
+            if let Err(e) = ctx.ensure_queued(rj, w.reason.as_str(), &message).await {
+                warn!(job = %w.name, error = %e, "writing the queued status failed");
+            }
+        }
+
+        // Gauges and dashboard counters from the same view.
+        let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &running {
+            *per_user.entry(r.user.clone()).or_default() += 1;
+        }
+        ctx.metrics
+            .set_queue(decision.waiting.len() as i64, running.len() as i64);
+        let known_users: Vec<String> = state.published.keys().cloned().collect();
+        for user in known_users {
+            per_user.entry(user).or_default();
+        }
+        for (user, count) in per_user {
+            if state.published.get(&user) != Some(&count) {
+                match ctx.outcomes.set_user_running(&user, count).await {
+                    Ok(()) => {
+                        state.published.insert(user, count);
+                    }
+                    Err(e) => warn!(error = %e, "updating the per-user running counter failed"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates the Job of an admitted RepoboxJob (idempotent: AlreadyExists is success).
+async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
+    let job = job_builder::job_for(rj, &ctx.job_cfg)?;
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    match jobs
+        .create(
+            &PostParams {
+                field_manager: Some(crate::reconcile::FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &job,
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let waited = rj
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    ctx.metrics.job_admitted(waited);
+    info!(job = %rj.name_any(), user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
+    ctx.publish(
+        rj,
+        Event {
+            type_: EventType::Normal,
+            reason: reasons::ADMITTED.into(),
+            note: Some(format!("quota slot granted; Job {} created", rj.name_any())),
+            action: "Admit".into(),
+            secondary: None,
+        },
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! Intake: `jobs:stream` → RepoboxJob.
+//!
+//! Entries are read with XREADGROUP (consumer = this pod's name) on a connection of their own,
+//! because the read blocks. An entry is acknowledged only once its RepoboxJob exists
+//! (AlreadyExists counts: it is a redelivery), so a crash at any point loses nothing. Entries a
+//! dead consumer left pending are reclaimed with XAUTOCLAIM; one delivered more than
+//! `MAX_DELIVERIES` times goes to the dead-letter stream and its job is marked failed. Bad
+//! entries are acknowledged and, where a job hash exists, marked failed with a specific error;
+//! none of them stops the loop. While `MAX_QUEUED` RepoboxJobs wait, reading pauses: entries
+//! wait safely in Redis.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{
+    StreamAutoClaimOptions, StreamId, StreamPendingCountReply, StreamReadOptions, StreamReadReply,
+};
+use redis::{AsyncCommands, AsyncConnectionConfig, Value};
+use repobox_contract::{JobStatus, keys};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::admission::StreamId as EntryId;
+use crate::config::Config;
+use crate::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
+use crate::job_builder::{LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY};
+use crate::metrics::Metrics;
+use crate::names::{display_repo, label_value, object_name};
+use crate::outcome::Outcomes;
+use crate::reconcile::{FIELD_MANAGER, FINALIZER};
+use crate::server::Health;
+use crate::{Error, Result};
+
+/// Entries read per XREADGROUP / XAUTOCLAIM call.
+const BATCH: usize = 100;
+/// How long one XREADGROUP blocks; bounds how fast shutdown and backpressure are noticed.
+const BLOCK_MS: usize = 2000;
+
+/// What became of one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Its RepoboxJob exists (created now or before).
+    Created { name: String },
+    /// A bad entry, acknowledged; `reason` is the metric label.
+    Bad {
+        reason: &'static str,
+        detail: String,
+    },
+    /// Delivered too often: moved to the dead-letter stream.
+    DeadLettered,
+}
+
+pub struct Intake {
+    pub cfg: Arc<Config>,
+    pub client: Client,
+    pub redis: redis::Client,
+    pub outcomes: Outcomes,
+    pub store: Store<RepoboxJob>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+impl Intake {
+    fn consumer(&self) -> &str {
+        self.cfg.runner_id()
+    }
+
+    /// Runs until cancelled, reconnecting to Redis with exponential backoff.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.session(&cancel, &mut delay).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.health.set_redis_ok(false);
+                    // Waiting for Redis is progress, not a wedged loop: liveness stays green.
+                    self.health.tick();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "intake lost Redis; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    self.metrics.redis_reconnected();
+                }
+            }
+        }
+    }
+
+    /// One connection's life: create the group, drain our own pending entries, then read and
+    /// reclaim until cancelled or Redis fails.
+    async fn session(&self, cancel: &CancellationToken, delay: &mut Duration) -> Result<()> {
+        // The blocking read must not be cut short by a response timeout.
+        let cfg = AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut con = self
+            .redis
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
+        self.ensure_group(&mut con).await?;
+        self.health.set_redis_ok(true);
+        *delay = Duration::from_millis(200);
+        info!(consumer = %self.consumer(), stream = %self.cfg.stream_key, "intake connected");
+
+        // Entries this consumer read but never acknowledged (a previous life of this pod).
+        self.read(&mut con, "0", 0).await?;
+        let claim_every = (self.cfg.claim_min_idle() / 2).max(Duration::from_secs(1));
+        let mut next_claim = tokio::time::Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if self.wait_for_room(cancel).await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= next_claim {
+                self.reclaim(&mut con).await?;
+                next_claim = tokio::time::Instant::now() + claim_every;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.read(&mut con, ">", BLOCK_MS) => { r?; }
+            }
+            self.health.tick();
+        }
+    }
+
+    async fn ensure_group(&self, con: &mut MultiplexedConnection) -> Result<()> {
+        let created: redis::RedisResult<()> = con
+            .xgroup_create_mkstream(&self.cfg.stream_key, &self.cfg.consumer_group, "0")
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Backpressure: true when cancelled while waiting for the queue to drop below the cap.
+    async fn wait_for_room(&self, cancel: &CancellationToken) -> bool {
+        let cap = self.cfg.max_queued as usize;
+        let mut paused = false;
+        loop {
+            let queued = self
+                .store
+                .state()
+                .iter()
+                .filter(|rj| rj.phase() == RepoboxJobPhase::Queued)
+                .count();
+            if queued < cap {
+                if paused {
+                    info!(queued, cap, "queue below the cap; reading the stream again");
+                    self.metrics.set_intake_paused(false);
+                }
+                return false;
+            }
+            if !paused {
+                info!(queued, cap, "MAX_QUEUED reached; pausing the stream intake");
+                self.metrics.set_intake_paused(true);
+                paused = true;
+            }
+            self.health.tick();
+            tokio::select! {
+                _ = cancel.cancelled() => return true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Reads a batch (`>` new entries, `0` our own pending ones) and handles it.
+    async fn read(
+        &self,
+        con: &mut MultiplexedConnection,
+        from: &str,
+        block_ms: usize,
+    ) -> Result<()> {
+        let mut opts = StreamReadOptions::default()
+            .group(&self.cfg.consumer_group, self.consumer())
+            .count(BATCH);
+        if block_ms > 0 {
+            opts = opts.block(block_ms);
+        }
+        let reply: Option<StreamReadReply> = con
+            .xread_options(&[&self.cfg.stream_key], &[from], &opts)
+            .await?;
+        let entries: Vec<StreamId> = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect();
+        let deliveries = if from == ">" {
+            HashMap::new()
+        } else {
+            self.delivery_counts(con, &entries).await?
+        };
+        self.handle_batch(con, entries, &deliveries).await
+    }
+
+    /// Claims entries idle longer than `CLAIM_MIN_IDLE_SECONDS` from any consumer.
+    async fn reclaim(&self, con: &mut MultiplexedConnection) -> Result<()> {
+        let min_idle = self.cfg.claim_min_idle().as_millis() as usize;
+        let mut start = "0-0".to_owned();
+        loop {
+            let reply: redis::streams::StreamAutoClaimReply = con
+                .xautoclaim_options(
+                    &self.cfg.stream_key,
+                    &self.cfg.consumer_group,
+                    self.consumer(),
+                    min_idle,
+                    &start,
+                    StreamAutoClaimOptions::default().count(BATCH),
+                )
+                .await?;
+            if !reply.claimed.is_empty() {
+                info!(
+                    entries = reply.claimed.len(),
+                    "reclaimed entries a consumer left pending"
+                );
+                let deliveries = self.delivery_counts(con, &reply.claimed).await?;
+                self.handle_batch(con, reply.claimed, &deliveries).await?;
+            }
+            if reply.next_stream_id == "0-0" || reply.next_stream_id.is_empty() {
+                return Ok(());
+            }
+            start = reply.next_stream_id;
+        }
+    }
+
+    /// How often each entry was delivered (XPENDING), for the poison-entry limit.
+    async fn delivery_counts(
+        &self,
+        con: &mut MultiplexedConnection,
+        entries: &[StreamId],
+    ) -> Result<HashMap<String, usize>> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(HashMap::new());
+        };
+        let reply: StreamPendingCountReply = con
+            .xpending_count(
+                &self.cfg.stream_key,
+                &self.cfg.consumer_group,
+                &first.id,
+                &last.id,
+                entries.len(),
+            )
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|p| (p.id, p.times_delivered))
+            .collect())
+    }
+
+    async fn handle_batch(
+        &self,
+        con: &mut MultiplexedConnection,
+        entries: Vec<StreamId>,
+        deliveries: &HashMap<String, usize>,
+    ) -> Result<()> {
+        let mut acks: Vec<String> = Vec::with_capacity(entries.len());
+        let results = futures::future::join_all(entries.iter().map(|e| {
+            let count = deliveries.get(&e.id).copied().unwrap_or(1);
+            self.handle_with_retry(e, count)
+        }))
+        .await;
+        for (entry, result) in entries.iter().zip(results) {
+            match result {
+                Ok(handled) => {
+                    match &handled {
+                        Handled::Created { name } => {
+                            debug!(entry = %entry.id, job = %name, "entry accepted")
+                        }
+                        Handled::Bad { reason, detail } => {
+                            warn!(entry = %entry.id, reason, detail = %detail, "bad stream entry acknowledged");
+                            self.metrics.bad_entry(reason);
+                        }
+                        Handled::DeadLettered => self.metrics.bad_entry("dead_letter"),
+                    }
+                    acks.push(entry.id.clone());
+                }
+                // Left pending: retried by XAUTOCLAIM, dead-lettered after MAX_DELIVERIES.
+                Err(e) => {
+                    warn!(entry = %entry.id, error = %e, "entry not accepted yet; it stays pending")
+                }
+            }
+        }
+        if !acks.is_empty() {
+            let _: usize = con
+                .xack(&self.cfg.stream_key, &self.cfg.consumer_group, &acks)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Transient failures (API errors, Redis hiccups) are retried a few times in place.
+    async fn handle_with_retry(&self, entry: &StreamId, deliveries: usize) -> Result<Handled> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.handle(entry, deliveries).await {
+                Ok(h) => return Ok(h),
+                Err(e) if attempt < 4 => {
+                    debug!(entry = %entry.id, error = %e, attempt, "retrying entry");
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Turns one entry into a RepoboxJob (or a recorded bad entry).
+    pub async fn handle(&self, entry: &StreamId, deliveries: usize) -> Result<Handled> {
+        let field = |name: &str| match entry.map.get(name) {
+            Some(Value::BulkString(b)) => {
+                Some(String::from_utf8_lossy(b).trim().to_owned()).filter(|s| !s.is_empty())
+            }
+            Some(Value::SimpleString(s)) => Some(s.trim().to_owned()).filter(|s| !s.is_empty()),
+            _ => None,
+        };
+        let job_id = field("jobId");
+        if deliveries > self.cfg.max_deliveries as usize {
+            self.dead_letter(entry, job_id.as_deref(), deliveries)
+                .await?;
+            return Ok(Handled::DeadLettered);
+        }
+        let Some(job_id) = job_id else {
+            return Ok(Handled::Bad {
+                reason: "no_job_id",
+                detail: "the entry has no jobId field".into(),
+            });
+        };
+        let Some(record) = self.outcomes.record_fields(&job_id).await? else {
+            return Ok(Handled::Bad {
+                reason: "no_job_hash",
+                detail: format!("{} does not exist", keys::job(&job_id)),
+            });
+        };
+        let Some(user_id) =
+            field("userId").or_else(|| record.get("userId").cloned().filter(|s| !s.is_empty()))
+        else {
+            self.outcomes
+                .fail(
+                    &job_id,
+                    "the job has no userId (neither in the stream entry nor in the job record)",
+                )
+                .await?;
+            return Ok(Handled::Bad {
+                reason: "no_user_id",
+                detail: format!("job {job_id} has no userId"),
+            });
+        };
+        if let Some(status) = record.get("status").and_then(|s| JobStatus::parse(s))
+            && status.is_terminal()
+        {
+            return Ok(Handled::Bad {
+                reason: "terminal",
+                detail: format!("job {job_id} is already {status}"),
+            });
+        }
+
+        let rj = repobox_job(&job_id, &user_id, &entry.id, &record);
+        let name = rj.name_any();
+        let api: Api<RepoboxJob> = Api::namespaced(self.client.clone(), self.cfg.jobs_namespace());
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.create(&params, &rj).await {
+            Ok(_) => {
+                let latency = EntryId::parse_or_max(&entry.id).ms;
+                let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+                self.metrics
+                    .job_received(Duration::from_millis(now_ms.saturating_sub(latency)));
+                Ok(Handled::Created { name })
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Handled::Created { name }),
+            // The API server refused the object itself (validation): retrying cannot help.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+                let error = format!("the job could not be accepted: {}", s.message);
+                self.outcomes.fail(&job_id, &error).await?;
+                Ok(Handled::Bad {
+                    reason: "invalid",
+                    detail: error,
+                })
+            }
+            Err(e) => Err(Error::Kube(e)),
+        }
+    }
+
+    /// Moves a poison entry to the dead-letter stream and fails its job.
+    async fn dead_letter(
+        &self,
+        entry: &StreamId,
+        job_id: Option<&str>,
+        deliveries: usize,
+    ) -> Result<()> {
+        let mut con = self.redis.get_multiplexed_async_connection().await?;
+        let mut fields: Vec<(String, String)> = entry
+            .map
+            .iter()
+            .filter_map(|(k, v)| match v {
+                Value::BulkString(b) => Some((k.clone(), String::from_utf8_lossy(b).into_owned())),
+                _ => None,
+            })
+            .collect();
+        fields.push(("originalId".into(), entry.id.clone()));
+        fields.push(("deliveries".into(), deliveries.to_string()));
+        fields.push((
+            "reason".into(),
+            format!("delivered {deliveries} times without being accepted"),
+        ));
+        let _: String = con.xadd(&self.cfg.dead_letter_stream, "*", &fields).await?;
+        if let Some(job_id) = job_id {
+            self.outcomes
+                .fail(job_id, &format!("the job could not be started after {deliveries} attempts and was moved to the dead-letter stream"))
+                .await?;
+        }
+        warn!(entry = %entry.id, deliveries, "poison entry moved to the dead-letter stream");
+        Ok(())
+    }
+}
+
+/// The RepoboxJob for a stream entry (pure).
+pub fn repobox_job(
+    job_id: &str,
+    user_id: &str,
+    entry_id: &str,
+    record: &HashMap<String, String>,
+) -> RepoboxJob {
+    let get = |k: &str| record.get(k).filter(|v| !v.is_empty()).cloned();
+    let name = object_name(job_id);
+    let mut rj = RepoboxJob::new(
+        &name,
+        RepoboxJobSpec {
+            job_id: job_id.to_owned(),
+            user_id: user_id.to_owned(),
+            repo: get("repoUrl").map(|u| display_repo(&u)).unwrap_or_default(),
+            stream_entry_id: entry_id.to_owned(),
+            provider_id: get("providerId"),
+            base_branch: get("baseBranch"),
+            timeout_seconds: None,
+            cancel: None,
+        },
+    );
+    rj.metadata = ObjectMeta {
+        name: Some(name),
+        labels: Some(BTreeMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_JOB_ID.to_owned(), label_value(job_id)),
+            (LABEL_USER.to_owned(), label_value(user_id)),
+        ])),
+        // Created with the finalizer: no extra write to add it.
+        finalizers: Some(vec![FINALIZER.to_owned()]),
+        ..Default::default()
+    };
+    rj
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_repobox_job_from_an_entry() {
+        let record = HashMap::from([
+            (
+                "repoUrl".to_owned(),
+                "https://oauth2:tok@github.com/acme/api.git".to_owned(),
+            ),
+            ("providerId".to_owned(), "gh".to_owned()),
+            ("baseBranch".to_owned(), String::new()),
+        ]);
+        let rj = repobox_job("Job_1", "user@example.com", "1700000000000-3", &record);
+        assert_eq!(rj.name_any(), object_name("Job_1"));
+        assert_eq!(
+            rj.spec.repo, "https://github.com/acme/api.git",
+            "credentials never reach the spec"
+        );
+        assert_eq!(rj.spec.stream_entry_id, "1700000000000-3");
+        assert_eq!(rj.spec.provider_id.as_deref(), Some("gh"));
+        assert_eq!(rj.spec.base_branch, None);
+        assert_eq!(rj.finalizers(), [FINALIZER]);
+        assert_eq!(rj.labels()[LABEL_USER], label_value("user@example.com"));
+        assert_eq!(rj.labels()[LABEL_MANAGED_BY], MANAGED_BY);
+    }
+}

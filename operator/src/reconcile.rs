@@ -1,0 +1,624 @@
+//! The controller: RepoboxJob (+ owned Jobs) → status, outcome, cancellation and retention.
+//!
+//! Queued → (admission, see [`crate::admitter`]) → Starting → Running → Succeeded | Failed;
+//! Cancelled from any non-terminal phase. The reconciler is idempotent and reads the Job fresh
+//! from the API each time; status is written with a named field manager and only when it
+//! differs from what is there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Predicate, predicates};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use repobox_contract::JobStatus;
+use repobox_contract::transitions::FinishOutcome;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admitter::Admitter;
+use crate::config::{Config, JobConfig};
+use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::job_builder::{self, MANAGED_BY_SELECTOR};
+use crate::metrics::Metrics;
+use crate::outcome::Outcomes;
+use crate::server::Health;
+use crate::status::{self, Explained, Extras, JobState};
+use crate::{Error, Result};
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "repobox-operator";
+/// The finalizer that lets the operator record `cancelled` in Redis before a RepoboxJob goes.
+pub const FINALIZER: &str = "repobox.dev/cancel-in-redis";
+
+/// Everything the reconciler and the admission loop share.
+pub struct Context {
+    pub client: Client,
+    pub cfg: Arc<Config>,
+    pub job_cfg: JobConfig,
+    pub namespace: String,
+    pub outcomes: Outcomes,
+    pub store: Store<RepoboxJob>,
+    pub admitter: Arc<Admitter>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub health: Arc<Health>,
+    pub synced: Arc<AtomicBool>,
+    /// Consecutive failures per object, for the error policy's backoff.
+    failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        cfg: Arc<Config>,
+        job_cfg: JobConfig,
+        outcomes: Outcomes,
+        store: Store<RepoboxJob>,
+        admitter: Arc<Admitter>,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+        health: Arc<Health>,
+    ) -> Self {
+        let namespace = cfg.jobs_namespace().to_owned();
+        Self {
+            client,
+            cfg,
+            job_cfg,
+            namespace,
+            outcomes,
+            store,
+            admitter,
+            metrics,
+            recorder,
+            health,
+            synced: Arc::new(AtomicBool::new(false)),
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the cache holds the initial list (admission must not decide on a partial view).
+    pub fn store_ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    fn rj_api(&self) -> Api<RepoboxJob> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn job_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Publishes an event on the RepoboxJob; failures are logged, never fatal.
+    pub async fn publish(&self, rj: &RepoboxJob, ev: Event) {
+        if let Err(e) = self.recorder.publish(&ev, &rj.object_ref(&())).await {
+            warn!(job = %rj.name_any(), error = %e, "publishing an event failed");
+        }
+    }
+
+    /// Writes `status` when it differs from the RepoboxJob's current one.
+    async fn write_status(
+        &self,
+        rj: &RepoboxJob,
+        status: crate::crd::RepoboxJobStatus,
+    ) -> Result<bool> {
+        if rj.status.as_ref() == Some(&status) {
+            return Ok(false);
+        }
+        let patch = json!({
+            "apiVersion": RepoboxJob::api_version(&()),
+            "kind": RepoboxJob::kind(&()),
+            "status": status,
+        });
+        self.rj_api()
+            .patch_status(
+                &rj.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Writes a `Queued` status with its waiting reason (from the admission loop).
+    pub async fn ensure_queued(&self, rj: &RepoboxJob, reason: &str, message: &str) -> Result<()> {
+        let desired = status::with_phase(
+            rj,
+            RepoboxJobPhase::Queued,
+            reason,
+            message,
+            Extras::default(),
+            &now(),
+        );
+        if self.write_status(rj, desired).await?
+            && rj.status.as_ref().and_then(|s| s.reason.as_deref()) != Some(reason)
+        {
+            self.publish(rj, event(EventType::Normal, reason, message, "Queue"))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Ends a job that can never run (e.g. an invalid spec): status, Redis, event.
+    pub async fn fail_permanently(&self, rj: &RepoboxJob, reason: &str, message: &str) {
+        if let Err(e) = self
+            .finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reason,
+                message,
+                Extras::default(),
+                Some(message),
+            )
+            .await
+        {
+            warn!(job = %rj.name_any(), error = %e, "recording a permanent failure failed");
+        }
+    }
+
+    /// Moves a RepoboxJob to a terminal phase; `redis_error`, when given, is recorded as the
+    /// job's `failed` error unless the job record already ended.
+    async fn finish(
+        &self,
+        rj: &RepoboxJob,
+        phase: RepoboxJobPhase,
+        reason: &str,
+        message: &str,
+        extras: Extras,
+        redis_error: Option<&str>,
+    ) -> Result<Action> {
+        if let Some(error) = redis_error {
+            let outcome = if phase == RepoboxJobPhase::Cancelled {
+                self.outcomes.cancel(&rj.spec.job_id, error).await?
+            } else {
+                self.outcomes.fail(&rj.spec.job_id, error).await?
+            };
+            if let FinishOutcome::AlreadyTerminal(s) = outcome {
+                info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
+            }
+        }
+        let desired = status::with_phase(rj, phase, reason, message, extras, &now());
+        if self.write_status(rj, desired).await? {
+            let type_ = if phase == RepoboxJobPhase::Succeeded {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            self.publish(rj, event(type_, reason, message, "Finish"))
+                .await;
+            self.metrics.job_finished(match phase {
+                RepoboxJobPhase::Succeeded => "succeeded",
+                RepoboxJobPhase::Cancelled => "cancelled",
+                _ => "failed",
+            });
+            info!(job = %rj.name_any(), user = %rj.spec.user_id, phase = %phase, reason, "job finished");
+        }
+        self.admitter.poke();
+        Ok(Action::requeue(self.cfg.retention()))
+    }
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+fn event(type_: EventType, reason: &str, note: &str, action: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_owned(),
+        secondary: None,
+    }
+}
+
+/// Reconciles one RepoboxJob behind the finalizer.
+pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    let api = ctx.rj_api();
+    let result = finalizer(&api, FINALIZER, rj, |ev| async {
+        match ev {
+            Finalizer::Apply(rj) => apply(&rj, &ctx).await,
+            Finalizer::Cleanup(rj) => cleanup(&rj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    result
+}
+
+async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
+    let phase = rj.phase();
+    if phase.is_terminal() {
+        return retention(rj, ctx).await;
+    }
+    if rj.spec.cancel_requested() {
+        return cancel(rj, ctx, "cancelled: spec.cancel was set")
+            .await
+            .map(|_| Action::requeue(ctx.cfg.retention()));
+    }
+    let job = ctx.job_api().get_opt(&rj.name_any()).await?;
+    match (phase, job) {
+        (RepoboxJobPhase::Queued, None) => {
+            ctx.admitter.poke();
+            Ok(Action::await_change())
+        }
+        (_, Some(job)) => observe(rj, &job, ctx).await,
+        (_, None) => job_missing(rj, ctx).await,
+    }
+}
+
+/// Follows the Job of an admitted RepoboxJob.
+async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
+    let name = rj.name_any();
+    let extras = || Extras {
+        job_name: Some(name.clone()),
+        ..Default::default()
+    };
+    match status::job_state(job) {
+        JobState::Pending => {
+            let desired = status::with_phase(
+                rj,
+                RepoboxJobPhase::Starting,
+                reasons::JOB_CREATED,
+                "waiting for the runner pod to start",
+                extras(),
+                &now(),
+            );
+            if ctx.write_status(rj, desired.clone()).await? && rj.phase() == RepoboxJobPhase::Queued
+            {
+                ctx.admitter.poke();
+            }
+            let started = desired
+                .start_time
+                .map(|t| t.0)
+                .unwrap_or_else(jiff::Timestamp::now);
+            let pending = jiff::Timestamp::now()
+                .duration_since(started)
+                .unsigned_abs();
+            let limit = ctx.cfg.pending_timeout();
+            if pending >= limit {
+                let pod = first_pod(ctx, &name).await?;
+                let facts = pod.as_ref().map(status::pod_facts);
+                let Explained { reason, error } =
+                    status::explain_pending(limit.as_secs(), facts.as_ref());
+                delete_job(ctx, &name).await?;
+                return ctx
+                    .finish(
+                        rj,
+                        RepoboxJobPhase::Failed,
+                        reason,
+                        &error,
+                        extras(),
+                        Some(&error),
+                    )
+                    .await;
+            }
+            Ok(Action::requeue(
+                (limit - pending).min(Duration::from_secs(60)),
+            ))
+        }
+        JobState::Running => {
+            let desired = status::with_phase(
+                rj,
+                RepoboxJobPhase::Running,
+                reasons::POD_RUNNING,
+                "the runner is running",
+                extras(),
+                &now(),
+            );
+            if ctx.write_status(rj, desired).await? {
+                ctx.publish(
+                    rj,
+                    event(
+                        EventType::Normal,
+                        reasons::POD_RUNNING,
+                        "the runner pod is running",
+                        "Run",
+                    ),
+                )
+                .await;
+            }
+            Ok(Action::await_change())
+        }
+        JobState::Succeeded => adopt_record(rj, ctx, None).await,
+        JobState::Failed { reason, message } => {
+            adopt_record(rj, ctx, Some((reason, message))).await
+        }
+    }
+}
+
+/// The Job ended: take the outcome the executor recorded, or record the one it could not.
+async fn adopt_record(
+    rj: &RepoboxJob,
+    ctx: &Context,
+    job_failure: Option<(String, String)>,
+) -> Result<Action> {
+    let name = rj.name_any();
+    let record = ctx.outcomes.record(&rj.spec.job_id).await?;
+    let mut extras = Extras {
+        job_name: Some(name.clone()),
+        ..Default::default()
+    };
+    match record.as_ref().map(|r| r.status) {
+        Some(JobStatus::Success) => {
+            let r = record.as_ref();
+            extras.branch = r.and_then(|r| r.branch.clone());
+            extras.commit_sha = r.and_then(|r| r.commit_sha.clone());
+            let message = match &extras.branch {
+                Some(b) => format!("pushed {b}"),
+                None => "finished: no changes were needed".to_owned(),
+            };
+            ctx.finish(
+                rj,
+                RepoboxJobPhase::Succeeded,
+                reasons::SUCCEEDED,
+                &message,
+                extras,
+                None,
+            )
+            .await
+        }
+        Some(JobStatus::Failed) => {
+            let error = record
+                .and_then(|r| r.error)
+                .unwrap_or_else(|| "the job failed".into());
+            ctx.finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reasons::JOB_FAILED,
+                &error,
+                extras,
+                None,
+            )
+            .await
+        }
+        Some(JobStatus::Cancelled) => {
+            let why = record
+                .and_then(|r| r.error)
+                .unwrap_or_else(|| "cancelled".into());
+            ctx.finish(
+                rj,
+                RepoboxJobPhase::Cancelled,
+                reasons::CANCELLED,
+                &why,
+                extras,
+                None,
+            )
+            .await
+        }
+        None => {
+            let error = "the job record disappeared from Redis before the job finished";
+            ctx.finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reasons::JOB_FAILED,
+                error,
+                extras,
+                None,
+            )
+            .await
+        }
+        // The executor did not record an outcome: the pod was killed or never ran the job.
+        Some(JobStatus::Pending | JobStatus::Running) => {
+            let Explained { reason, error } = match &job_failure {
+                Some((job_reason, job_message)) => {
+                    let pod = first_pod(ctx, &name).await?;
+                    let facts = pod.as_ref().map(status::pod_facts);
+                    let timeout = job_builder::timeout_seconds(rj, &ctx.job_cfg);
+                    status::explain_job_failure(job_reason, job_message, timeout, facts.as_ref())
+                }
+                None => Explained {
+                    reason: reasons::JOB_FAILED,
+                    error: "the job runner exited without recording a result".into(),
+                },
+            };
+            // Record it; if the executor won a race and ended it meanwhile, adopt that instead.
+            match ctx.outcomes.fail(&rj.spec.job_id, &error).await? {
+                FinishOutcome::AlreadyTerminal(_) => {
+                    Box::pin(adopt_record(rj, ctx, job_failure)).await
+                }
+                _ => {
+                    ctx.finish(rj, RepoboxJobPhase::Failed, reason, &error, extras, None)
+                        .await
+                }
+            }
+        }
+    }
+}
+
+/// An admitted RepoboxJob whose Job is gone (deleted by hand, or by TTL before we saw it end).
+async fn job_missing(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
+    match ctx
+        .outcomes
+        .record(&rj.spec.job_id)
+        .await?
+        .map(|r| r.status)
+    {
+        Some(s) if s.is_terminal() => adopt_record(rj, ctx, None).await,
+        _ => {
+            let error = "the Job was deleted before the job finished";
+            let extras = Extras {
+                job_name: Some(rj.name_any()),
+                ..Default::default()
+            };
+            ctx.finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reasons::JOB_MISSING,
+                error,
+                extras,
+                Some(error),
+            )
+            .await
+        }
+    }
+}
+
+/// Stops the job and records `cancelled` (status, Redis, event); frees the slot at once.
+async fn cancel(rj: &RepoboxJob, ctx: &Context, why: &str) -> Result<Action> {
+    delete_job(ctx, &rj.name_any()).await?;
+    ctx.finish(
+        rj,
+        RepoboxJobPhase::Cancelled,
+        reasons::CANCELLED,
+        why,
+        Extras::default(),
+        Some(why),
+    )
+    .await
+}
+
+/// The RepoboxJob is being deleted: an unfinished job is cancelled first.
+async fn cleanup(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
+    if !rj.phase().is_terminal() {
+        let why = "cancelled: the RepoboxJob was deleted";
+        delete_job(ctx, &rj.name_any()).await?;
+        ctx.outcomes.cancel(&rj.spec.job_id, why).await?;
+        ctx.metrics.job_finished("cancelled");
+        info!(job = %rj.name_any(), "job cancelled by deletion");
+    }
+    ctx.admitter.poke();
+    Ok(Action::await_change())
+}
+
+/// Finished RepoboxJobs are deleted after the retention period.
+async fn retention(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
+    let finished = rj
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.as_ref())
+        .map(|t| t.0);
+    let Some(finished) = finished else {
+        return Ok(Action::await_change());
+    };
+    let age = jiff::Timestamp::now()
+        .duration_since(finished)
+        .unsigned_abs();
+    let keep = ctx.cfg.retention();
+    if age >= keep {
+        info!(job = %rj.name_any(), "retention period over; deleting the RepoboxJob");
+        match ctx
+            .rj_api()
+            .delete(&rj.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(keep - age))
+}
+
+/// Deletes the Job and, with background propagation, its pod (batch/v1 Jobs would otherwise
+/// orphan their pods). A missing Job is fine.
+async fn delete_job(ctx: &Context, name: &str) -> Result<()> {
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..Default::default()
+    };
+    match ctx.job_api().delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The (first) pod of a Job, to explain a failure or a long wait.
+async fn first_pod(ctx: &Context, job_name: &str) -> Result<Option<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await?;
+    Ok(list.items.into_iter().next())
+}
+
+/// Transient errors requeue with per-object exponential backoff (1 s … 5 min); the failure is
+/// counted and logged.
+pub fn error_policy(rj: Arc<RepoboxJob>, err: &Error, ctx: Arc<Context>) -> Action {
+    let name = rj.name_any();
+    ctx.metrics.reconcile_failed(err.metric_label());
+    let attempts = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(name.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1))
+        .min(Duration::from_secs(300));
+    warn!(job = %name, error = %err, attempts, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the controller until `shutdown` fires. Status-only changes (our own writes) are
+/// filtered out by a generation predicate; deletion marks still pass.
+pub async fn run(
+    ctx: Arc<Context>,
+    writer: reflector::store::Writer<RepoboxJob>,
+    shutdown: CancellationToken,
+) {
+    let rj_api = ctx.rj_api();
+    // Admission must not decide on a partial view: it waits for the initial list (and for
+    // every relist after a watch error) to be complete.
+    let on_init = ctx.clone();
+    let deletion: fn(&RepoboxJob) -> Option<u64> =
+        |rj| rj.metadata.deletion_timestamp.as_ref().map(|_| 1u64);
+    let stream = watcher(rj_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |ev| {
+            if let Ok(watcher::Event::InitDone) = ev {
+                on_init.synced.store(true, Ordering::Relaxed);
+                on_init.health.set_cache_synced(true);
+                on_init.admitter.poke();
+            }
+        })
+        .applied_objects()
+        .predicate_filter(
+            (predicates::generation as fn(&RepoboxJob) -> Option<u64>)
+                .combine(deletion)
+                .combine(predicates::finalizers as fn(&RepoboxJob) -> Option<u64>),
+            Default::default(),
+        );
+    let jobs = ctx.job_api();
+    let stop = shutdown.clone();
+    Controller::for_stream(stream, ctx.store.clone())
+        .owns(jobs, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move {
+                match result {
+                    Ok((obj, _)) => {
+                        if let Ok(mut f) = ctx.failures.lock() {
+                            f.remove(&obj.name);
+                        }
+                        tracing::debug!(job = %obj.name, "reconciled");
+                    }
+                    Err(e) => warn!(error = %e, "controller error"),
+                }
+            }
+        })
+        .await;
+}
