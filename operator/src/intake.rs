@@ -415,12 +415,12 @@ impl Intake {
             "reason".into(),
             format!("delivered {deliveries} times without being accepted"),
         ));
-        let _: String = con.xadd(&self.cfg.dead_letter_stream, "*", &fields).await?;
         if let Some(job_id) = job_id {
             self.outcomes
                 .fail(job_id, &format!("the job could not be started after {deliveries} attempts and was moved to the dead-letter stream"))
                 .await?;
         }
+        let _: String = con.xadd(&self.cfg.dead_letter_stream, "*", &fields).await?;
         warn!(entry = %entry.id, deliveries, "poison entry moved to the dead-letter stream");
         Ok(())
     }

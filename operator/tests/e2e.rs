@@ -107,33 +107,22 @@ async fn per_user_limit_holds_for_a_burst_of_one_hundred() {
         bed.submit(&job).await;
         names.push(object_name(&job.id));
     }
-    // Count concurrently live pods from the simulator's own event history.
-    let mut events = bed.sim.subscribe();
-    let mut live = 0i64;
-    let mut max_live = 0i64;
-    let mut finished = 0;
-    while finished < 100 {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.recv())
-            .await
-            .expect("progress")
-            .unwrap();
-        match ev {
-            SimEvent::PodStarted { .. } => {
-                live += 1;
-                max_live = max_live.max(live);
-            }
-            SimEvent::PodExited { .. } => {
-                live -= 1;
-                finished += 1;
-            }
-            _ => {}
-        }
-        assert!(live <= 3, "more than MAX_JOBS_PER_USER runners at once");
-    }
-    assert_eq!(max_live, 3, "the limit was used fully");
     for n in &names {
         bed.wait_phase(n, RepoboxJobPhase::Succeeded).await;
     }
+    // Replay the simulator's ordered event history: never more than 3 runners at once.
+    let mut live = 0i64;
+    let mut max_live = 0i64;
+    for ev in bed.sim.history() {
+        match ev {
+            SimEvent::PodStarted { .. } => live += 1,
+            SimEvent::PodExited { .. } => live -= 1,
+            _ => {}
+        }
+        max_live = max_live.max(live);
+        assert!(live <= 3, "more than MAX_JOBS_PER_USER runners at once");
+    }
+    assert_eq!(max_live, 3, "the limit was used fully");
     assert_eq!(
         bed.sim.processes_started(),
         100,
@@ -317,7 +306,13 @@ async fn bad_and_poison_entries_are_acknowledged_and_recorded() {
     bed.submit(&poison).await;
     // Block on the dead-letter stream until the entry arrives (needs MAX_DELIVERIES claim
     // cycles of CLAIM_MIN_IDLE_SECONDS).
-    let mut blocking = bed.redis.connection().await;
+    let mut blocking = redis::Client::open(bed.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .unwrap();
     let opts = redis::streams::StreamReadOptions::default().block(60_000);
     let reply: Option<redis::streams::StreamReadReply> = blocking
         .xread_options(&["jobs:stream:dead"], &["0"], &opts)
