@@ -1,11 +1,11 @@
 # The two commands that matter on a fresh machine:
-#   make test   - every check and test (what CI runs)
+#   make test   - every check and test (what CI runs, followed by the demo)
 #   make demo   - the whole system on an emulated cluster
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test deps lint unit bench crds fmt
+.PHONY: test deps lint unit chart demo bench crds fmt
 
 ## Installs what the tests need: redis-server (Debian) and the Python venv of the test bed.
 deps:
@@ -23,19 +23,33 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 ## All Rust tests: unit, property, and integration tests on real redis-server, git and the
-## Kubernetes API emulator. Includes the CRD drift check.
+## Kubernetes API emulator with the cluster simulator (which runs the real job-runner binary,
+## hence the explicit build first). Includes the CRD drift check.
 unit:
+	cargo build -p repobox-job-runner --bin repobox-job-runner
 	cargo test --workspace --lib --bins --tests
 
-test: deps lint unit
+## The Helm chart: lint, render under six value sets, validate against the Kubernetes 1.28
+## schemas, check security properties and drift against the operator's settings.
+chart:
+	bash tests/chart/run.sh
 
-## Benchmarks (not run by `make test`): executor vs raw git, operator throughput.
+test: deps lint unit chart
+
+## The whole system on an emulated cluster: Redis, a git host, the API emulator, the cluster
+## simulator, the real operator and job-runner, two users' jobs.
+demo:
+	bash scripts/demo.sh
+
+## Benchmarks (not part of `make test`): executor vs raw git, operator throughput.
 bench: deps
 	cargo bench -p repobox-job-runner
+	cargo bench -p repobox-operator
 
-## Regenerates crds/ from the Rust types.
+## Regenerates crds/ (and the chart's copy) from the Rust types.
 crds:
 	cargo run -q -p repobox-operator -- crdgen --out crds/repoboxjobs.repobox.dev.yaml
+	cp crds/repoboxjobs.repobox.dev.yaml charts/repobox-operator/crds/
 
 fmt:
 	cargo fmt --all

@@ -230,7 +230,7 @@ fn event(type_: EventType, reason: &str, note: &str, action: &str) -> Event {
 pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
     let api = ctx.rj_api();
-    let result = finalizer(&api, FINALIZER, rj, |ev| async {
+    finalizer(&api, FINALIZER, rj, |ev| async {
         match ev {
             Finalizer::Apply(rj) => apply(&rj, &ctx).await,
             Finalizer::Cleanup(rj) => cleanup(&rj, &ctx).await,
@@ -241,8 +241,7 @@ pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action>
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
-    });
-    result
+    })
 }
 
 async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
