@@ -131,6 +131,7 @@ pub async fn run_with_client(
         store,
         metrics: metrics.clone(),
         health: health.clone(),
+        created: Default::default(),
     };
     let intake_stop = work.child_token();
     let intake_task = tokio::spawn({

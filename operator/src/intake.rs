@@ -63,6 +63,8 @@ pub struct Intake {
     pub store: Store<RepoboxJob>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Names created here that the cache may not show yet (see [`Intake::queued_now`]).
+    pub created: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Intake {
@@ -107,23 +109,23 @@ impl Intake {
         info!(consumer = %self.consumer(), stream = %self.cfg.stream_key, "intake connected");
 
         // Entries this consumer read but never acknowledged (a previous life of this pod).
-        self.read(&mut con, "0", 0).await?;
+        self.read(&mut con, "0", 0, BATCH).await?;
         let claim_every = (self.cfg.claim_min_idle() / 2).max(Duration::from_secs(1));
         let mut next_claim = tokio::time::Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            if self.wait_for_room(cancel).await {
+            let Some(room) = self.wait_for_room(cancel).await else {
                 return Ok(());
-            }
+            };
             if tokio::time::Instant::now() >= next_claim {
                 self.reclaim(&mut con).await?;
                 next_claim = tokio::time::Instant::now() + claim_every;
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                r = self.read(&mut con, ">", BLOCK_MS) => { r?; }
+                r = self.read(&mut con, ">", BLOCK_MS, room) => { r?; }
             }
             self.health.tick();
         }
@@ -140,23 +142,20 @@ impl Intake {
         }
     }
 
-    /// Backpressure: true when cancelled while waiting for the queue to drop below the cap.
-    async fn wait_for_room(&self, cancel: &CancellationToken) -> bool {
+    /// Backpressure: waits until fewer than `MAX_QUEUED` RepoboxJobs are queued and returns
+    /// how many entries may be read now (`None` when cancelled while waiting). Jobs this intake
+    /// created that the cache does not show yet count as queued, so the cap holds exactly.
+    async fn wait_for_room(&self, cancel: &CancellationToken) -> Option<usize> {
         let cap = self.cfg.max_queued as usize;
         let mut paused = false;
         loop {
-            let queued = self
-                .store
-                .state()
-                .iter()
-                .filter(|rj| rj.phase() == RepoboxJobPhase::Queued)
-                .count();
+            let queued = self.queued_now();
             if queued < cap {
                 if paused {
                     info!(queued, cap, "queue below the cap; reading the stream again");
                     self.metrics.set_intake_paused(false);
                 }
-                return false;
+                return Some((cap - queued).min(BATCH));
             }
             if !paused {
                 info!(queued, cap, "MAX_QUEUED reached; pausing the stream intake");
@@ -165,10 +164,24 @@ impl Intake {
             }
             self.health.tick();
             tokio::select! {
-                _ = cancel.cancelled() => return true,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    /// Queued RepoboxJobs: those the cache shows, plus those created here and not cached yet.
+    fn queued_now(&self) -> usize {
+        let state = self.store.state();
+        let mut unseen = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        let cached: std::collections::HashSet<String> =
+            state.iter().map(|rj| rj.name_any()).collect();
+        unseen.retain(|name| !cached.contains(name));
+        state
+            .iter()
+            .filter(|rj| rj.phase() == RepoboxJobPhase::Queued)
+            .count()
+            + unseen.len()
     }
 
     /// Reads a batch (`>` new entries, `0` our own pending ones) and handles it.
@@ -177,10 +190,11 @@ impl Intake {
         con: &mut MultiplexedConnection,
         from: &str,
         block_ms: usize,
+        count: usize,
     ) -> Result<()> {
         let mut opts = StreamReadOptions::default()
             .group(&self.cfg.consumer_group, self.consumer())
-            .count(BATCH);
+            .count(count.max(1));
         if block_ms > 0 {
             opts = opts.block(block_ms);
         }
@@ -373,6 +387,10 @@ impl Intake {
         };
         match api.create(&params, &rj).await {
             Ok(_) => {
+                self.created
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone());
                 let latency = EntryId::parse_or_max(&entry.id).ms;
                 let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
                 self.metrics

@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::*;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -87,6 +86,10 @@ async fn xadd_to_pushed_branch_to_succeeded() {
             "{r} not in {reasons_seen:?}"
         );
     }
+    bed.eventually_metric("repobox_jobs_finished_total{outcome=\"succeeded\"}", 1.0)
+        .await;
+    assert_eq!(bed.metric("repobox_jobs_received_total").await, Some(1.0));
+    assert_eq!(bed.metric("repobox_jobs_admitted_total").await, Some(1.0));
     // No secret anywhere in the Kubernetes objects.
     let job_obj: Api<Job> = Api::namespaced(bed.client.clone(), NS);
     let text = to_text(&job_obj.get(&name).await.unwrap()) + &to_text(&rj);
@@ -555,5 +558,56 @@ async fn redis_restart_is_survived() {
     bed.wait_phase(&object_name(&b.id), RepoboxJobPhase::Succeeded)
         .await;
     assert_eq!(bed.record(&b.id).await["status"], "success");
+    bed.stop_operator().await.unwrap();
+}
+
+#[tokio::test]
+async fn backpressure_pauses_the_intake_at_max_queued() {
+    let gate = tempfile::tempdir().unwrap();
+    let release = gate.path().join("go");
+    let agent = format!("while [ ! -e {} ]; do sleep 0.05; done", release.display());
+    let mut bed = Bed::new(&[]).await;
+    bed.start_operator(&[
+        "--max-queued",
+        "3",
+        "--max-concurrent-jobs",
+        "1",
+        "--agent-command",
+        &agent,
+    ]);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let job = bed.job(&format!("bp{i:02}-pressure"), ["kim", "lee", "max"][i % 3]);
+        bed.submit(&job).await;
+        ids.push(job.id);
+    }
+    bed.eventually_metric("repobox_intake_paused", 1.0).await;
+    // One admitted + MAX_QUEUED queued; the rest wait safely in the stream, unread.
+    let rjs = bed.rjs().list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(
+        rjs.len(),
+        4,
+        "{:?}",
+        rjs.iter()
+            .map(|r| r.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg("jobs:stream")
+        .query_async(&mut bed.con)
+        .await
+        .unwrap();
+    let read = match groups[0].get("entries-read") {
+        Some(redis::Value::Int(n)) => *n,
+        other => panic!("entries-read: {other:?}"),
+    };
+    assert_eq!(read, 4, "only what fits under the cap was read");
+    std::fs::write(&release, "").unwrap();
+    for id in &ids {
+        bed.wait_phase(&object_name(id), RepoboxJobPhase::Succeeded)
+            .await;
+    }
+    bed.eventually_metric("repobox_intake_paused", 0.0).await;
     bed.stop_operator().await.unwrap();
 }

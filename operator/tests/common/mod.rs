@@ -42,6 +42,8 @@ pub struct Bed {
     pub con: MultiplexedConnection,
     operator: Option<(JoinHandle<repobox_operator::Result<()>>, CancellationToken)>,
     pub operator_starts: usize,
+    /// `/metrics` of the running operator.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Bed {
@@ -118,6 +120,7 @@ impl Bed {
             con,
             operator: None,
             operator_starts: 0,
+            metrics_addr: None,
         }
     }
 
@@ -154,6 +157,7 @@ impl Bed {
 
     pub fn start_operator(&mut self, extra: &[&str]) {
         let cfg = self.config(extra);
+        self.metrics_addr = Some(cfg.metrics_addr);
         self.operator_starts += 1;
         let stop = CancellationToken::new();
         let client = self.client.clone();
@@ -290,6 +294,39 @@ impl Bed {
         }
         let v: Option<String> = self.con.get(&key).await.unwrap();
         panic!("{key} is {v:?}, expected {want}");
+    }
+}
+
+impl Bed {
+    /// One sample from the operator's `/metrics` (plain HTTP/1.0 over a TcpStream).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr?;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().split(' ').next()?.parse().ok())
+        })
+    }
+
+    /// Waits (bounded polling of `/metrics`: there is no event to await) for a sample value.
+    pub async fn eventually_metric(&self, series: &str, want: f64) {
+        for _ in 0..500 {
+            if self.metric(series).await == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{series} is {:?}, expected {want}",
+            self.metric(series).await
+        );
     }
 }
 
