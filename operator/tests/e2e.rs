@@ -611,3 +611,75 @@ async fn backpressure_pauses_the_intake_at_max_queued() {
     bed.eventually_metric("repobox_intake_paused", 0.0).await;
     bed.stop_operator().await.unwrap();
 }
+
+#[tokio::test]
+async fn killed_and_stuck_pods_are_explained_in_redis() {
+    let mut bed = Bed::new_with(&[], |sim| {
+        sim.image_pull_error = Some("broken-image".into())
+    })
+    .await;
+    bed.start_operator(&[
+        "--agent-command",
+        "sleep 60",
+        "--pending-timeout-seconds",
+        "2",
+    ]);
+
+    // OOM: the simulator kills the runner like the kernel would.
+    let oom = bed.job("oom00001-k", "nia");
+    bed.submit(&oom).await;
+    let n = object_name(&oom.id);
+    bed.wait_phase(&n, RepoboxJobPhase::Running).await;
+    bed.sim
+        .fail_pod(&n, repobox_testbed::simulator::PodFailure::OomKilled)
+        .unwrap();
+    let rj = bed.wait_phase(&n, RepoboxJobPhase::Failed).await;
+    assert_eq!(
+        rj.status.unwrap().reason.as_deref(),
+        Some(reasons::OOM_KILLED)
+    );
+    let rec = bed.record(&oom.id).await;
+    assert_eq!(rec["status"], "failed");
+    assert!(rec["error"].contains("out of memory"), "{}", rec["error"]);
+
+    // Eviction: the pod failure policy fails the Job; the reason says so.
+    let ev = bed.job("evict001-e", "nia");
+    bed.submit(&ev).await;
+    let n = object_name(&ev.id);
+    bed.wait_phase(&n, RepoboxJobPhase::Running).await;
+    bed.sim
+        .fail_pod(&n, repobox_testbed::simulator::PodFailure::Evicted)
+        .unwrap();
+    let rj = bed.wait_phase(&n, RepoboxJobPhase::Failed).await;
+    assert_eq!(rj.status.unwrap().reason.as_deref(), Some(reasons::EVICTED));
+    assert!(bed.record(&ev.id).await["error"].contains("evicted"));
+    bed.stop_operator().await.unwrap();
+
+    // An image that cannot be pulled: pending too long, then failed with the pull error.
+    bed.start_operator(&[
+        "--runner-image",
+        "registry.example/broken-image:1",
+        "--pending-timeout-seconds",
+        "2",
+    ]);
+    let pull = bed.job("pull0001-i", "nia");
+    bed.submit(&pull).await;
+    let n = object_name(&pull.id);
+    let rj = bed.wait_phase(&n, RepoboxJobPhase::Failed).await;
+    assert_eq!(
+        rj.status.unwrap().reason.as_deref(),
+        Some(reasons::PENDING_TOO_LONG)
+    );
+    let rec = bed.record(&pull.id).await;
+    assert!(
+        rec["error"].contains("could not be pulled"),
+        "{}",
+        rec["error"]
+    );
+    let jobs: Api<Job> = Api::namespaced(bed.client.clone(), NS);
+    assert!(
+        jobs.get_opt(&n).await.unwrap().is_none(),
+        "the stuck Job was deleted"
+    );
+    bed.stop_operator().await.unwrap();
+}

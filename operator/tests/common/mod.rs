@@ -48,6 +48,14 @@ pub struct Bed {
 
 impl Bed {
     pub async fn new(sim_env: &[(&str, &str)]) -> Self {
+        Self::new_with(sim_env, |_| {}).await
+    }
+
+    /// A bed whose cluster simulator is adjusted by `tweak` (pending pods, image pull errors).
+    pub async fn new_with(
+        sim_env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut SimulatorConfig),
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -97,18 +105,17 @@ impl Bed {
         let mut extra_env = vec![("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned())];
         extra_env.extend(sim_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let runner = repobox_testbed::job_runner_binary().unwrap();
-        let sim = ClusterSimulator::start(
-            client.clone(),
-            SimulatorConfig {
-                namespace: Some(NS.into()),
-                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
-                max_grace_period: Some(Duration::from_secs(5)),
-                extra_env,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let mut sim_cfg = SimulatorConfig {
+            namespace: Some(NS.into()),
+            binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
+            max_grace_period: Some(Duration::from_secs(5)),
+            extra_env,
+            ..Default::default()
+        };
+        tweak(&mut sim_cfg);
+        let sim = ClusterSimulator::start(client.clone(), sim_cfg)
+            .await
+            .unwrap();
         let con = redis.connection().await;
         Self {
             redis,
