@@ -683,3 +683,56 @@ async fn killed_and_stuck_pods_are_explained_in_redis() {
     );
     bed.stop_operator().await.unwrap();
 }
+
+#[tokio::test]
+async fn only_the_leader_consumes_and_a_standby_takes_over() {
+    let mut bed = Bed::new(&[]).await;
+    bed.start_operator(&[]);
+    // A second replica with its own identity: it must wait for the Lease.
+    let mut cfg_b = bed.config(&[]);
+    cfg_b.runner_id = Some("operator-standby".into());
+    let stop_b = tokio_util::sync::CancellationToken::new();
+    let b = tokio::spawn(repobox_operator::app::run_with_client(
+        cfg_b,
+        bed.client.clone(),
+        stop_b.clone(),
+    ));
+
+    let first = bed.job("ha000001-a", "omar");
+    bed.submit(&first).await;
+    bed.wait_phase(&object_name(&first.id), RepoboxJobPhase::Succeeded)
+        .await;
+    let info: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg("jobs:stream")
+        .arg("jobs:stream:runners")
+        .query_async(&mut bed.con)
+        .await
+        .unwrap();
+    let consumers: Vec<String> = info
+        .iter()
+        .filter_map(|c| match c.get("name") {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        consumers,
+        ["operator-0"],
+        "the standby never read the stream"
+    );
+
+    // The leader dies without releasing the Lease; the standby takes over after it expires.
+    bed.kill_operator().await;
+    let second = bed.job("ha000002-b", "omar");
+    bed.submit(&second).await;
+    bed.wait_phase(&object_name(&second.id), RepoboxJobPhase::Succeeded)
+        .await;
+    assert_eq!(bed.record(&second.id).await["status"], "success");
+    stop_b.cancel();
+    tokio::time::timeout(WAIT, b)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
