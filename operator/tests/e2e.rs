@@ -736,3 +736,17 @@ async fn only_the_leader_consumes_and_a_standby_takes_over() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn finished_jobs_are_deleted_after_the_retention_period() {
+    let mut bed = Bed::new(&[]).await;
+    bed.start_operator(&["--retention-seconds", "1"]);
+    let job = bed.job("retain01-r", "pia");
+    bed.submit(&job).await;
+    let name = object_name(&job.id);
+    bed.wait_phase(&name, RepoboxJobPhase::Succeeded).await;
+    bed.wait_gone(&name).await;
+    // The record stays in Redis: retention only concerns the Kubernetes object.
+    assert_eq!(bed.record(&job.id).await["status"], "success");
+    bed.stop_operator().await.unwrap();
+}
