@@ -273,6 +273,12 @@ async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
         ..Default::default()
     };
     match status::job_state(job) {
+        // Phases never go backwards (see `status::progress_phase`).
+        ref state @ (JobState::Pending | JobState::Running)
+            if status::progress_phase(rj.phase(), state).is_none() =>
+        {
+            Ok(Action::await_change())
+        }
         JobState::Pending => {
             let desired = status::with_phase(
                 rj,

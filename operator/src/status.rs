@@ -54,6 +54,22 @@ pub fn job_state(job: &Job) -> JobState {
     }
 }
 
+/// The phase a running Job shows for an admitted RepoboxJob in `current`, or `None` to keep
+/// the current one. Phases never go backwards: between the pod's exit and the Job's terminal
+/// condition the Job reports no ready pod, and a `Running` job must not look `Starting` again.
+pub fn progress_phase(current: RepoboxJobPhase, state: &JobState) -> Option<RepoboxJobPhase> {
+    let next = match state {
+        JobState::Pending => RepoboxJobPhase::Starting,
+        JobState::Running => RepoboxJobPhase::Running,
+        JobState::Succeeded | JobState::Failed { .. } => return None,
+    };
+    if current.is_terminal() || current > next {
+        None
+    } else {
+        Some(next)
+    }
+}
+
 /// The facts about a runner pod that explain a failure or a long wait.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodFacts {

@@ -16,10 +16,37 @@ async fn xadd_to_pushed_branch_to_succeeded() {
     let mut bed = Bed::new(&[("AGENT_COMMAND", "echo 'from the agent' > AGENT.md")]).await;
     bed.start_operator(&["--agent-command", "echo 'from the agent' > AGENT.md"]);
     let job = bed.job("e2e00001-happy", "alice");
-    let entry = bed.submit(&job).await;
     let name = object_name(&job.id);
+    // Record every phase the RepoboxJob shows, to check they only move forward.
+    let phases = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let (api, phases) = (bed.rjs(), phases.clone());
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        tokio::spawn(async move {
+            let mut s = watcher(api, cfg)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(rj)) = s.next().await {
+                let mut p = phases.lock().unwrap();
+                if p.last() != Some(&rj.phase()) {
+                    p.push(rj.phase());
+                }
+            }
+        })
+    };
+    let entry = bed.submit(&job).await;
 
     let rj = bed.wait_phase(&name, RepoboxJobPhase::Succeeded).await;
+    recorder.abort();
+    let seen = phases.lock().unwrap().clone();
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "phases went backwards: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&RepoboxJobPhase::Succeeded));
     let status = rj.status.clone().unwrap();
     let rec = bed.record(&job.id).await;
     assert_eq!(rec["status"], "success", "{rec:?}");
@@ -581,6 +608,11 @@ async fn backpressure_pauses_the_intake_at_max_queued() {
         bed.submit(&job).await;
         ids.push(job.id);
     }
+    // Once the fourth job waits, one runs and MAX_QUEUED (3) wait: the intake must pause.
+    bed.wait_phase(&object_name(&ids[0]), RepoboxJobPhase::Running)
+        .await;
+    bed.wait_rj(&object_name(&ids[3]), "queued", |rj| rj.status.is_some())
+        .await;
     bed.eventually_metric("repobox_intake_paused", 1.0).await;
     // One admitted + MAX_QUEUED queued; the rest wait safely in the stream, unread.
     let rjs = bed.rjs().list(&ListParams::default()).await.unwrap().items;
