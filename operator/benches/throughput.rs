@@ -374,7 +374,7 @@ fn classify(r: &RequestRecord) -> Option<&'static str> {
 }
 
 fn is_operator_object_write(class: &str) -> bool {
-    class.starts_with("RepoboxJob") || class.starts_with("Job ")
+    (class.starts_with("RepoboxJob") || class.starts_with("Job ")) && !class.contains("simulator")
 }
 
 struct WriteCount {
