@@ -15,7 +15,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, Store};
@@ -40,6 +40,9 @@ use crate::{Error, Result};
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "repobox-operator";
+/// Reconciles running at once.
+const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// The finalizer that lets the operator record `cancelled` in Redis before a RepoboxJob goes.
 pub const FINALIZER: &str = "repobox.dev/cancel-in-redis";
 
@@ -590,6 +593,9 @@ pub async fn run(
         |rj| rj.metadata.deletion_timestamp.as_ref().map(|_| 1u64);
     let stream = watcher(rj_api, watcher::Config::default())
         .default_backoff()
+        // The cache holds every RepoboxJob (finished ones for the retention period):
+        // managedFields are never read, so they are not kept.
+        .modify(|rj| rj.managed_fields_mut().clear())
         .reflect(writer)
         .inspect(move |ev| {
             if let Ok(watcher::Event::InitDone) = ev {
@@ -607,7 +613,10 @@ pub async fn run(
         );
     let jobs = ctx.job_api();
     let stop = shutdown.clone();
+    // Bounded concurrency: a restart with thousands of cached jobs must not start thousands
+    // of reconciles (and API calls) at once.
     Controller::for_stream(stream, ctx.store.clone())
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .owns(jobs, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())

@@ -148,7 +148,7 @@ impl Bed {
             "--leader-election",
             "true",
             "--lease-duration-seconds",
-            "3",
+            "6",
             "--claim-min-idle-seconds",
             "1",
             "--log-format",
