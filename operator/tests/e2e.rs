@@ -162,10 +162,9 @@ async fn per_user_limit_holds_for_a_burst_of_one_hundred() {
 
 #[tokio::test]
 async fn queued_jobs_show_why_and_users_take_turns() {
-    // The agent waits for a release file, so slots stay taken until the test frees them.
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("go");
-    let agent = format!("while [ ! -e {} ]; do sleep 0.05; done", release.display());
+    // The agent waits for the gate, so slots stay taken until the test frees them.
+    let gate = Gate::new();
+    let agent = gate.agent("true");
     let mut bed = Bed::new(&[]).await;
     bed.start_operator(&[
         "--max-jobs-per-user",
@@ -218,7 +217,7 @@ async fn queued_jobs_show_why_and_users_take_turns() {
         dave_rj.status.unwrap().reason.as_deref(),
         Some(reasons::CLUSTER_QUOTA_EXCEEDED)
     );
-    std::fs::write(&release, "").unwrap();
+    gate.open();
     for n in [
         "carol0-aa",
         "carol1-aa",
@@ -492,12 +491,8 @@ async fn injected_api_errors_are_retried_without_loss_or_duplicates() {
 
 #[tokio::test]
 async fn restart_mid_flight_loses_nothing_and_runs_nothing_twice() {
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("go");
-    let agent = format!(
-        "while [ ! -e {} ]; do sleep 0.05; done; echo done > DONE.md",
-        release.display()
-    );
+    let gate = Gate::new();
+    let agent = gate.agent("echo done > DONE.md");
     let mut bed = Bed::new(&[]).await;
     let flags = [
         "--agent-command",
@@ -527,7 +522,7 @@ async fn restart_mid_flight_loses_nothing_and_runs_nothing_twice() {
     bed.wait_rj(&object_name(&j3.id), "queued", |rj| rj.status.is_some())
         .await;
     bed.kill_operator().await;
-    std::fs::write(&release, "").unwrap();
+    gate.open();
     bed.start_operator(&flags);
     for n in [&n1, &n2, &object_name(&j3.id)] {
         bed.wait_phase(n, RepoboxJobPhase::Succeeded).await;
@@ -592,9 +587,8 @@ async fn redis_restart_is_survived() {
 
 #[tokio::test]
 async fn backpressure_pauses_the_intake_at_max_queued() {
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("go");
-    let agent = format!("while [ ! -e {} ]; do sleep 0.05; done", release.display());
+    let gate = Gate::new();
+    let agent = gate.agent("true");
     let mut bed = Bed::new(&[]).await;
     bed.start_operator(&[
         "--max-queued",
@@ -637,7 +631,7 @@ async fn backpressure_pauses_the_intake_at_max_queued() {
         other => panic!("entries-read: {other:?}"),
     };
     assert_eq!(read, 4, "only what fits under the cap was read");
-    std::fs::write(&release, "").unwrap();
+    gate.open();
     for id in &ids {
         bed.wait_phase(&object_name(id), RepoboxJobPhase::Succeeded)
             .await;

@@ -337,6 +337,36 @@ impl Bed {
     }
 }
 
+/// An agent command that blocks until the test opens the gate, so runners hold their quota
+/// slots exactly as long as the test needs.
+pub struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.dir.path().join("go")
+    }
+
+    /// The agent: waits for the gate, then runs `then` (may be empty).
+    pub fn agent(&self, then: &str) -> String {
+        format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; {then}",
+            self.file().display()
+        )
+    }
+
+    pub fn open(&self) {
+        std::fs::write(self.file(), "").unwrap();
+    }
+}
+
 /// Every field a RepoboxJob status serializes, as text (to check no secret is there).
 pub fn to_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap()
