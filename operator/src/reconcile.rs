@@ -40,6 +40,9 @@ use crate::{Error, Result};
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "repobox-operator";
+/// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
+const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
+
 /// Reconciles running at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
 
@@ -273,6 +276,7 @@ async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
     let name = rj.name_any();
     let extras = || Extras {
         job_name: Some(name.clone()),
+        start_time: job.metadata.creation_timestamp.clone(),
         ..Default::default()
     };
     match status::job_state(job) {
@@ -283,6 +287,17 @@ async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         JobState::Pending => {
+            let pending = job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            // Most pods start within moments: only a pod still pending after a short debounce
+            // gets its own `Starting` write (one API write per job saved on the happy path).
+            if rj.phase() == RepoboxJobPhase::Queued && pending < STARTING_DEBOUNCE {
+                return Ok(Action::requeue(STARTING_DEBOUNCE - pending));
+            }
             let desired = status::with_phase(
                 rj,
                 RepoboxJobPhase::Starting,
@@ -291,17 +306,7 @@ async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
                 extras(),
                 &now(),
             );
-            if ctx.write_status(rj, desired.clone()).await? && rj.phase() == RepoboxJobPhase::Queued
-            {
-                ctx.admitter.poke();
-            }
-            let started = desired
-                .start_time
-                .map(|t| t.0)
-                .unwrap_or_else(jiff::Timestamp::now);
-            let pending = jiff::Timestamp::now()
-                .duration_since(started)
-                .unsigned_abs();
+            ctx.write_status(rj, desired).await?;
             let limit = ctx.cfg.pending_timeout();
             if pending >= limit {
                 let pod = first_pod(ctx, &name).await?;

@@ -217,6 +217,8 @@ pub fn explain_pending(pending_seconds: u64, pod: Option<&PodFacts>) -> Explaine
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extras {
     pub job_name: Option<String>,
+    /// When the job was admitted (its Job's creation); `now` when unknown.
+    pub start_time: Option<Time>,
     pub branch: Option<String>,
     pub commit_sha: Option<String>,
 }
@@ -267,7 +269,7 @@ pub fn with_phase(
         }
         RepoboxJobPhase::Starting | RepoboxJobPhase::Running => {
             if s.start_time.is_none() {
-                s.start_time = Some(now.clone());
+                s.start_time = extras.start_time.clone().or_else(|| Some(now.clone()));
             }
             set_condition(
                 &mut s.conditions,
