@@ -26,8 +26,9 @@ impl Outcomes {
 
     /// `job:{jobId}`, or `None` when the hash does not exist (or is unusable).
     pub async fn record(&self, job_id: &str) -> Result<Option<JobRecord>> {
-        let mut con = self.con.clone();
-        let hash: HashMap<String, String> = con.hgetall(keys::job(job_id)).await?;
+        let Some(hash) = self.record_fields(job_id).await? else {
+            return Ok(None);
+        };
         Ok(match JobRecord::from_hash(job_id, hash) {
             Ok(r) => Some(r),
             Err(RecordError::Missing { .. }) => None,
