@@ -65,7 +65,15 @@ async fn main() -> anyhow::Result<()> {
         let id = format!("b{i:07}-bench");
         let job = NewJob::new(&id, "bench-user", &url, "Benchmark change");
         webapp::create_job(&mut con, &job).await?;
-        webapp::create_provider(&mut con, "bench-user", &job.provider_id, &key, TOKEN).await?;
+        webapp::create_provider(
+            &mut con,
+            "bench-user",
+            &job.provider_id,
+            &key,
+            TOKEN,
+            &git.base_url(),
+        )
+        .await?;
         let work = tmp.path().join(format!("runner-{i}"));
         let start = Instant::now();
         let out = Command::new(exe)

@@ -63,9 +63,21 @@ pub struct Config {
     pub git_author_email: String,
     /// `0` means a full clone.
     pub clone_depth: u32,
+    /// Run by the runner itself through a local agent wrapper process (development and
+    /// tests); in a pod the agent runs in its own container instead (`agent_container`).
     pub agent_command: Option<String>,
-    /// Names of extra environment variables handed to the agent (e.g. its API key).
+    /// Names of extra environment variables handed to a local agent (e.g. its API key).
     pub agent_env: Vec<String>,
+    /// The agent runs in a sibling container (the `agent` container of the Job's pod): the
+    /// runner hands the checkout over through `{temp_dir}/handoff` instead of starting it.
+    pub agent_container: bool,
+    /// How long the agent may take to pick up the checkout (its image may still be pulling).
+    pub agent_start_timeout: Duration,
+    /// Runner-only scratch space: the git directory and the commit message live here, out
+    /// of the agent's reach (a volume only the runner container mounts).
+    pub private_dir: PathBuf,
+    /// A CA bundle for the git host (`GIT_SSL_CAINFO`), e.g. an in-cluster host's private CA.
+    pub git_ca_file: Option<PathBuf>,
     pub output: OutputConfig,
     /// Allows `http://` repository URLs (tests, air-gapped mirrors); the token then
     /// crosses the network in clear, so it is off by default.
@@ -87,6 +99,7 @@ impl std::fmt::Debug for Config {
             .field("cleanup_after_job", &self.cleanup_after_job)
             .field("clone_depth", &self.clone_depth)
             .field("agent_command", &self.agent_command.is_some())
+            .field("agent_container", &self.agent_container)
             .field("output", &self.output)
             .finish_non_exhaustive()
     }
@@ -125,15 +138,8 @@ impl Config {
         let job_id = get("JOB_ID").ok_or_else(|| err("JOB_ID", "is required"))?;
         let redis_url = get("REDIS_URL").ok_or_else(|| err("REDIS_URL", "is required"))?;
         let redis_url = redis_url.trim().to_owned();
-        if !(redis_url.starts_with("redis://")
-            || redis_url.starts_with("rediss://")
-            || redis_url.starts_with("unix://"))
-        {
-            return Err(err(
-                "REDIS_URL",
-                "must start with redis://, rediss:// or unix://",
-            ));
-        }
+        repobox_contract::urls::check_redis_url(&redis_url)
+            .map_err(|e| err("REDIS_URL", e.to_string()))?;
 
         let encryption_key = match (get("ENCRYPTION_KEY_FILE"), get("ENCRYPTION_KEY")) {
             (Some(_), Some(_)) => {
@@ -178,6 +184,9 @@ impl Config {
             },
         };
 
+        let temp_dir = get("TEMP_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/repobox"));
         Ok(Self {
             job_id: job_id.trim().to_owned(),
             redis_url,
@@ -185,9 +194,19 @@ impl Config {
             runner_id: get("RUNNER_ID")
                 .or_else(|| get("HOSTNAME"))
                 .unwrap_or_else(|| "runner-1".to_owned()),
-            temp_dir: get("TEMP_DIR")
+            private_dir: get("PRIVATE_DIR")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/tmp/repobox")),
+                .unwrap_or_else(|| temp_dir.clone()),
+            temp_dir,
+            agent_container: match get("AGENT_CONTAINER") {
+                Some(v) => parse_bool("AGENT_CONTAINER", &v)?,
+                None => false,
+            },
+            agent_start_timeout: match get("AGENT_START_TIMEOUT_SECONDS") {
+                Some(v) => Duration::from_secs(parse_num("AGENT_START_TIMEOUT_SECONDS", &v)?),
+                None => Duration::from_secs(600),
+            },
+            git_ca_file: get("GIT_SSL_CAINFO").map(PathBuf::from),
             cleanup_after_job: match get("CLEANUP_AFTER_JOB") {
                 Some(v) => parse_bool("CLEANUP_AFTER_JOB", &v)?,
                 None => true,
@@ -270,6 +289,13 @@ mod tests {
         assert!(!c.allow_insecure_http);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.kill_grace, Duration::from_secs(5));
+        assert!(!c.agent_container);
+        assert_eq!(
+            c.private_dir, c.temp_dir,
+            "private files beside the work tree locally"
+        );
+        assert_eq!(c.agent_start_timeout, Duration::from_secs(600));
+        assert_eq!(c.git_ca_file, None);
     }
 
     #[test]
@@ -290,6 +316,10 @@ mod tests {
             ("ALLOW_INSECURE_HTTP", "yes"),
             ("LOG_FORMAT", "text"),
             ("KILL_GRACE_SECONDS", "2"),
+            ("AGENT_CONTAINER", "true"),
+            ("PRIVATE_DIR", "/var/lib/repobox"),
+            ("AGENT_START_TIMEOUT_SECONDS", "30"),
+            ("GIT_SSL_CAINFO", "/etc/git-ca/ca.crt"),
         ]);
         let c = cfg(&p).unwrap();
         assert_eq!(c.runner_id, "pod-abc");
@@ -308,6 +338,25 @@ mod tests {
         assert!(c.allow_insecure_http);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.kill_grace, Duration::from_secs(2));
+        assert!(c.agent_container);
+        assert_eq!(c.private_dir, PathBuf::from("/var/lib/repobox"));
+        assert_eq!(c.agent_start_timeout, Duration::from_secs(30));
+        assert_eq!(c.git_ca_file, Some(PathBuf::from("/etc/git-ca/ca.crt")));
+    }
+
+    #[test]
+    fn every_redis_scheme_the_operator_accepts_is_accepted() {
+        for url in [
+            "valkey://h:6379",
+            "valkeys://h",
+            "redis+unix:///s",
+            "unix:///s",
+            "rediss://h",
+        ] {
+            let mut p = base();
+            p[1] = ("REDIS_URL", url);
+            assert!(cfg(&p).is_ok(), "{url}");
+        }
     }
 
     #[test]
@@ -338,6 +387,8 @@ mod tests {
             ("OUTPUT_MAX_BYTES", "lots"),
             ("LOG_FORMAT", "xml"),
             ("ALLOW_INSECURE_HTTP", "2"),
+            ("AGENT_CONTAINER", "perhaps"),
+            ("AGENT_START_TIMEOUT_SECONDS", "soon"),
         ] {
             let mut p = base();
             p.push((k, v));

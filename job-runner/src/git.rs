@@ -5,6 +5,12 @@
 //! child (see [`crate::askpass`]). System and global git config are ignored, so no
 //! credential helper of the host can store the token, and only the http(s) transports
 //! are allowed.
+//!
+//! The agent may have written anything into the work tree, so nothing there steers git: the
+//! git directory lives in the runner's private directory (never inside the tree, and in a pod
+//! on a volume the agent does not mount) and is named explicitly (`GIT_DIR`, `GIT_WORK_TREE`)
+//! on every call, hooks point at `/dev/null`, fsmonitor is off, and the push names the job's
+//! URL and branch explicitly instead of a remote.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -46,6 +52,9 @@ pub fn inherit_env(cmd: &mut Command) {
 #[derive(Clone)]
 pub struct Git {
     pub bin: PathBuf,
+    /// The runner's git directory and the work tree, once the clone exists.
+    repo: Option<(PathBuf, PathBuf)>,
+    ca_file: Option<PathBuf>,
     token: Token,
     askpass_program: OsString,
     author_name: String,
@@ -64,6 +73,8 @@ impl Git {
     ) -> Self {
         Self {
             bin,
+            repo: None,
+            ca_file: None,
             token,
             askpass_program,
             author_name,
@@ -72,12 +83,31 @@ impl Git {
         }
     }
 
+    /// The same git, trusting `ca_file` for the git host's certificate.
+    pub fn with_ca_file(mut self, ca_file: Option<PathBuf>) -> Self {
+        self.ca_file = ca_file;
+        self
+    }
+
+    /// The same git, bound to the runner's git directory and the work tree.
+    pub fn in_repo(&self, git_dir: PathBuf, work_tree: PathBuf) -> Self {
+        let mut g = self.clone();
+        g.repo = Some((git_dir, work_tree));
+        g
+    }
+
     /// A git command in `dir`. `with_credentials` decides whether the askpass answer is
     /// available to it: only the commands that talk to the remote get the token.
     pub fn command(&self, dir: &Path, with_credentials: bool) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.current_dir(dir).env_clear();
         inherit_env(&mut cmd);
+        if let Some((git_dir, work_tree)) = &self.repo {
+            cmd.env("GIT_DIR", git_dir).env("GIT_WORK_TREE", work_tree);
+        }
+        if let Some(ca) = &self.ca_file {
+            cmd.env("GIT_SSL_CAINFO", ca);
+        }
         cmd.env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -86,6 +116,16 @@ impl Git {
             .env("GIT_AUTHOR_EMAIL", &self.author_email)
             .env("GIT_COMMITTER_NAME", &self.author_name)
             .env("GIT_COMMITTER_EMAIL", &self.author_email)
+            // Repository discovery never climbs out of the directory git runs in.
+            .env("GIT_CEILING_DIRECTORIES", dir)
+            .env(
+                "GIT_ALLOW_PROTOCOL",
+                if self.allow_http {
+                    "https:http"
+                } else {
+                    "https"
+                },
+            )
             // No credential helper may see (and store) the token.
             .args(["-c", "credential.helper="])
             .args([
@@ -93,6 +133,20 @@ impl Git {
                 "protocol.allow=never",
                 "-c",
                 "protocol.https.allow=always",
+            ])
+            // Nothing in the work tree or the repository runs code: no hooks, no fsmonitor,
+            // no submodule recursion.
+            .args([
+                "-c",
+                "core.hooksPath=/dev/null",
+                "-c",
+                "core.fsmonitor=false",
+                "-c",
+                "submodule.recurse=false",
+                "-c",
+                "push.recurseSubmodules=no",
+                "-c",
+                "advice.addEmbeddedRepo=false",
             ]);
         if self.allow_http {
             cmd.args(["-c", "protocol.http.allow=always"]);
@@ -172,6 +226,12 @@ pub fn explain_failure(
             None => format!("push rejected by {repo}: {}", last_line(stderr)),
         };
     }
+    if op == Op::Local && has("permission denied") {
+        return format!(
+            "the runner cannot read what the agent left in the work tree ({}); files must stay readable by the pod's group",
+            last_line(stderr)
+        );
+    }
     let what = match op {
         Op::Clone => "git clone",
         Op::LsRemote => "git ls-remote",
@@ -203,39 +263,6 @@ fn last_line(stderr: &[String]) -> String {
                 .to_owned()
         })
         .unwrap_or_else(|| "no error output".to_owned())
-}
-
-/// The repository URL without any userinfo, for display and for git itself.
-pub fn strip_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
-}
-
-/// Why a repository URL is refused before git ever sees it.
-pub fn check_url(url: &str, allow_http: bool) -> Result<(), String> {
-    let lower = url.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return Ok(());
-    }
-    if lower.starts_with("http://") {
-        return if allow_http {
-            Ok(())
-        } else {
-            Err(format!(
-                "repository URL must use https (got {url}); plain http would send the token in clear"
-            ))
-        };
-    }
-    Err(format!(
-        "unsupported repository URL {url}: only https:// clone URLs are supported"
-    ))
 }
 
 /// The commit message: the prompt's first line (bounded), then the job id as a trailer.
@@ -355,26 +382,17 @@ mod tests {
     }
 
     #[test]
-    fn strips_userinfo() {
-        assert_eq!(
-            strip_userinfo("https://oauth2:tok@h/a.git"),
-            "https://h/a.git"
-        );
-        assert_eq!(strip_userinfo("https://u@h/a@b.git"), "https://h/a@b.git");
-        assert_eq!(strip_userinfo("https://h/a.git"), "https://h/a.git");
-        assert_eq!(strip_userinfo("not a url"), "not a url");
-    }
-
-    #[test]
-    fn url_policy() {
-        assert!(check_url("https://h/a.git", false).is_ok());
-        assert!(check_url("HTTPS://h/a.git", false).is_ok());
+    fn url_policy_is_the_contract_one() {
+        use repobox_contract::urls::RepoUrl;
+        assert!(RepoUrl::parse("https://h/a.git", false).is_ok());
+        assert!(RepoUrl::parse("HTTPS://h/a.git", false).is_ok());
         assert!(
-            check_url("http://h/a.git", false)
+            RepoUrl::parse("http://h/a.git", false)
                 .unwrap_err()
+                .to_string()
                 .contains("https")
         );
-        assert!(check_url("http://h/a.git", true).is_ok());
+        assert!(RepoUrl::parse("http://h/a.git", true).is_ok());
         for bad in [
             "ssh://h/a",
             "git@h:a.git",
@@ -382,7 +400,7 @@ mod tests {
             "ext::sh -c x",
             "",
         ] {
-            assert!(check_url(bad, true).is_err(), "{bad}");
+            assert!(RepoUrl::parse(bad, true).is_err(), "{bad}");
         }
     }
 

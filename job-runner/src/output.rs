@@ -43,6 +43,19 @@ impl OutputHandle {
         let _ = self.tx.send(masked).await;
     }
 
+    /// A handle whose lines arrive, unmasked by anything but an empty masker, on the returned
+    /// receiver (the agent wrapper forwards them to the runner, which masks them).
+    pub fn channel(capacity: usize) -> (OutputHandle, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            OutputHandle {
+                tx,
+                masker: Arc::new(Masker::new()),
+            },
+            rx,
+        )
+    }
+
     /// A runner's own message, marked so users can tell it from git's output.
     pub async fn note(&self, text: &str) {
         self.line(&format!("==> {text}")).await;

@@ -1,7 +1,9 @@
 //! The job flow, start to finish.
 //!
-//! read job → take it (`pending` → `running`, atomically) → read provider → decrypt token
-//! → clone → check the branch is free → branch → agent → commit → push → record outcome.
+//! read job → take it (`pending` → `running`, atomically) → read provider → check the
+//! repository host is the provider's → decrypt token → clone (into the runner's private git
+//! directory) → check the branch is free → branch → hand the work tree to the agent → commit →
+//! push (to the job's URL and branch only) → record outcome.
 //! Every step's output streams to `job:{id}:output`; a failure anywhere ends the job as
 //! `failed` with a one-line reason; SIGTERM stops the current child and leaves the terminal
 //! status to the operator, which knows why the pod was stopped.
@@ -16,15 +18,20 @@ use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
 use repobox_contract::{
     JobRecord, JobStatus, Masker, ProviderRecord, RecordError, Token, keys, time,
 };
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
+
+use repobox_contract::urls::{ProviderHost, RepoUrl};
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::git::{self, Git, Op};
+use crate::handoff::{AgentEnd, RunnerSide, Start};
 use crate::output::{Output, OutputHandle};
 use crate::process::{self, Finished, Stdout};
+
+/// The largest prompt the runner hands to an agent.
+pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,14 +71,70 @@ enum Stop {
     Cancelled,
 }
 
-pub async fn run(cfg: &Config, cancel: CancellationToken) -> Result<Outcome> {
+/// Runs the job. `handoff` is the hand-off directory the agent container waits in (prepared
+/// by `main` before anything else, so the agent learns at once when the runner dies); `None`
+/// runs a local agent wrapper, if an agent command is set.
+pub async fn run(
+    cfg: &Config,
+    handoff: Option<RunnerSide>,
+    cancel: CancellationToken,
+) -> Result<Outcome> {
     let span = tracing::info_span!(
         "job",
         runner_id = %cfg.runner_id,
         job_id = %cfg.job_id,
         user_id = tracing::field::Empty,
     );
-    run_job(cfg, cancel, span.clone()).instrument(span).await
+    run_job(cfg, handoff, cancel, span.clone())
+        .instrument(span)
+        .await
+}
+
+/// Where one job's files go. The tree and the hand-off directory are shared with the agent;
+/// `private` (the git directory, the commit message) never is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub tree: PathBuf,
+    pub handoff: PathBuf,
+    pub private: PathBuf,
+    /// Directories removed after the job (when `CLEANUP_AFTER_JOB`).
+    pub cleanup: Vec<PathBuf>,
+}
+
+impl Layout {
+    /// In a pod (`agent_container`), fixed paths on the pod's volumes: the agent container
+    /// knows them too. Locally, fresh directories per run.
+    pub fn for_job(cfg: &Config) -> Layout {
+        if cfg.agent_container {
+            return Layout {
+                tree: cfg.temp_dir.join("tree"),
+                handoff: cfg.temp_dir.join("handoff"),
+                private: cfg.private_dir.clone(),
+                cleanup: vec![cfg.temp_dir.join("tree"), cfg.private_dir.join("repo.git")],
+            };
+        }
+        let name = format!(
+            "{}-{}",
+            dir_name(&cfg.job_id),
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let work = cfg.temp_dir.join(&name);
+        let private = if cfg.private_dir == cfg.temp_dir {
+            work.join("private")
+        } else {
+            cfg.private_dir.join(&name)
+        };
+        Layout {
+            tree: work.join("tree"),
+            handoff: work.join("handoff"),
+            cleanup: vec![work, private.clone()],
+            private,
+        }
+    }
+
+    pub fn git_dir(&self) -> PathBuf {
+        self.private.join("repo.git")
+    }
 }
 
 async fn connect(cfg: &Config, cancel: &CancellationToken) -> Result<MultiplexedConnection> {
@@ -95,7 +158,12 @@ async fn connect(cfg: &Config, cancel: &CancellationToken) -> Result<Multiplexed
     }
 }
 
-async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -> Result<Outcome> {
+async fn run_job(
+    cfg: &Config,
+    handoff: Option<RunnerSide>,
+    cancel: CancellationToken,
+    span: tracing::Span,
+) -> Result<Outcome> {
     let started = Instant::now();
     let mut con = connect(cfg, &cancel).await?;
 
@@ -141,11 +209,17 @@ async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -
         }
     }
 
-    // The token, or the reason there is none. The masker knows the token before any
-    // line leaves the process.
-    let token = fetch_token(&mut con, cfg, &record).await;
+    // The token, or the reason there is none: the repository URL must be usable and on the
+    // provider's host before the token is even decrypted. The masker knows the token before
+    // any line leaves the process.
+    let prepared = match RepoUrl::parse(&record.repo_url, cfg.allow_insecure_http) {
+        Ok(url) => fetch_token(&mut con, cfg, &record, &url)
+            .await
+            .map(|t| (t, url)),
+        Err(e) => Err(e.to_string()),
+    };
     let mut masker = Masker::new();
-    if let Ok(t) = &token {
+    if let Ok((t, _)) = &prepared {
         masker.add(t.expose());
     }
     let masker = Arc::new(masker);
@@ -157,14 +231,10 @@ async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -
     ))
     .await;
 
-    let work = cfg.temp_dir.join(format!(
-        "{}-{}",
-        dir_name(&cfg.job_id),
-        hex::encode(rand::random::<[u8; 4]>())
-    ));
-    let result = match token {
+    let layout = Layout::for_job(cfg);
+    let result = match prepared {
         Err(msg) => Err(Stop::Failed(msg)),
-        Ok(token) => {
+        Ok((token, url)) => {
             let job = Job {
                 cfg,
                 record: &record,
@@ -180,10 +250,12 @@ async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -
                     cfg.git_author_name.clone(),
                     cfg.git_author_email.clone(),
                     cfg.allow_insecure_http,
-                ),
-                display_url: git::strip_userinfo(&record.repo_url),
+                )
+                .with_ca_file(cfg.git_ca_file.clone()),
+                display_url: url.to_string(),
                 branch: keys::job_branch(&cfg.job_id),
-                work: work.clone(),
+                layout: layout.clone(),
+                handoff,
             };
             job.execute().await
         }
@@ -223,11 +295,16 @@ async fn run_job(cfg: &Config, cancel: CancellationToken, span: tracing::Span) -
         }
     };
 
-    if cfg.cleanup_after_job
-        && let Err(e) = tokio::fs::remove_dir_all(&work).await
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(error = %e, dir = %work.display(), "could not remove the work tree");
+    if cfg.cleanup_after_job {
+        for dir in &layout.cleanup {
+            if let Err(e) = tokio::fs::remove_dir_all(dir).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                // In a pod the agent's files may not be the runner's to delete; the volume
+                // goes with the pod.
+                warn!(error = %e, dir = %dir.display(), "could not remove a job directory");
+            }
+        }
     }
 
     drop(out);
@@ -286,11 +363,13 @@ async fn finish(con: &mut MultiplexedConnection, cfg: &Config, fin: Finish) -> R
     Ok(())
 }
 
-/// Reads the provider record and decrypts its token; the error is the user-facing reason.
+/// Reads the provider record, checks that the repository is on the provider's host, and only
+/// then decrypts the token; the error is the user-facing reason.
 async fn fetch_token(
     con: &mut MultiplexedConnection,
     cfg: &Config,
     record: &JobRecord,
+    repo: &RepoUrl,
 ) -> std::result::Result<Token, String> {
     let key = keys::git_provider(&record.user_id, &record.provider_id);
     let hash: std::collections::HashMap<String, String> = con
@@ -306,6 +385,9 @@ async fn fetch_token(
             other => format!("git provider is unusable: {other}"),
         },
     )?;
+    ProviderHost::from_provider(provider.kind.as_deref(), provider.base_url.as_deref())
+        .and_then(|host| host.check(repo))
+        .map_err(|e| e.to_string())?;
     cfg.encryption_key
         .decrypt(&provider.encrypted_token)
         .map_err(|e| format!("token decryption failed: {e}"))
@@ -337,20 +419,34 @@ struct Job<'a> {
     git: Git,
     display_url: String,
     branch: String,
-    work: PathBuf,
+    layout: Layout,
+    /// The agent container's hand-off directory, when the agent runs in one.
+    handoff: Option<RunnerSide>,
+}
+
+/// Creates `dir` with `mode` (the umask would narrow it).
+async fn make_dir(dir: &Path, mode: u32) -> std::result::Result<(), Stop> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .and(tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await)
+        .map_err(|e| Stop::Failed(format!("cannot create {}: {e}", dir.display())))
 }
 
 impl Job<'_> {
     /// Runs the steps; `Some((branch, sha))` when something was pushed.
-    async fn execute(&self) -> std::result::Result<Option<(String, String)>, Stop> {
-        git::check_url(&self.display_url, self.cfg.allow_insecure_http).map_err(Stop::Failed)?;
-        tokio::fs::create_dir_all(&self.work)
-            .await
-            .map_err(|e| Stop::Failed(format!("cannot create the work directory: {e}")))?;
-        let repo = self.work.join("repo");
+    async fn execute(mut self) -> std::result::Result<Option<(String, String)>, Stop> {
+        let tree = self.layout.tree.clone();
+        let git_dir = self.layout.git_dir();
+        // The tree is shared with the agent (group-writable, the pod's group); the private
+        // directory is the runner's alone.
+        make_dir(&tree, 0o2775).await?;
+        make_dir(&self.layout.private, 0o700).await?;
+        let tree_id = dir_identity(&tree)
+            .map_err(|e| Stop::Failed(format!("cannot inspect the work tree: {e}")))?;
 
-        // Clone.
-        let mut args: Vec<String> = vec!["clone".into()];
+        // Clone, bare, into the private directory: the git directory never enters the tree.
+        let mut args: Vec<String> = vec!["clone".into(), "--bare".into()];
         if self.cfg.clone_depth > 0 {
             args.push(format!("--depth={}", self.cfg.clone_depth));
         }
@@ -358,7 +454,11 @@ impl Job<'_> {
             args.push("--branch".into());
             args.push(base.clone());
         }
-        args.extend(["--".into(), self.display_url.clone(), "repo".into()]);
+        args.extend([
+            "--".into(),
+            self.display_url.clone(),
+            git_dir.to_string_lossy().into_owned(),
+        ]);
         let base_label = self
             .record
             .base_branch
@@ -377,9 +477,17 @@ impl Job<'_> {
             self.display_url.clone(),
             format!("refs/heads/{}", self.branch),
         ];
+        let private = self.layout.private.clone();
         let (cloned, listed) = tokio::join!(
-            self.git_step(&self.work, &args, true, Op::Clone, Stdout::Stream),
-            self.git_step(&self.work, &ls_remote, true, Op::LsRemote, Stdout::Capture),
+            self.git_step(&self.git, &private, &args, true, Op::Clone, Stdout::Stream),
+            self.git_step(
+                &self.git,
+                &private,
+                &ls_remote,
+                true,
+                Op::LsRemote,
+                Stdout::Capture
+            ),
         );
         cloned?;
         if !listed?.stdout.trim().is_empty() {
@@ -388,31 +496,35 @@ impl Job<'_> {
                 self.branch
             )));
         }
-        self.git_step(
-            &repo,
-            &[
-                "checkout".into(),
-                "-q".into(),
-                "-b".into(),
-                self.branch.clone(),
-            ],
-            false,
-            Op::Local,
-            Stdout::Stream,
-        )
-        .await?;
+        // From here on git works on the private git directory and the shared tree.
+        let repo = self.git.in_repo(git_dir, tree.clone());
+        for args in [
+            vec!["reset", "-q", "--hard"],
+            vec!["checkout", "-q", "-b", self.branch.as_str()],
+        ] {
+            let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+            self.git_step(&repo, &private, &args, false, Op::Local, Stdout::Stream)
+                .await?;
+        }
         self.out
             .note(&format!("Created branch {}", self.branch))
             .await;
 
         // Agent.
-        if let Some(command) = &self.cfg.agent_command {
-            self.run_agent(command, &repo).await?;
+        self.run_agent(&tree).await?;
+
+        // The agent had the tree: it must still be the directory the runner made (not a
+        // symlink to something only the runner can read).
+        if dir_identity(&tree).ok() != Some(tree_id) {
+            return Err(Stop::Failed(
+                "the work tree was replaced during the agent step; nothing was committed".into(),
+            ));
         }
 
         // Commit when the tree changed.
         self.git_step(
             &repo,
+            &private,
             &["add".into(), "-A".into()],
             false,
             Op::Local,
@@ -424,7 +536,7 @@ impl Job<'_> {
         if self.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
-        let mut diff = self.git.command(&repo, false);
+        let mut diff = repo.command(&private, false);
         diff.args(["diff", "--cached", "--quiet"]);
         let changed = process::run(
             diff,
@@ -457,15 +569,17 @@ impl Job<'_> {
             }
         }
         let message = git::commit_message(&self.record.prompt, &self.cfg.job_id);
-        let msg_file = self.work.join("commit-message.txt");
+        let msg_file = private.join("commit-message.txt");
         tokio::fs::write(&msg_file, &message)
             .await
             .map_err(|e| Stop::Failed(format!("cannot write the commit message: {e}")))?;
         self.git_step(
             &repo,
+            &private,
             &[
                 "commit".into(),
                 "-q".into(),
+                "--no-verify".into(),
                 "-F".into(),
                 msg_file.to_string_lossy().into_owned(),
             ],
@@ -477,6 +591,7 @@ impl Job<'_> {
         let sha = self
             .git_step(
                 &repo,
+                &private,
                 &["rev-parse".into(), "HEAD".into()],
                 false,
                 Op::Local,
@@ -494,14 +609,21 @@ impl Job<'_> {
             ))
             .await;
 
-        // Push.
+        // Push: the job's URL and the job's branch, named explicitly (no remote, no pushurl).
         self.out
             .note(&format!("Pushing {} to {}", self.branch, self.display_url))
             .await;
         let refspec = format!("refs/heads/{0}:refs/heads/{0}", self.branch);
         self.git_step(
             &repo,
-            &["push".into(), "origin".into(), refspec],
+            &private,
+            &[
+                "push".into(),
+                "--no-verify".into(),
+                "--".into(),
+                self.display_url.clone(),
+                refspec,
+            ],
             true,
             Op::Push,
             Stdout::Stream,
@@ -512,6 +634,7 @@ impl Job<'_> {
 
     async fn git_step(
         &self,
+        git: &Git,
         dir: &Path,
         args: &[String],
         with_credentials: bool,
@@ -522,13 +645,11 @@ impl Job<'_> {
             return Err(Stop::Cancelled);
         }
         let started = Instant::now();
-        let mut cmd = self.git.command(dir, with_credentials);
+        let mut cmd = git.command(dir, with_credentials);
         cmd.args(args);
         let done = process::run(cmd, &self.out, stdout, self.cancel, self.cfg.kill_grace)
             .await
-            .map_err(|e| {
-                Stop::Failed(format!("cannot run git ({}): {e}", self.git.bin.display()))
-            })?;
+            .map_err(|e| Stop::Failed(format!("cannot run git ({}): {e}", git.bin.display())))?;
         tracing::debug!(step = %args[0], duration_ms = started.elapsed().as_millis() as u64, "git step finished");
         if done.cancelled {
             return Err(Stop::Cancelled);
@@ -556,56 +677,124 @@ impl Job<'_> {
         Ok(done)
     }
 
-    async fn run_agent(&self, command: &str, repo: &Path) -> std::result::Result<(), Stop> {
-        let prompt_file = self.work.join("prompt.txt");
-        tokio::fs::write(&prompt_file, &self.record.prompt)
-            .await
+    /// Hands the tree to the agent and follows it to its end. Locally (no agent container)
+    /// the runner starts the agent wrapper itself, with an environment cleared of everything
+    /// but the allowlist and `AGENT_ENV`; in a pod the agent container is already waiting.
+    async fn run_agent(&mut self, tree: &Path) -> std::result::Result<(), Stop> {
+        let local_command = if self.cfg.agent_container {
+            None
+        } else {
+            match &self.cfg.agent_command {
+                Some(c) => Some(c.clone()),
+                None => return Ok(()),
+            }
+        };
+        if self.record.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(Stop::Failed(format!(
+                "the prompt is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes",
+                self.record.prompt.len()
+            )));
+        }
+        let mut side = match self.handoff.take() {
+            Some(side) => side,
+            None => RunnerSide::prepare(&self.layout.handoff)
+                .map_err(|e| Stop::Failed(format!("cannot prepare the agent hand-off: {e}")))?,
+        };
+        let prompt_file = side
+            .write_prompt(&self.record.prompt)
             .map_err(|e| Stop::Failed(format!("cannot write the prompt file: {e}")))?;
+        let mut wrapper = match local_command {
+            Some(command) => Some(self.spawn_local_agent(&command, side.dir())?),
+            None => None,
+        };
+        side.start(&Start {
+            job_id: self.cfg.job_id.clone(),
+            repo_url: self.display_url.clone(),
+            branch: self.branch.clone(),
+            work_tree: tree.to_owned(),
+            prompt_file,
+        })
+        .map_err(|e| Stop::Failed(format!("cannot hand the work tree to the agent: {e}")))?;
         self.out.note("Running the agent").await;
         let started = Instant::now();
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c").arg(command).current_dir(repo).env_clear();
+        let end = side
+            .follow(&self.out, self.cancel, self.cfg.agent_start_timeout)
+            .await;
+        if let Some(child) = wrapper.as_mut() {
+            // The wrapper exits on its own once it reported; it is stopped on cancellation.
+            if end == AgentEnd::Cancelled {
+                let _ = child.start_kill();
+            }
+            let _ = child.wait().await;
+        }
+        drop(side);
+        info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = ?end,
+            "agent finished"
+        );
+        match end {
+            AgentEnd::Exited { code: Some(0), .. } => Ok(()),
+            AgentEnd::Exited {
+                code: Some(code), ..
+            } => Err(Stop::Failed(format!("agent exited with code {code}"))),
+            AgentEnd::Exited {
+                signal: Some(sig), ..
+            } => Err(Stop::Failed(format!("agent was killed by signal {sig}"))),
+            AgentEnd::Exited { .. } => Err(Stop::Failed("agent failed".into())),
+            AgentEnd::StartFailed(msg) => Err(Stop::Failed(msg)),
+            AgentEnd::NeverStarted(t) => Err(Stop::Failed(format!(
+                "the agent container did not start within {} s (is its image pullable?)",
+                t.as_secs()
+            ))),
+            AgentEnd::Vanished => Err(Stop::Failed(
+                "the agent stopped before it finished (its container was killed: out of memory?)"
+                    .into(),
+            )),
+            AgentEnd::Cancelled => Err(Stop::Cancelled),
+        }
+    }
+
+    /// Starts `repobox-job-runner agent` as a child: its environment holds only the
+    /// allowlist, the `AGENT_ENV` names and what the wrapper needs.
+    fn spawn_local_agent(
+        &self,
+        command: &str,
+        handoff: &Path,
+    ) -> std::result::Result<tokio::process::Child, Stop> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Stop::Failed(format!("cannot find the runner binary: {e}")))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("agent").env_clear();
         git::inherit_env(&mut cmd);
         for name in &self.cfg.agent_env {
             if let Some(v) = std::env::var_os(name) {
                 cmd.env(name, v);
             }
         }
-        cmd.env("REPOBOX_JOB_ID", &self.cfg.job_id)
-            .env("REPOBOX_PROMPT", &self.record.prompt)
-            .env("REPOBOX_PROMPT_FILE", &prompt_file)
-            .env("REPOBOX_REPO_URL", &self.display_url)
-            .env("REPOBOX_BRANCH", &self.branch)
-            .env("REPOBOX_WORK_TREE", repo);
-        let done = process::run(
-            cmd,
-            &self.out,
-            Stdout::Stream,
-            self.cancel,
-            self.cfg.kill_grace,
-        )
-        .await
-        .map_err(|e| Stop::Failed(format!("cannot start the agent: {e}")))?;
-        info!(
-            duration_ms = started.elapsed().as_millis() as u64,
-            code = done.status.code(),
-            "agent finished"
-        );
-        if done.cancelled {
-            return Err(Stop::Cancelled);
-        }
-        if !done.status.success() {
-            use std::os::unix::process::ExitStatusExt;
-            return Err(Stop::Failed(
-                match (done.status.code(), done.status.signal()) {
-                    (Some(code), _) => format!("agent exited with code {code}"),
-                    (None, Some(sig)) => format!("agent was killed by signal {sig}"),
-                    _ => "agent failed".to_owned(),
-                },
-            ));
-        }
-        Ok(())
+        cmd.env("HANDOFF_DIR", handoff)
+            .env("AGENT_COMMAND", command)
+            .env(
+                "KILL_GRACE_SECONDS",
+                self.cfg.kill_grace.as_secs().to_string(),
+            )
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd.spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start the agent: {e}")))
     }
+}
+
+/// Device and inode of a directory that must not be swapped for a symlink.
+fn dir_identity(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    Ok((m.dev(), m.ino()))
 }
 
 fn short(sha: &str) -> &str {

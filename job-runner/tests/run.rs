@@ -59,6 +59,12 @@ impl Fixture {
     }
 
     async fn seed(&mut self, job: &NewJob, token: &str) {
+        let base = self.git.base_url();
+        self.seed_at(job, token, &base).await;
+    }
+
+    /// Seeds a job whose provider's host is `base_url`.
+    async fn seed_at(&mut self, job: &NewJob, token: &str, base_url: &str) {
         webapp::create_job(&mut self.con, job).await.unwrap();
         webapp::create_provider(
             &mut self.con,
@@ -66,6 +72,7 @@ impl Fixture {
             &job.provider_id,
             &self.key,
             token,
+            base_url,
         )
         .await
         .unwrap();
@@ -164,9 +171,12 @@ impl Fixture {
 fn assert_file_tree_lacks(dir: &Path, needle: &str) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.is_dir() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
             assert_file_tree_lacks(&path, needle);
-        } else if let Ok(bytes) = std::fs::read(&path) {
+        } else if meta.is_file()
+            && let Ok(bytes) = std::fs::read(&path)
+        {
             assert!(
                 !String::from_utf8_lossy(&bytes).contains(needle),
                 "token found in {}",
@@ -260,10 +270,12 @@ async fn happy_path_pushes_the_branch_and_records_everything() {
         .next()
         .unwrap()
         .unwrap()
-        .path()
-        .join("repo");
-    let config = std::fs::read_to_string(repo.join(".git/config")).unwrap();
+        .path();
+    // The git directory is the runner's, outside the work tree; its remote URL has no
+    // credentials and the tree has no `.git` for an agent to steer.
+    let config = std::fs::read_to_string(repo.join("private/repo.git/config")).unwrap();
     assert!(config.contains(&f.git.url("acme/api")), "{config}");
+    assert!(!repo.join("tree/.git").exists());
     f.assert_token_nowhere(&run.stderr).await;
 
     // JSON logs with the job's context.
@@ -537,7 +549,16 @@ async fn the_agent_never_sees_the_token_or_the_key() {
         .unwrap()
         .path();
     let env = std::fs::read_to_string(work.join("agent-env.txt")).unwrap();
-    assert!(env.contains("REPOBOX_PROMPT=Add a greeting file"), "{env}");
+    // The prompt arrives as a file only (no size limit from execve).
+    assert!(!env.contains("REPOBOX_PROMPT="), "{env}");
+    let prompt_file = env
+        .lines()
+        .find_map(|l| l.strip_prefix("REPOBOX_PROMPT_FILE="))
+        .expect("REPOBOX_PROMPT_FILE is set");
+    assert_eq!(
+        std::fs::read_to_string(prompt_file).unwrap(),
+        "Add a greeting file\n\nPlease."
+    );
     assert!(env.contains("REPOBOX_JOB_ID=agentenv"));
     for secret in [
         TOKEN,
@@ -709,11 +730,9 @@ async fn sigterm_mid_clone_stops_git_and_leaves_the_status_to_the_operator() {
     // A "git host" that accepts the connection and never answers: the clone hangs.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut job = f.job("sigterm1");
-    job.repo_url = format!(
-        "http://127.0.0.1:{}/acme/api.git",
-        listener.local_addr().unwrap().port()
-    );
-    f.seed(&job, TOKEN).await;
+    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    job.repo_url = format!("{base}/acme/api.git");
+    f.seed_at(&job, TOKEN, &base).await;
     let child = f.command(&job.id, &[]).spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     // The clone is in flight once git has connected.

@@ -163,7 +163,15 @@ impl Bed {
 
     async fn providers(&mut self) -> Result<()> {
         for u in 0..USERS {
-            webapp::create_provider(&mut self.con, &user(u), "gh", &self.key, TOKEN).await?;
+            webapp::create_provider(
+                &mut self.con,
+                &user(u),
+                "gh",
+                &self.key,
+                TOKEN,
+                "https://github.com",
+            )
+            .await?;
         }
         Ok(())
     }

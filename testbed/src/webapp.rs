@@ -47,18 +47,22 @@ pub async fn create_job(con: &mut MultiplexedConnection, job: &NewJob) -> redis:
     con.hset_multiple(keys::job(&job.id), &fields).await
 }
 
-/// Writes `git_provider:{user}:{provider}` with the token encrypted like Node's crypto.
+/// Writes `git_provider:{user}:{provider}` with the token encrypted like Node's crypto: a
+/// GitHub provider whose `baseUrl` (GitHub Enterprise style) is `base_url`, e.g. the test git
+/// host's [`crate::githost::GitHost::base_url`] — the runner only sends the token there.
 pub async fn create_provider(
     con: &mut MultiplexedConnection,
     user_id: &str,
     provider_id: &str,
     key: &EncryptionKey,
     token: &str,
+    base_url: &str,
 ) -> redis::RedisResult<()> {
     con.hset_multiple(
         keys::git_provider(user_id, provider_id),
         &[
             ("type", "github".to_owned()),
+            ("baseUrl", base_url.to_owned()),
             ("encryptedToken", key.encrypt(token)),
         ],
     )

@@ -212,6 +212,7 @@ impl Bed {
             &job.provider_id,
             &self.key,
             TOKEN,
+            &self.git.base_url(),
         )
         .await
         .unwrap();

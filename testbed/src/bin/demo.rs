@@ -249,12 +249,13 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         .boxed();
     let mut submitted: Vec<NewJob> = Vec::new();
     for user in ["alice", "bob"] {
-        webapp::create_provider(&mut con, user, "github-1", &key, TOKEN).await?;
+        let git_base = parts.git.as_ref().context("git host")?.base_url();
+        webapp::create_provider(&mut con, user, "github-1", &key, TOKEN, &git_base).await?;
         let encrypted: String = con
             .hget(keys::git_provider(user, "github-1"), "encryptedToken")
             .await?;
         println!(
-            "HSET {} type github encryptedToken {}…  (token {} encrypted with AES-256-GCM, iv:tag:ciphertext)",
+            "HSET {} type github baseUrl {git_base} encryptedToken {}…  (token {} encrypted with AES-256-GCM, iv:tag:ciphertext)",
             keys::git_provider(user, "github-1"),
             &encrypted[..encrypted.len().min(24)],
             mask_token(TOKEN),
