@@ -3,7 +3,7 @@
 //! one that panics. A separate test binary from `control_plane.rs`, so that one binary never
 //! runs two control planes at once; the two tests here take turns for the same reason.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,7 +26,7 @@ fn alive(pid: u32) -> bool {
 
 /// Polls until no pid is alive and `dir` is gone (the kernel's death signal and the cleanup
 /// sentinel act asynchronously after the owner process ended).
-async fn wait_all_gone(pids: &[(String, u32)], dir: &PathBuf, timeout: Duration) -> Result<()> {
+async fn wait_all_gone(pids: &[(String, u32)], dir: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left: Vec<_> = pids.iter().filter(|(_, pid)| alive(*pid)).collect();
