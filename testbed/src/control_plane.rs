@@ -83,7 +83,8 @@ const LOG_TAIL_LINES: usize = 30;
 /// Lifetime of the ServiceAccount tokens handed out (long enough for a bench).
 const TOKEN_SECONDS: i64 = 24 * 3600;
 
-/// A running control plane. Dropping it stops every process and removes its directory.
+/// A running control plane. Dropping it stops every process and removes its directory; the drop
+/// blocks the thread for the shutdown (about 1 s, at most the SIGTERM grace of 5 s).
 pub struct ControlPlane {
     // Field order matters: the processes stop before the directory they write into is removed.
     processes: Processes,
