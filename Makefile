@@ -7,12 +7,17 @@ PY := $(VENV)/bin/python
 
 .PHONY: test deps lint unit chart demo bench crds fmt
 
-## Installs what the tests need: redis-server (Debian) and the Python venv of the test bed.
+## Installs what the tests need: redis-server and etcd-server (Debian) and the Python venv of
+## the test bed. (The control-plane tests also need REPOBOX_K8S_ASSETS, see README.md.)
 deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+	@command -v etcd >/dev/null || { \
+	  echo "installing etcd-server"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq etcd-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq etcd-server; fi; }
 	@command -v git >/dev/null || { echo "git is required" >&2; exit 1; }
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -r tests/emulator/requirements.txt

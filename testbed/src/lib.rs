@@ -3,10 +3,13 @@
 //! - [`redis_server`]: a real `redis-server` on a free loopback port, stopped on drop.
 //! - [`githost`]: bare repositories served over smart HTTP by `git http-backend`,
 //!   behind a small HTTP server that checks basic credentials.
+//! - [`control_plane`]: a real control plane (etcd, kube-apiserver, controller-manager,
+//!   scheduler) from `REPOBOX_K8S_ASSETS`, with fresh certificates; SKIPPED when unset.
 //! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
 //! - [`simulator`]: plays job controller and kubelet for the Jobs in the emulator.
 //! - [`webapp`]: writes jobs and providers into Redis the way the web app does.
 
+pub mod control_plane;
 pub mod emulator;
 pub mod githost;
 pub mod redis_server;
