@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     match args.next().as_deref().and_then(|a| a.to_str()) {
         Some("agent") => agent_main(),
-        Some("install") => install_main(args.next().map(PathBuf::from)),
+        Some("install") => install_main(args.map(PathBuf::from).collect()),
         Some(other) => {
             eprintln!("unknown subcommand `{other}` (expected: agent, install DIR, or none)");
             ExitCode::from(EXIT_CONFIG)
@@ -163,20 +163,33 @@ fn agent_main() -> ExitCode {
     })
 }
 
-/// Copies this binary into `dir` (the init container's job: the agent image needs no copy).
-fn install_main(dir: Option<PathBuf>) -> ExitCode {
+/// `install BIN_DIR [SHARED_DIR...]`: the init container's job. Copies this binary into
+/// `BIN_DIR` (so an agent image of any kind can run the wrapper) and creates each shared
+/// directory group-writable with the set-group-id bit (the pod's `fsGroup`), so the runner and
+/// the agent, two users of one group, can both work in them.
+fn install_main(dirs: Vec<PathBuf>) -> ExitCode {
+    use std::os::unix::fs::PermissionsExt;
     telemetry::init(log_format_from_env());
-    let Some(dir) = dir else {
-        tracing::error!("install needs a target directory: repobox-job-runner install DIR");
+    let Some((bin_dir, shared)) = dirs.split_first() else {
+        tracing::error!(
+            "install needs a target directory: repobox-job-runner install BIN_DIR [SHARED_DIR...]"
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
-    match install(&dir) {
+    let result = install(bin_dir).and_then(|path| {
+        for dir in shared {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2775))?;
+        }
+        Ok(path)
+    });
+    match result {
         Ok(path) => {
-            tracing::info!(path = %path.display(), "installed");
+            tracing::info!(path = %path.display(), shared = ?shared, "installed");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(error = %e, dir = %dir.display(), "install failed");
+            tracing::error!(error = %e, dir = %bin_dir.display(), "install failed");
             ExitCode::from(EXIT_INFRA)
         }
     }

@@ -228,21 +228,53 @@ pub struct Config {
     #[arg(long, env = "RUNNER_SERVICE_ACCOUNT", default_value = "repobox-runner")]
     pub runner_service_account: String,
 
-    /// Runner CPU request (a Kubernetes quantity; empty: none).
-    #[arg(long, env = "RUNNER_CPU_REQUEST", default_value = "500m")]
+    /// CPU request of the runner container (git and Redis work; a Kubernetes quantity;
+    /// empty: none).
+    #[arg(long, env = "RUNNER_CPU_REQUEST", default_value = "250m")]
     pub runner_cpu_request: String,
 
-    /// Runner CPU limit (empty: none).
-    #[arg(long, env = "RUNNER_CPU_LIMIT", default_value = "2")]
+    /// CPU limit of the runner container (empty: none).
+    #[arg(long, env = "RUNNER_CPU_LIMIT", default_value = "1")]
     pub runner_cpu_limit: String,
 
-    /// Runner memory request (empty: none).
-    #[arg(long, env = "RUNNER_MEMORY_REQUEST", default_value = "512Mi")]
+    /// Memory request of the runner container (empty: none).
+    #[arg(long, env = "RUNNER_MEMORY_REQUEST", default_value = "256Mi")]
     pub runner_memory_request: String,
 
-    /// Runner memory limit (empty: none).
-    #[arg(long, env = "RUNNER_MEMORY_LIMIT", default_value = "2Gi")]
+    /// Memory limit of the runner container (empty: none).
+    #[arg(long, env = "RUNNER_MEMORY_LIMIT", default_value = "1Gi")]
     pub runner_memory_limit: String,
+
+    /// The agent container's image (default: the runner image). Any image with `/bin/sh`
+    /// works: the init container copies the agent wrapper into it.
+    #[arg(long, env = "AGENT_IMAGE")]
+    pub agent_image: Option<String>,
+
+    /// The agent container's user and group id: never the runner's, so the agent cannot read
+    /// what only the runner may.
+    #[arg(long, env = "AGENT_UID", default_value_t = 65533, value_parser = clap::value_parser!(i64).range(1..))]
+    pub agent_uid: i64,
+
+    /// CPU request of the agent container (empty: none).
+    #[arg(long, env = "AGENT_CPU_REQUEST", default_value = "500m")]
+    pub agent_cpu_request: String,
+
+    /// CPU limit of the agent container (empty: none).
+    #[arg(long, env = "AGENT_CPU_LIMIT", default_value = "2")]
+    pub agent_cpu_limit: String,
+
+    /// Memory request of the agent container (empty: none).
+    #[arg(long, env = "AGENT_MEMORY_REQUEST", default_value = "512Mi")]
+    pub agent_memory_request: String,
+
+    /// Memory limit of the agent container (empty: none).
+    #[arg(long, env = "AGENT_MEMORY_LIMIT", default_value = "2Gi")]
+    pub agent_memory_limit: String,
+
+    /// Plain environment of the agent container, as a JSON object of strings (e.g.
+    /// `{"MODEL":"large"}`); credentials belong in `RUNNER_ENV_FROM_SECRETS`.
+    #[arg(long, env = "AGENT_EXTRA_ENV")]
+    pub agent_extra_env: Option<String>,
 
     /// Size limit of the work-tree volume (`emptyDir.sizeLimit` of `TEMP_DIR`; empty: none).
     #[arg(long, env = "RUNNER_EPHEMERAL_STORAGE", default_value = "10Gi")]
@@ -268,8 +300,9 @@ pub struct Config {
     #[arg(long, env = "RUNNER_PRIORITY_CLASS")]
     pub runner_priority_class: Option<String>,
 
-    /// Comma-separated Secret names whose keys become environment variables of the runner
-    /// (`envFrom`), e.g. the agent's API key. The operator only references them.
+    /// Comma-separated Secret names whose keys become environment variables of the agent
+    /// container (`envFrom`), e.g. the agent's API key. The operator only references them; the
+    /// runner container never sees them.
     #[arg(long, env = "RUNNER_ENV_FROM_SECRETS", value_delimiter = ',')]
     pub runner_env_from_secrets: Vec<String>,
 
@@ -327,10 +360,25 @@ pub struct Config {
     #[arg(long, env = "GIT_CLONE_DEPTH", default_value_t = 1)]
     pub git_clone_depth: u32,
 
-    /// Passed to the runner: the agent command (unset: the runner's default). Must not contain
-    /// a secret: it is visible in the Job; use `RUNNER_ENV_FROM_SECRETS` for credentials.
+    /// The agent command, run with `sh -c` in the agent container (unset: no agent container,
+    /// the job commits nothing). Must not contain a secret: it is visible in the Job; use
+    /// `RUNNER_ENV_FROM_SECRETS` for credentials.
     #[arg(long, env = "AGENT_COMMAND")]
     pub agent_command: Option<String>,
+
+    /// Passed to the runner: allow `http://` repository URLs (an in-cluster git host without
+    /// TLS). The token then crosses the network in clear.
+    #[arg(long, env = "ALLOW_INSECURE_HTTP", default_value_t = false, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub allow_insecure_http: bool,
+
+    /// A ConfigMap holding the CA bundle of the git host (a private CA), mounted into the
+    /// runner container and passed to git as `GIT_SSL_CAINFO`.
+    #[arg(long, env = "GIT_CA_CONFIGMAP")]
+    pub git_ca_configmap: Option<String>,
+
+    /// The key of the CA bundle in `GIT_CA_CONFIGMAP`.
+    #[arg(long, env = "GIT_CA_KEY", default_value = "ca.crt")]
+    pub git_ca_key: String,
 }
 
 /// A reference to one key of a Secret.
@@ -342,7 +390,7 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// Resource requests and limits of the runner container; `None` means "not set".
+/// Resource requests and limits of a container; `None` means "not set".
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct RunnerResources {
     /// CPU request.
@@ -367,8 +415,10 @@ pub struct JobConfig {
     pub image_pull_secrets: Vec<String>,
     /// `serviceAccountName`.
     pub service_account: String,
-    /// Container resources.
+    /// The runner container's resources.
     pub resources: RunnerResources,
+    /// The agent container, when an agent command is set.
+    pub agent: Option<AgentConfig>,
     /// `sizeLimit` of the work-tree `emptyDir`.
     pub work_size_limit: Option<Quantity>,
     /// `sizeLimit` of the `/tmp` `emptyDir`.
@@ -381,8 +431,6 @@ pub struct JobConfig {
     pub affinity: Option<Affinity>,
     /// `priorityClassName`.
     pub priority_class_name: Option<String>,
-    /// Secrets referenced with `envFrom`.
-    pub env_from_secrets: Vec<String>,
     /// `activeDeadlineSeconds` when the RepoboxJob does not override it.
     pub default_timeout_seconds: i64,
     /// `ttlSecondsAfterFinished`.
@@ -403,8 +451,36 @@ pub struct JobConfig {
     pub git_author_email: String,
     /// `GIT_CLONE_DEPTH`.
     pub git_clone_depth: u32,
-    /// `AGENT_COMMAND`, when set.
-    pub agent_command: Option<String>,
+    /// `ALLOW_INSECURE_HTTP`.
+    pub allow_insecure_http: bool,
+    /// The git host's CA bundle (a ConfigMap key), when set.
+    pub git_ca: Option<ConfigMapKeyRef>,
+}
+
+/// A reference to one key of a ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigMapKeyRef {
+    /// The ConfigMap's name (same namespace as the Job).
+    pub name: String,
+    /// The key within the ConfigMap.
+    pub key: String,
+}
+
+/// The agent container: hostile code's home, with nothing of the runner's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// `AGENT_COMMAND`.
+    pub command: String,
+    /// `AGENT_IMAGE`, defaulting to the runner image.
+    pub image: String,
+    /// `AGENT_UID` (also its group).
+    pub uid: i64,
+    /// The agent container's resources.
+    pub resources: RunnerResources,
+    /// `AGENT_EXTRA_ENV`, in name order.
+    pub extra_env: BTreeMap<String, String>,
+    /// Secrets referenced with `envFrom` (`RUNNER_ENV_FROM_SECRETS`).
+    pub env_from_secrets: Vec<String>,
 }
 
 /// Treats an empty or all-blank optional setting as unset.
@@ -478,23 +554,8 @@ impl Config {
     /// Checks everything clap cannot: the Redis URL scheme, namespace and Lease names, and all
     /// runner settings (through [`Config::job_config`]). Call once at start-up.
     pub fn validate(&self) -> Result<()> {
-        let url = self.redis_url.expose();
-        let scheme = url.split_once("://").map(|(s, _)| s);
-        match scheme {
-            Some("redis" | "rediss" | "redis+unix" | "unix" | "valkey" | "valkeys") => {}
-            Some(s) => {
-                return Err(invalid(
-                    "REDIS_URL",
-                    format!("unsupported scheme {s:?} (expected redis:// or rediss://)"),
-                ));
-            }
-            None => {
-                return Err(invalid(
-                    "REDIS_URL",
-                    "expected a URL such as redis://host:6379",
-                ));
-            }
-        }
+        repobox_contract::urls::check_redis_url(self.redis_url.expose())
+            .map_err(|e| invalid("REDIS_URL", e.to_string()))?;
         if !crate::names::is_dns1123_label(self.jobs_namespace()) {
             return Err(invalid(
                 "JOBS_NAMESPACE",
@@ -566,24 +627,40 @@ impl Config {
             ));
         }
 
-        let resources = RunnerResources {
-            cpu_request: quantity("RUNNER_CPU_REQUEST", &self.runner_cpu_request)?,
-            cpu_limit: quantity("RUNNER_CPU_LIMIT", &self.runner_cpu_limit)?,
-            memory_request: quantity("RUNNER_MEMORY_REQUEST", &self.runner_memory_request)?,
-            memory_limit: quantity("RUNNER_MEMORY_LIMIT", &self.runner_memory_limit)?,
+        let resources = resources(
+            [
+                "RUNNER_CPU_REQUEST",
+                "RUNNER_CPU_LIMIT",
+                "RUNNER_MEMORY_REQUEST",
+                "RUNNER_MEMORY_LIMIT",
+            ],
+            [
+                &self.runner_cpu_request,
+                &self.runner_cpu_limit,
+                &self.runner_memory_request,
+                &self.runner_memory_limit,
+            ],
+        )?;
+        let agent = match non_empty(&self.agent_command) {
+            None => None,
+            Some(command) => Some(self.agent_config(command, env_from_secrets)?),
         };
-        request_within_limit(
-            "RUNNER_CPU_REQUEST",
-            &resources.cpu_request,
-            "RUNNER_CPU_LIMIT",
-            &resources.cpu_limit,
-        )?;
-        request_within_limit(
-            "RUNNER_MEMORY_REQUEST",
-            &resources.memory_request,
-            "RUNNER_MEMORY_LIMIT",
-            &resources.memory_limit,
-        )?;
+        let git_ca = match non_empty(&self.git_ca_configmap) {
+            None => None,
+            Some(name) if !is_dns1123_subdomain(name) => {
+                return Err(invalid(
+                    "GIT_CA_CONFIGMAP",
+                    format!("{name:?} is not a valid ConfigMap name"),
+                ));
+            }
+            Some(_) if self.git_ca_key.trim().is_empty() => {
+                return Err(invalid("GIT_CA_KEY", "must not be empty"));
+            }
+            Some(name) => Some(ConfigMapKeyRef {
+                name: name.to_owned(),
+                key: self.git_ca_key.trim().to_owned(),
+            }),
+        };
 
         let node_selector: Option<BTreeMap<String, String>> =
             json_setting("RUNNER_NODE_SELECTOR", &self.runner_node_selector)?;
@@ -620,13 +697,16 @@ impl Config {
             || [
                 crate::job_builder::TMP_DIR,
                 crate::job_builder::ENCRYPTION_KEY_DIR,
+                crate::job_builder::PRIVATE_DIR,
+                crate::job_builder::TOOLS_DIR,
+                crate::job_builder::GIT_CA_DIR,
             ]
             .contains(&temp_dir.as_str())
         {
             return Err(invalid(
                 "TEMP_DIR",
                 format!(
-                    "{:?} must be an absolute, normalised path other than / and /tmp",
+                    "{:?} must be an absolute, normalised path other than /, /tmp and the pod's other mounts",
                     self.temp_dir
                 ),
             ));
@@ -638,13 +718,13 @@ impl Config {
             image_pull_secrets,
             service_account: self.runner_service_account.clone(),
             resources,
+            agent,
             work_size_limit: quantity("RUNNER_EPHEMERAL_STORAGE", &self.runner_ephemeral_storage)?,
             tmp_size_limit: quantity("RUNNER_TMP_SIZE_LIMIT", &self.runner_tmp_size_limit)?,
             node_selector,
             tolerations,
             affinity,
             priority_class_name,
-            env_from_secrets,
             default_timeout_seconds: i64::from(self.job_timeout),
             ttl_seconds_after_finished: self.job_ttl_seconds,
             termination_grace_period_seconds: self.runner_termination_grace_seconds,
@@ -655,9 +735,87 @@ impl Config {
             git_author_name: self.git_author_name.clone(),
             git_author_email: self.git_author_email.clone(),
             git_clone_depth: self.git_clone_depth,
-            agent_command: non_empty(&self.agent_command).map(str::to_owned),
+            allow_insecure_http: self.allow_insecure_http,
+            git_ca,
         })
     }
+
+    /// The agent container's settings (`AGENT_*`, `RUNNER_ENV_FROM_SECRETS`).
+    fn agent_config(&self, command: &str, env_from_secrets: Vec<String>) -> Result<AgentConfig> {
+        let image = match non_empty(&self.agent_image) {
+            None => self.runner_image.trim().to_owned(),
+            Some(i) if i.chars().any(char::is_whitespace) => {
+                return Err(invalid(
+                    "AGENT_IMAGE",
+                    "must be an image reference without spaces",
+                ));
+            }
+            Some(i) => i.to_owned(),
+        };
+        if self.agent_uid == crate::job_builder::RUNNER_UID {
+            return Err(invalid(
+                "AGENT_UID",
+                format!(
+                    "must differ from the runner's uid {}: the agent must not be able to read the runner's files",
+                    crate::job_builder::RUNNER_UID
+                ),
+            ));
+        }
+        let extra_env: BTreeMap<String, String> =
+            json_setting("AGENT_EXTRA_ENV", &self.agent_extra_env)?.unwrap_or_default();
+        for name in extra_env.keys() {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(invalid(
+                    "AGENT_EXTRA_ENV",
+                    format!("{name:?} is not a valid environment variable name"),
+                ));
+            }
+            if crate::job_builder::AGENT_RESERVED_ENV.contains(&name.as_str()) {
+                return Err(invalid(
+                    "AGENT_EXTRA_ENV",
+                    format!("{name} is set by the operator"),
+                ));
+            }
+        }
+        Ok(AgentConfig {
+            command: command.to_owned(),
+            image,
+            uid: self.agent_uid,
+            resources: resources(
+                [
+                    "AGENT_CPU_REQUEST",
+                    "AGENT_CPU_LIMIT",
+                    "AGENT_MEMORY_REQUEST",
+                    "AGENT_MEMORY_LIMIT",
+                ],
+                [
+                    &self.agent_cpu_request,
+                    &self.agent_cpu_limit,
+                    &self.agent_memory_request,
+                    &self.agent_memory_limit,
+                ],
+            )?,
+            extra_env,
+            env_from_secrets,
+        })
+    }
+}
+
+/// Requests and limits from four settings (cpu request, cpu limit, memory request, memory
+/// limit), each request within its limit.
+fn resources(settings: [&'static str; 4], values: [&str; 4]) -> Result<RunnerResources> {
+    let r = RunnerResources {
+        cpu_request: quantity(settings[0], values[0])?,
+        cpu_limit: quantity(settings[1], values[1])?,
+        memory_request: quantity(settings[2], values[2])?,
+        memory_limit: quantity(settings[3], values[3])?,
+    };
+    request_within_limit(settings[0], &r.cpu_request, settings[1], &r.cpu_limit)?;
+    request_within_limit(settings[2], &r.memory_request, settings[3], &r.memory_limit)?;
+    Ok(r)
 }
 
 /// Parses a JSON setting into `T`; unset or blank gives `None`.
@@ -962,10 +1120,20 @@ pub(crate) mod tests {
         assert_eq!(c.runner_image_pull_policy, "IfNotPresent");
         assert!(c.runner_image_pull_secrets.is_empty());
         assert_eq!(c.runner_service_account, "repobox-runner");
-        assert_eq!(c.runner_cpu_request, "500m");
-        assert_eq!(c.runner_cpu_limit, "2");
-        assert_eq!(c.runner_memory_request, "512Mi");
-        assert_eq!(c.runner_memory_limit, "2Gi");
+        assert_eq!(c.runner_cpu_request, "250m");
+        assert_eq!(c.runner_cpu_limit, "1");
+        assert_eq!(c.runner_memory_request, "256Mi");
+        assert_eq!(c.runner_memory_limit, "1Gi");
+        assert_eq!(c.agent_image, None);
+        assert_eq!(c.agent_uid, 65533);
+        assert_eq!(c.agent_cpu_request, "500m");
+        assert_eq!(c.agent_cpu_limit, "2");
+        assert_eq!(c.agent_memory_request, "512Mi");
+        assert_eq!(c.agent_memory_limit, "2Gi");
+        assert_eq!(c.agent_extra_env, None);
+        assert!(!c.allow_insecure_http);
+        assert_eq!(c.git_ca_configmap, None);
+        assert_eq!(c.git_ca_key, "ca.crt");
         assert_eq!(c.runner_ephemeral_storage, "10Gi");
         assert_eq!(c.runner_tmp_size_limit, "1Gi");
         assert_eq!(c.runner_node_selector, None);
@@ -999,18 +1167,18 @@ pub(crate) mod tests {
                 image_pull_secrets: vec![],
                 service_account: "repobox-runner".into(),
                 resources: RunnerResources {
-                    cpu_request: Some(Quantity("500m".into())),
-                    cpu_limit: Some(Quantity("2".into())),
-                    memory_request: Some(Quantity("512Mi".into())),
-                    memory_limit: Some(Quantity("2Gi".into())),
+                    cpu_request: Some(Quantity("250m".into())),
+                    cpu_limit: Some(Quantity("1".into())),
+                    memory_request: Some(Quantity("256Mi".into())),
+                    memory_limit: Some(Quantity("1Gi".into())),
                 },
+                agent: None,
                 work_size_limit: Some(Quantity("10Gi".into())),
                 tmp_size_limit: Some(Quantity("1Gi".into())),
                 node_selector: None,
                 tolerations: None,
                 affinity: None,
                 priority_class_name: None,
-                env_from_secrets: vec![],
                 default_timeout_seconds: 3600,
                 ttl_seconds_after_finished: 3600,
                 termination_grace_period_seconds: 30,
@@ -1027,9 +1195,92 @@ pub(crate) mod tests {
                 git_author_name: "Repobox".into(),
                 git_author_email: "repobox@users.noreply.repobox.dev".into(),
                 git_clone_depth: 1,
-                agent_command: None,
+                allow_insecure_http: false,
+                git_ca: None,
             }
         );
+    }
+
+    #[test]
+    fn agent_container_settings() {
+        let j = test_job_config(&[("AGENT_COMMAND", "agent --fast")]);
+        let a = j.agent.expect("an agent command gives an agent container");
+        assert_eq!(a.command, "agent --fast");
+        assert_eq!(a.image, DEFAULT_RUNNER_IMAGE, "the runner image by default");
+        assert_eq!(a.uid, 65533);
+        assert_eq!(
+            a.resources,
+            RunnerResources {
+                cpu_request: Some(Quantity("500m".into())),
+                cpu_limit: Some(Quantity("2".into())),
+                memory_request: Some(Quantity("512Mi".into())),
+                memory_limit: Some(Quantity("2Gi".into())),
+            }
+        );
+        assert!(a.extra_env.is_empty() && a.env_from_secrets.is_empty());
+
+        let a = test_job_config(&[
+            ("AGENT_COMMAND", "x"),
+            ("AGENT_IMAGE", "registry.example/agent:2"),
+            ("AGENT_UID", "1000"),
+            ("AGENT_CPU_REQUEST", "1"),
+            ("AGENT_MEMORY_LIMIT", ""),
+            ("AGENT_EXTRA_ENV", r#"{"MODEL":"large","B_2":""}"#),
+            ("RUNNER_ENV_FROM_SECRETS", "agent-keys"),
+        ])
+        .agent
+        .unwrap();
+        assert_eq!(a.image, "registry.example/agent:2");
+        assert_eq!(a.uid, 1000);
+        assert_eq!(a.resources.cpu_request, Some(Quantity("1".into())));
+        assert_eq!(a.resources.memory_limit, None);
+        assert_eq!(
+            a.extra_env.into_iter().collect::<Vec<_>>(),
+            [
+                ("B_2".to_owned(), String::new()),
+                ("MODEL".to_owned(), "large".to_owned())
+            ]
+        );
+        assert_eq!(a.env_from_secrets, ["agent-keys"]);
+
+        for (k, v) in [
+            ("AGENT_UID", "65532"),
+            ("AGENT_IMAGE", "a b"),
+            ("AGENT_EXTRA_ENV", "[1]"),
+            ("AGENT_EXTRA_ENV", r#"{"1X":"y"}"#),
+            ("AGENT_EXTRA_ENV", r#"{"HANDOFF_DIR":"/x"}"#),
+            ("AGENT_CPU_REQUEST", "3"),
+        ] {
+            let e = test_config(&[("AGENT_COMMAND", "x"), (k, v)])
+                .job_config()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k), "{k}: {e}");
+        }
+    }
+
+    #[test]
+    fn git_transport_settings() {
+        let j = test_job_config(&[
+            ("ALLOW_INSECURE_HTTP", "true"),
+            ("GIT_CA_CONFIGMAP", "git-ca"),
+        ]);
+        assert!(j.allow_insecure_http);
+        assert_eq!(
+            j.git_ca,
+            Some(ConfigMapKeyRef {
+                name: "git-ca".into(),
+                key: "ca.crt".into()
+            })
+        );
+        for env in [
+            [("GIT_CA_CONFIGMAP", "Bad_Name"), ("GIT_CA_KEY", "ca.crt")],
+            [("GIT_CA_CONFIGMAP", "ok"), ("GIT_CA_KEY", " ")],
+        ] {
+            let k = if env[0].1 == "ok" { env[1].0 } else { env[0].0 };
+            let e = test_config(&env).job_config().unwrap_err().to_string();
+            assert!(e.contains(k), "{k}: {e}");
+        }
     }
 
     #[test]
@@ -1092,6 +1343,16 @@ pub(crate) mod tests {
             ("GIT_AUTHOR_EMAIL", "bot@example.com"),
             ("GIT_CLONE_DEPTH", "0"),
             ("AGENT_COMMAND", "agent --fast"),
+            ("AGENT_IMAGE", "registry.example/agent:3"),
+            ("AGENT_UID", "2000"),
+            ("AGENT_CPU_REQUEST", "100m"),
+            ("AGENT_CPU_LIMIT", "3"),
+            ("AGENT_MEMORY_REQUEST", "128Mi"),
+            ("AGENT_MEMORY_LIMIT", "3Gi"),
+            ("AGENT_EXTRA_ENV", r#"{"MODEL":"m"}"#),
+            ("ALLOW_INSECURE_HTTP", "true"),
+            ("GIT_CA_CONFIGMAP", "git-ca"),
+            ("GIT_CA_KEY", "bundle.pem"),
         ];
         // Guard against a setting added without being covered here.
         let covered: Vec<&str> = env.iter().map(|(k, _)| *k).collect();
@@ -1172,7 +1433,7 @@ pub(crate) mod tests {
             .node_selector_terms;
         assert_eq!(terms[0].match_expressions.as_ref().unwrap()[0].key, "k");
         assert_eq!(j.priority_class_name.as_deref(), Some("low"));
-        assert_eq!(j.env_from_secrets, ["agent-keys"]);
+        assert_eq!(j.agent.as_ref().unwrap().env_from_secrets, ["agent-keys"]);
         assert_eq!(j.default_timeout_seconds, 120);
         assert_eq!(j.ttl_seconds_after_finished, 60);
         assert_eq!(j.termination_grace_period_seconds, 5);
@@ -1195,7 +1456,23 @@ pub(crate) mod tests {
         assert_eq!(j.git_author_name, "Bot");
         assert_eq!(j.git_author_email, "bot@example.com");
         assert_eq!(j.git_clone_depth, 0);
-        assert_eq!(j.agent_command.as_deref(), Some("agent --fast"));
+        let a = j.agent.as_ref().unwrap();
+        assert_eq!(a.command, "agent --fast");
+        assert_eq!(a.image, "registry.example/agent:3");
+        assert_eq!(a.uid, 2000);
+        assert_eq!(a.resources.cpu_request, Some(Quantity("100m".into())));
+        assert_eq!(a.resources.cpu_limit, Some(Quantity("3".into())));
+        assert_eq!(a.resources.memory_request, Some(Quantity("128Mi".into())));
+        assert_eq!(a.resources.memory_limit, Some(Quantity("3Gi".into())));
+        assert_eq!(a.extra_env["MODEL"], "m");
+        assert!(j.allow_insecure_http);
+        assert_eq!(
+            j.git_ca,
+            Some(ConfigMapKeyRef {
+                name: "git-ca".into(),
+                key: "bundle.pem".into()
+            })
+        );
     }
 
     #[test]
@@ -1417,7 +1694,7 @@ pub(crate) mod tests {
         assert_eq!(j.resources, RunnerResources::default());
         assert_eq!((j.work_size_limit, j.tmp_size_limit), (None, None));
         assert_eq!(j.priority_class_name, None);
-        assert_eq!(j.agent_command, None);
+        assert_eq!(j.agent, None);
         assert!(j.image_pull_secrets.is_empty());
     }
 

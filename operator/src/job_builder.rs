@@ -15,6 +15,13 @@
 //!   key a `secret` volume, agent credentials `envFrom` Secrets. The job's git token is read by
 //!   the runner from Redis and decrypted in memory.
 //! * The pod meets the Pod Security `restricted` profile and mounts no API token.
+//! * The agent (hostile code, whatever the prompt makes it run) has a container of its own:
+//!   another uid, its own `/tmp`, only the work tree and the hand-off directory of the shared
+//!   volume (as `subPath` mounts, so it cannot swap the directories themselves), no key
+//!   volume, no Redis URL, no process of the runner's in sight (`shareProcessNamespace:
+//!   false`). An init container copies the runner binary (the agent wrapper) into a volume the
+//!   agent image runs it from, and creates the two shared directories group-writable (the
+//!   pod's `fsGroup`). Works on Kubernetes 1.28 without native sidecars.
 //! * Only fields Kubernetes 1.28 serves are set (no `podReplacementPolicy`, `successPolicy`,
 //!   `backoffLimitPerIndex`, `managedBy`, …); a test checks the serialized object.
 
@@ -25,16 +32,16 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, KeyToPath,
-    LocalObjectReference, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, KeyToPath, LocalObjectReference, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::config::JobConfig;
+use crate::config::{AgentConfig, JobConfig, RunnerResources};
 use crate::crd::RepoboxJob;
 use crate::error::{Error, Result};
 use crate::names::{is_dns1123_label, is_label_value, label_value};
@@ -72,6 +79,10 @@ pub const SAFE_TO_EVICT_ANNOTATION: &str = "cluster-autoscaler.kubernetes.io/saf
 
 /// The runner container's name (referenced by the pod failure policy's exit-code rule).
 pub const CONTAINER_NAME: &str = "runner";
+/// The agent container's name.
+pub const AGENT_CONTAINER_NAME: &str = "agent";
+/// The init container that installs the agent wrapper and creates the shared directories.
+pub const INSTALL_CONTAINER_NAME: &str = "install";
 
 /// The runner container's command: the `repobox-job-runner` binary of the job-runner crate, on
 /// the image's `PATH`. Set explicitly so that an image whose entrypoint differs still runs the
@@ -84,6 +95,39 @@ pub const ENCRYPTION_KEY_DIR: &str = "/var/run/secrets/repobox/encryption-key";
 /// The writable `/tmp` (also `HOME`): the root file system is read-only.
 pub const TMP_DIR: &str = "/tmp";
 
+/// The runner's private directory (`PRIVATE_DIR`: the git directory, the commit message), on a
+/// volume only the runner container mounts.
+pub const PRIVATE_DIR: &str = "/var/lib/repobox";
+
+/// Where the init container installs the agent wrapper, mounted read-only in the agent.
+pub const TOOLS_DIR: &str = "/repobox/bin";
+
+/// The agent wrapper the agent container runs.
+pub const AGENT_WRAPPER: &str = "/repobox/bin/repobox-job-runner";
+
+/// The git host's CA bundle, mounted in the runner when configured.
+pub const GIT_CA_DIR: &str = "/var/run/secrets/repobox/git-ca";
+
+/// The work tree and the hand-off directory: subdirectories of the work volume (`TEMP_DIR`)
+/// whose names the runner knows too (`run::Layout`).
+pub const TREE_SUBDIR: &str = "tree";
+/// See [`TREE_SUBDIR`].
+pub const HANDOFF_SUBDIR: &str = "handoff";
+
+/// Environment variables of the agent container that the operator sets itself.
+pub const AGENT_RESERVED_ENV: &[&str] = &[
+    "HANDOFF_DIR",
+    "AGENT_COMMAND",
+    "HOME",
+    "LOG_FORMAT",
+    "KILL_GRACE_SECONDS",
+    "REPOBOX_JOB_ID",
+    "REPOBOX_PROMPT_FILE",
+    "REPOBOX_REPO_URL",
+    "REPOBOX_BRANCH",
+    "REPOBOX_WORK_TREE",
+];
+
 /// UID, GID and fsGroup of the runner (the distroless `nonroot` user).
 pub const RUNNER_UID: i64 = 65532;
 
@@ -91,6 +135,16 @@ pub const RUNNER_UID: i64 = 65532;
 pub const WORK_VOLUME: &str = "work";
 /// The `/tmp` volume.
 pub const TMP_VOLUME: &str = "tmp";
+/// The runner's private volume ([`PRIVATE_DIR`]).
+pub const STATE_VOLUME: &str = "state";
+/// The agent's `/tmp`.
+pub const AGENT_TMP_VOLUME: &str = "agent-tmp";
+/// The agent wrapper's volume ([`TOOLS_DIR`]).
+pub const TOOLS_VOLUME: &str = "tools";
+/// The git host's CA bundle.
+pub const GIT_CA_VOLUME: &str = "git-ca";
+/// Size limit of the tools volume (one binary).
+pub const TOOLS_SIZE_LIMIT: &str = "128Mi";
 /// The encryption key volume.
 pub const ENCRYPTION_KEY_VOLUME: &str = "encryption-key";
 
@@ -242,12 +296,20 @@ fn pod_failure_policy() -> PodFailurePolicy {
 }
 
 fn pod_spec(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> PodSpec {
+    let mut containers = vec![runner_container(rj, cfg, timeout)];
+    let mut init_containers = None;
+    if let Some(agent) = &cfg.agent {
+        containers.push(agent_container(cfg, agent));
+        init_containers = Some(vec![install_container(cfg)]);
+    }
     PodSpec {
-        containers: vec![container(rj, cfg, timeout)],
+        init_containers,
+        containers,
         restart_policy: Some("Never".into()),
         service_account_name: Some(cfg.service_account.clone()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
+        share_process_namespace: Some(false),
         termination_grace_period_seconds: Some(cfg.termination_grace_period_seconds),
         node_selector: cfg.node_selector.clone(),
         tolerations: cfg.tolerations.clone(),
@@ -270,40 +332,66 @@ fn pod_spec(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> PodSpec {
             }),
             ..PodSecurityContext::default()
         }),
-        volumes: Some(vec![
-            Volume {
-                name: WORK_VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: None,
-                    size_limit: cfg.work_size_limit.clone(),
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: TMP_VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: None,
-                    size_limit: cfg.tmp_size_limit.clone(),
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: ENCRYPTION_KEY_VOLUME.into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(cfg.encryption_key_secret.name.clone()),
-                    items: Some(vec![KeyToPath {
-                        key: cfg.encryption_key_secret.key.clone(),
-                        path: cfg.encryption_key_secret.key.clone(),
-                        mode: None,
-                    }]),
-                    default_mode: Some(ENCRYPTION_KEY_MODE),
-                    optional: Some(false),
-                }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes(cfg)),
         ..PodSpec::default()
     }
+}
+
+fn empty_dir(name: &str, size_limit: Option<Quantity>) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: None,
+            size_limit,
+        }),
+        ..Volume::default()
+    }
+}
+
+fn volumes(cfg: &JobConfig) -> Vec<Volume> {
+    let mut volumes = vec![
+        empty_dir(WORK_VOLUME, cfg.work_size_limit.clone()),
+        empty_dir(STATE_VOLUME, cfg.work_size_limit.clone()),
+        empty_dir(TMP_VOLUME, cfg.tmp_size_limit.clone()),
+        Volume {
+            name: ENCRYPTION_KEY_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(cfg.encryption_key_secret.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: cfg.encryption_key_secret.key.clone(),
+                    path: cfg.encryption_key_secret.key.clone(),
+                    mode: None,
+                }]),
+                default_mode: Some(ENCRYPTION_KEY_MODE),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        },
+    ];
+    if cfg.agent.is_some() {
+        volumes.push(empty_dir(AGENT_TMP_VOLUME, cfg.tmp_size_limit.clone()));
+        volumes.push(empty_dir(
+            TOOLS_VOLUME,
+            Some(Quantity(TOOLS_SIZE_LIMIT.into())),
+        ));
+    }
+    if let Some(ca) = &cfg.git_ca {
+        volumes.push(Volume {
+            name: GIT_CA_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: ca.key.clone(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o444),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -322,7 +410,54 @@ fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
     }
 }
 
-fn container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
+fn mount(volume: &str, path: impl Into<String>, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn resource_requirements(r: &RunnerResources) -> Option<ResourceRequirements> {
+    let quantities = |pairs: [(&str, &Option<Quantity>); 2]| -> BTreeMap<String, Quantity> {
+        pairs
+            .into_iter()
+            .filter_map(|(k, q)| q.clone().map(|q| (k.to_owned(), q)))
+            .collect()
+    };
+    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
+    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
+    (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+/// Restricted: no privilege escalation, read-only root, no capabilities; `uid` when the
+/// container runs as someone other than the pod's default user.
+fn restricted(uid: Option<i64>) -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: uid,
+        run_as_group: uid,
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The path of a shared subdirectory of the work volume.
+fn work_subdir(cfg: &JobConfig, sub: &str) -> String {
+    format!("{}/{sub}", cfg.temp_dir)
+}
+
+fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
     let mut env_vars = vec![
         env("JOB_ID", rj.spec.job_id.clone()),
         env_from(
@@ -348,6 +483,7 @@ fn container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
         ),
         env("ENCRYPTION_KEY_FILE", encryption_key_file(cfg)),
         env("TEMP_DIR", cfg.temp_dir.clone()),
+        env("PRIVATE_DIR", PRIVATE_DIR),
         env("HOME", TMP_DIR),
         env("JOB_TIMEOUT", timeout.to_string()),
         env("CLEANUP_AFTER_JOB", cfg.cleanup_after_job.to_string()),
@@ -355,34 +491,88 @@ fn container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
         env("GIT_AUTHOR_EMAIL", cfg.git_author_email.clone()),
         env("GIT_CLONE_DEPTH", cfg.git_clone_depth.to_string()),
     ];
-    if let Some(cmd) = &cfg.agent_command {
-        env_vars.push(env("AGENT_COMMAND", cmd.clone()));
+    if cfg.agent.is_some() {
+        env_vars.push(env("AGENT_CONTAINER", "true"));
+    }
+    if cfg.allow_insecure_http {
+        env_vars.push(env("ALLOW_INSECURE_HTTP", "true"));
+    }
+    if let Some(ca) = &cfg.git_ca {
+        env_vars.push(env("GIT_SSL_CAINFO", format!("{GIT_CA_DIR}/{}", ca.key)));
     }
     env_vars.push(env("LOG_FORMAT", "json"));
 
-    let r = &cfg.resources;
-    let quantities = |pairs: [(&str, &Option<Quantity>); 2]| -> BTreeMap<String, Quantity> {
-        pairs
-            .into_iter()
-            .filter_map(|(k, q)| q.clone().map(|q| (k.to_owned(), q)))
-            .collect()
-    };
-    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
-    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
-    let resources = (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
-        requests: (!requests.is_empty()).then_some(requests),
-        limits: (!limits.is_empty()).then_some(limits),
-        ..ResourceRequirements::default()
-    });
-
+    let mut mounts = vec![
+        mount(WORK_VOLUME, cfg.temp_dir.clone(), false),
+        mount(STATE_VOLUME, PRIVATE_DIR, false),
+        mount(TMP_VOLUME, TMP_DIR, false),
+        mount(ENCRYPTION_KEY_VOLUME, ENCRYPTION_KEY_DIR, true),
+    ];
+    if cfg.git_ca.is_some() {
+        mounts.push(mount(GIT_CA_VOLUME, GIT_CA_DIR, true));
+    }
     Container {
         name: CONTAINER_NAME.into(),
         image: Some(cfg.image.clone()),
         image_pull_policy: Some(cfg.image_pull_policy.clone()),
         command: Some(vec![RUNNER_COMMAND.into()]),
         env: Some(env_vars),
-        env_from: (!cfg.env_from_secrets.is_empty()).then(|| {
-            cfg.env_from_secrets
+        resources: resource_requirements(&cfg.resources),
+        volume_mounts: Some(mounts),
+        security_context: Some(restricted(None)),
+        ..Container::default()
+    }
+}
+
+/// Copies the agent wrapper into the tools volume and creates the shared directories, as the
+/// runner's user (the pod's `fsGroup` makes them group-writable for the agent).
+fn install_container(cfg: &JobConfig) -> Container {
+    Container {
+        name: INSTALL_CONTAINER_NAME.into(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        command: Some(vec![
+            RUNNER_COMMAND.into(),
+            "install".into(),
+            TOOLS_DIR.into(),
+            work_subdir(cfg, TREE_SUBDIR),
+            work_subdir(cfg, HANDOFF_SUBDIR),
+        ]),
+        env: Some(vec![env("LOG_FORMAT", "json")]),
+        resources: resource_requirements(&cfg.resources),
+        volume_mounts: Some(vec![
+            mount(TOOLS_VOLUME, TOOLS_DIR, false),
+            mount(WORK_VOLUME, cfg.temp_dir.clone(), false),
+        ]),
+        security_context: Some(restricted(None)),
+        ..Container::default()
+    }
+}
+
+/// The agent: its own uid, only the tree and the hand-off directory of the work volume, its
+/// own `/tmp`, its own environment.
+fn agent_container(cfg: &JobConfig, agent: &AgentConfig) -> Container {
+    let mut env_vars = vec![
+        env("HANDOFF_DIR", work_subdir(cfg, HANDOFF_SUBDIR)),
+        env("AGENT_COMMAND", agent.command.clone()),
+        env("HOME", TMP_DIR),
+        env("LOG_FORMAT", "json"),
+    ];
+    env_vars.extend(agent.extra_env.iter().map(|(k, v)| env(k, v.clone())));
+    let sub_mount = |sub: &str| VolumeMount {
+        sub_path: Some(sub.into()),
+        ..mount(WORK_VOLUME, work_subdir(cfg, sub), false)
+    };
+    Container {
+        name: AGENT_CONTAINER_NAME.into(),
+        image: Some(agent.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        command: Some(vec![AGENT_WRAPPER.into(), "agent".into()]),
+        working_dir: Some(work_subdir(cfg, TREE_SUBDIR)),
+        env: Some(env_vars),
+        env_from: (!agent.env_from_secrets.is_empty()).then(|| {
+            agent
+                .env_from_secrets
                 .iter()
                 .map(|n| EnvFromSource {
                     secret_ref: Some(SecretEnvSource {
@@ -393,35 +583,14 @@ fn container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
                 })
                 .collect()
         }),
-        resources,
+        resources: resource_requirements(&agent.resources),
         volume_mounts: Some(vec![
-            VolumeMount {
-                name: WORK_VOLUME.into(),
-                mount_path: cfg.temp_dir.clone(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: TMP_VOLUME.into(),
-                mount_path: TMP_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: ENCRYPTION_KEY_VOLUME.into(),
-                mount_path: ENCRYPTION_KEY_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
+            sub_mount(TREE_SUBDIR),
+            sub_mount(HANDOFF_SUBDIR),
+            mount(AGENT_TMP_VOLUME, TMP_DIR, false),
+            mount(TOOLS_VOLUME, TOOLS_DIR, true),
         ]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted(Some(agent.uid))),
         ..Container::default()
     }
 }
@@ -638,6 +807,7 @@ mod tests {
         assert_eq!(p.service_account_name.as_deref(), Some("repobox-runner"));
         assert_eq!(p.automount_service_account_token, Some(false));
         assert_eq!(p.enable_service_links, Some(false));
+        assert_eq!(p.share_process_namespace, Some(false));
         assert_eq!(p.termination_grace_period_seconds, Some(30));
         assert_eq!(p.node_selector, None);
         assert_eq!(p.tolerations, None);
@@ -656,6 +826,7 @@ mod tests {
             vols,
             json!([
                 {"name": "work", "emptyDir": {"sizeLimit": "10Gi"}},
+                {"name": "state", "emptyDir": {"sizeLimit": "10Gi"}},
                 {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
                 {"name": "encryption-key", "secret": {
                     "secretName": "repobox-encryption-key",
@@ -681,12 +852,13 @@ mod tests {
         assert_eq!(c.ports, None);
         assert_eq!(
             serde_json::to_value(c.resources.as_ref().unwrap()).unwrap(),
-            json!({"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}})
+            json!({"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
         );
         assert_eq!(
             serde_json::to_value(c.volume_mounts.as_ref().unwrap()).unwrap(),
             json!([
                 {"name": "work", "mountPath": "/work"},
+                {"name": "state", "mountPath": "/var/lib/repobox"},
                 {"name": "tmp", "mountPath": "/tmp"},
                 {"name": "encryption-key", "mountPath": "/var/run/secrets/repobox/encryption-key", "readOnly": true}
             ])
@@ -716,6 +888,7 @@ mod tests {
                 json!("/var/run/secrets/repobox/encryption-key/key"),
             ),
             ("TEMP_DIR", json!("/work")),
+            ("PRIVATE_DIR", json!("/var/lib/repobox")),
             ("HOME", json!("/tmp")),
             ("JOB_TIMEOUT", json!("3600")),
             ("CLEANUP_AFTER_JOB", json!("true")),
@@ -794,14 +967,19 @@ mod tests {
         );
         let vols = serde_json::to_value(p.volumes.as_ref().unwrap()).unwrap();
         assert_eq!(vols[0], json!({"name": "work", "emptyDir": {}}));
+        assert_eq!(vols[1], json!({"name": "state", "emptyDir": {}}));
         assert_eq!(
-            vols[1],
+            vols[2],
             json!({"name": "tmp", "emptyDir": {"sizeLimit": "100Mi"}})
         );
-        assert_eq!(vols[2]["secret"]["secretName"], "es");
+        assert_eq!(vols[3]["secret"]["secretName"], "es");
         assert_eq!(
-            vols[2]["secret"]["items"],
+            vols[3]["secret"]["items"],
             json!([{"key": "ENCRYPTION_KEY", "path": "ENCRYPTION_KEY"}])
+        );
+        assert_eq!(
+            vols[4],
+            json!({"name": "agent-tmp", "emptyDir": {"sizeLimit": "100Mi"}})
         );
 
         let c = runner(&job);
@@ -809,10 +987,13 @@ mod tests {
         assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
         assert_eq!(
             serde_json::to_value(c.resources.as_ref().unwrap()).unwrap(),
-            json!({"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}})
+            json!({"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}})
         );
+        // Agent credentials go to the agent container only.
+        assert_eq!(c.env_from, None);
+        let agent = &p.containers[1];
         assert_eq!(
-            serde_json::to_value(c.env_from.as_ref().unwrap()).unwrap(),
+            serde_json::to_value(agent.env_from.as_ref().unwrap()).unwrap(),
             json!([{"secretRef": {"name": "agent-keys", "optional": false}}, {"secretRef": {"name": "other", "optional": false}}])
         );
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/data/w");
@@ -833,10 +1014,175 @@ mod tests {
         assert_eq!(get("GIT_AUTHOR_NAME"), Some(json!("Bot")));
         assert_eq!(get("GIT_AUTHOR_EMAIL"), Some(json!("bot@example.com")));
         assert_eq!(get("GIT_CLONE_DEPTH"), Some(json!("0")));
-        assert_eq!(get("AGENT_COMMAND"), Some(json!("agent run")));
-        // AGENT_COMMAND comes just before LOG_FORMAT, which stays last.
-        assert_eq!(env[env.len() - 2].0, "AGENT_COMMAND");
+        // The runner hands over to the agent container; the command is the agent's.
+        assert_eq!(get("AGENT_COMMAND"), None);
+        assert_eq!(get("AGENT_CONTAINER"), Some(json!("true")));
         assert_eq!(env[env.len() - 1].0, "LOG_FORMAT");
+        let agent_env = serde_json::to_value(agent.env.as_ref().unwrap()).unwrap();
+        assert!(
+            agent_env
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "AGENT_COMMAND", "value": "agent run"}))
+        );
+        assert_eq!(
+            serde_json::to_value(&agent.volume_mounts).unwrap()[0],
+            json!({"name": "work", "mountPath": "/data/w/tree", "subPath": "tree"})
+        );
+    }
+
+    #[test]
+    fn agent_runs_in_its_own_container_without_the_runners_secrets() {
+        let job = build(
+            &rj("job-1", "u"),
+            &[
+                ("AGENT_COMMAND", "agent --go"),
+                ("AGENT_IMAGE", "registry.example/agent:1"),
+                ("AGENT_EXTRA_ENV", r#"{"MODEL":"large"}"#),
+                ("RUNNER_ENV_FROM_SECRETS", "agent-keys"),
+            ],
+        );
+        let p = pod(&job);
+        assert_eq!(p.share_process_namespace, Some(false));
+        assert_eq!(p.automount_service_account_token, Some(false));
+        let names: Vec<&str> = p.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["runner", "agent"], "the runner starts first");
+
+        // The init container installs the wrapper and makes the shared directories.
+        let init = &p.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            serde_json::to_value(init).unwrap(),
+            json!({
+                "name": "install",
+                "image": crate::config::DEFAULT_RUNNER_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["repobox-job-runner", "install", "/repobox/bin", "/work/tree", "/work/handoff"],
+                "env": [{"name": "LOG_FORMAT", "value": "json"}],
+                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                "volumeMounts": [
+                    {"name": "tools", "mountPath": "/repobox/bin"},
+                    {"name": "work", "mountPath": "/work"}
+                ],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true, "capabilities": {"drop": ["ALL"]}}
+            })
+        );
+
+        let agent = &p.containers[1];
+        assert_eq!(
+            serde_json::to_value(agent).unwrap(),
+            json!({
+                "name": "agent",
+                "image": "registry.example/agent:1",
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["/repobox/bin/repobox-job-runner", "agent"],
+                "workingDir": "/work/tree",
+                "env": [
+                    {"name": "HANDOFF_DIR", "value": "/work/handoff"},
+                    {"name": "AGENT_COMMAND", "value": "agent --go"},
+                    {"name": "HOME", "value": "/tmp"},
+                    {"name": "LOG_FORMAT", "value": "json"},
+                    {"name": "MODEL", "value": "large"}
+                ],
+                "envFrom": [{"secretRef": {"name": "agent-keys", "optional": false}}],
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+                "volumeMounts": [
+                    {"name": "work", "mountPath": "/work/tree", "subPath": "tree"},
+                    {"name": "work", "mountPath": "/work/handoff", "subPath": "handoff"},
+                    {"name": "agent-tmp", "mountPath": "/tmp"},
+                    {"name": "tools", "mountPath": "/repobox/bin", "readOnly": true}
+                ],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true, "runAsUser": 65533, "runAsGroup": 65533,
+                    "capabilities": {"drop": ["ALL"]}}
+            })
+        );
+        // Nothing of the runner's reaches the agent: no key volume, no private volume, no
+        // Redis URL, no runner env.
+        let agent_json = serde_json::to_string(agent).unwrap();
+        for runner_only in [
+            "encryption-key",
+            "\"state\"",
+            "REDIS_URL",
+            "ENCRYPTION_KEY",
+            "JOB_ID",
+            "repobox-redis",
+            "/var/lib/repobox",
+        ] {
+            assert!(
+                !agent_json.contains(runner_only),
+                "{runner_only} in the agent container"
+            );
+        }
+        let vols = serde_json::to_value(p.volumes.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            vols[4],
+            json!({"name": "agent-tmp", "emptyDir": {"sizeLimit": "1Gi"}})
+        );
+        assert_eq!(
+            vols[5],
+            json!({"name": "tools", "emptyDir": {"sizeLimit": "128Mi"}})
+        );
+        // The pod failure policy still judges the runner container.
+        let rule = &job
+            .spec
+            .as_ref()
+            .unwrap()
+            .pod_failure_policy
+            .as_ref()
+            .unwrap()
+            .rules[1];
+        assert_eq!(
+            rule.on_exit_codes
+                .as_ref()
+                .unwrap()
+                .container_name
+                .as_deref(),
+            Some("runner")
+        );
+    }
+
+    #[test]
+    fn git_host_settings_reach_the_runner_only() {
+        let job = build(
+            &rj("job-1", "u"),
+            &[
+                ("ALLOW_INSECURE_HTTP", "true"),
+                ("GIT_CA_CONFIGMAP", "git-ca"),
+                ("GIT_CA_KEY", "bundle.pem"),
+                ("AGENT_COMMAND", "x"),
+            ],
+        );
+        let env = env_map(&job);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("ALLOW_INSECURE_HTTP"), Some(json!("true")));
+        assert_eq!(
+            get("GIT_SSL_CAINFO"),
+            Some(json!("/var/run/secrets/repobox/git-ca/bundle.pem"))
+        );
+        let p = pod(&job);
+        let vols = serde_json::to_value(p.volumes.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            vols.as_array().unwrap().last().unwrap(),
+            &json!({"name": "git-ca", "configMap": {"name": "git-ca",
+                "items": [{"key": "bundle.pem", "path": "bundle.pem"}], "defaultMode": 292, "optional": false}})
+        );
+        assert_eq!(
+            serde_json::to_value(runner(&job).volume_mounts.as_ref().unwrap().last().unwrap())
+                .unwrap(),
+            json!({"name": "git-ca", "mountPath": "/var/run/secrets/repobox/git-ca", "readOnly": true})
+        );
+        assert!(
+            !serde_json::to_string(&p.containers[1])
+                .unwrap()
+                .contains("git-ca")
+        );
+        // Off by default.
+        let env = env_map(&build(&rj("job-1", "u"), &[]));
+        assert!(
+            !env.iter()
+                .any(|(n, _)| n == "ALLOW_INSECURE_HTTP" || n == "GIT_SSL_CAINFO")
+        );
     }
 
     #[test]
@@ -1000,6 +1346,8 @@ mod tests {
             ("RUNNER_IMAGE_PULL_SECRETS", "pull"),
             ("RUNNER_ENV_FROM_SECRETS", "agent"),
             ("AGENT_COMMAND", "a"),
+            ("AGENT_EXTRA_ENV", r#"{"A":"b"}"#),
+            ("GIT_CA_CONFIGMAP", "ca"),
         ];
         let mut r = rj("job-1", "u");
         r.spec.timeout_seconds = Some(10);
@@ -1009,7 +1357,7 @@ mod tests {
         for path in &all {
             let field = path.rsplit('.').next().unwrap();
             // `image` is fine on a container; only the 1.31+ image *volume* source is not.
-            if field == "image" && path.ends_with("containers[].image") {
+            if field == "image" && path.to_ascii_lowercase().ends_with("containers[].image") {
                 continue;
             }
             assert!(
@@ -1121,6 +1469,19 @@ mod tests {
             ".containers[].securityContext.runAsNonRoot",
             ".containers[].securityContext.capabilities",
             ".containers[].securityContext.capabilities.drop",
+            ".containers[].securityContext.runAsUser",
+            ".containers[].securityContext.runAsGroup",
+            ".containers[].workingDir",
+            ".containers[].volumeMounts[].subPath",
+            ".initContainers",
+            ".shareProcessNamespace",
+            ".volumes[].configMap",
+            ".volumes[].configMap.name",
+            ".volumes[].configMap.items",
+            ".volumes[].configMap.items[].key",
+            ".volumes[].configMap.items[].path",
+            ".volumes[].configMap.defaultMode",
+            ".volumes[].configMap.optional",
         ]
         .into_iter()
         .collect();
@@ -1128,6 +1489,8 @@ mod tests {
             if path.starts_with(&format!("{pod_prefix}.affinity.")) {
                 continue; // user-supplied affinity: its content is the administrator's choice
             }
+            // Init containers use the same (long served) container fields.
+            let path = &path.replace(".initContainers[]", ".containers[]");
             let ok = allowed.contains(path.as_str())
                 || path
                     .strip_prefix(pod_prefix)
