@@ -486,10 +486,11 @@ impl Kubelet {
 
     /// Stop: kill every container and end the watches. Nodes stay registered.
     pub async fn shutdown(self) {
-        self.stop_all();
+        self.stop();
     }
 
-    fn stop_all(&self) {
+    /// Kill every container (SIGKILL) and end the watches and heartbeats; idempotent.
+    pub fn stop(&self) {
         let _ = self.stop.send(true);
         let mut state = self.shared.lock();
         for t in state.tasks.drain(..) {
@@ -504,7 +505,7 @@ impl Kubelet {
 
 impl Drop for Kubelet {
     fn drop(&mut self) {
-        self.stop_all();
+        self.stop();
     }
 }
 
