@@ -131,6 +131,9 @@ pub(crate) struct PodView {
     pub force_failed: bool,
     /// Extra conditions the kubelet sets itself: (type, reason, message), status True.
     pub extra_conditions: Vec<(String, String, String)>,
+    /// Nothing will run any more (every container ended or the pod was stopped): the phase is
+    /// computed as for restartPolicy Never, as the 1.27+ kubelet does for terminal pods.
+    pub terminal: bool,
 }
 
 /// The pod phase, following the kubelet's `getPhase` for restart policies Never/OnFailure/Always
@@ -291,7 +294,12 @@ pub(crate) fn phase_of(view: &PodView) -> &'static str {
     if view.failed.is_some() || view.force_failed {
         return "Failed";
     }
-    pod_phase(&view.init, &view.containers, &view.restart_policy)
+    let policy = if view.terminal {
+        "Never"
+    } else {
+        view.restart_policy.as_str()
+    };
+    pod_phase(&view.init, &view.containers, policy)
 }
 
 /// The full `status` object to write, given the pod's current conditions.
@@ -471,6 +479,7 @@ mod tests {
             failed: None,
             force_failed: false,
             extra_conditions: vec![],
+            terminal: false,
         };
         let s = pod_status(&view, &[], "t1");
         assert_eq!(s["phase"], "Running");
@@ -498,6 +507,13 @@ mod tests {
             (s["phase"].as_str(), s["reason"].as_str()),
             (Some("Failed"), Some("DeadlineExceeded"))
         );
+
+        let mut always = view.clone();
+        always.restart_policy = "Always".into();
+        always.containers = vec![c("runner", term(0)), c("agent", term(1))];
+        assert_eq!(phase_of(&always), "Running", "would be restarted");
+        always.terminal = true;
+        assert_eq!(phase_of(&always), "Failed", "stopped for good");
 
         let mut done = view;
         done.containers = vec![c("runner", term(0)), c("agent", term(0))];

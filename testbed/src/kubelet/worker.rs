@@ -104,6 +104,8 @@ struct Worker {
     last_written: Option<Value>,
     gone: bool,
     last_error: Option<String>,
+    /// Nothing will run any more.
+    terminal: bool,
 }
 
 /// Run the pod to its end, then hand it back to the registry.
@@ -218,6 +220,7 @@ impl Worker {
             last_written: None,
             gone: false,
             last_error: None,
+            terminal: false,
         }
     }
 
@@ -266,6 +269,7 @@ impl Worker {
             failed: self.failed.clone(),
             force_failed: self.force_failed,
             extra_conditions: self.extra_conditions.clone(),
+            terminal: self.terminal,
         }
     }
 
@@ -901,6 +905,8 @@ impl Worker {
         if end == End::Gone {
             self.gone = true;
         }
+        // This kubelet never restarts a container: the pod is done.
+        self.terminal = true;
         self.write_status().await;
         let deleted = matches!(end, End::Deleted | End::Gone);
         if end == End::Deleted
