@@ -41,6 +41,35 @@ pub fn assets() -> Option<PathBuf> {
 }
 
 static CP: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+static CP_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Registered with `atexit`: the test harness leaves through `exit`, the processes die with
+/// the process (PR_SET_PDEATHSIG); their etcd data (~120 MB) must not stay behind.
+extern "C" fn remove_dir_at_exit() {
+    if let Some(d) = CP_DIR.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Directories of earlier runs whose test process is gone (killed before `exit`).
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_ours = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("repobox-cp-"));
+        let owner = std::fs::read_to_string(path.join("owner.pid")).ok();
+        let alive = owner
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if is_ours && !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
 
 /// The shared control plane (started on first use; blocking).
 pub fn shared(assets: &Path) -> Result<ControlPlane> {
@@ -159,10 +188,18 @@ fn spawn(dir: &Path, name: &str, program: &Path, args: &[String]) -> Result<()> 
 }
 
 fn start(assets: &Path) -> Result<ControlPlane> {
+    sweep_stale();
     let dir = tempfile::Builder::new()
         .prefix("repobox-cp-")
         .tempdir()?
         .keep();
+    std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+    if CP_DIR.set(dir.clone()).is_ok() {
+        // SAFETY: registers a plain extern "C" function.
+        unsafe {
+            nix::libc::atexit(remove_dir_at_exit);
+        }
+    }
     let started = Instant::now();
     openssl(
         &dir,
