@@ -657,3 +657,130 @@ async fn real_jobs_are_scheduled_run_and_stopped_at_their_deadline() {
             .any(|e| matches!(e, KubeletEvent::Sigterm { pod: p, .. } if p == pod))
     );
 }
+
+/// The same kubelet against the API emulator (no control plane needed): a pod shaped like the
+/// runner's (an `install` init container filling an emptyDir, `runner` with a secret, `agent`
+/// without), then the emulated eviction (the emulator has no Eviction API).
+#[tokio::test]
+async fn runner_shaped_pod_and_emulated_eviction_on_the_emulator() {
+    let emu = repobox_testbed::emulator::Emulator::start()
+        .await
+        .expect("emulator");
+    let client = emu.client().expect("client");
+    let kubelet = Kubelet::start(
+        client.clone(),
+        KubeletConfig {
+            nodes: vec![NodeSettings::new("emu-node")],
+            binaries: HashMap::from([("repobox-job-runner".to_string(), PathBuf::from("/bin/sh"))]),
+            max_grace_period: Some(Duration::from_secs(2)),
+            ..KubeletConfig::default()
+        },
+    )
+    .await
+    .expect("kubelet");
+    let isolated = kubelet.isolates();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "key"}, "stringData": {"key": "k3y"}}),
+            )
+            .expect("secret"),
+        )
+        .await
+        .expect("secret");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "runner-pod"}, "spec": {
+        "nodeName": "emu-node", "restartPolicy": "Never", "securityContext": {"fsGroup": 2000},
+        "volumes": [{"name": "bin", "emptyDir": {}}, {"name": "work", "emptyDir": {}},
+                    {"name": "key", "secret": {"secretName": "key", "defaultMode": 0o400}}],
+        "initContainers": [{"name": "install", "image": "ghcr.io/repobox/repobox-job-runner:1",
+            "args": ["-c", "echo 'echo runner-binary-ran' > \"$BIN/runner.sh\""],
+            "env": [{"name": "BIN", "value": "/opt/repobox"}],
+            "volumeMounts": [{"name": "bin", "mountPath": "/opt/repobox"}]}],
+        "containers": [
+            {"name": "runner", "image": "tools:1", "command": ["sh", "-c", "sh \"$BIN/runner.sh\"; cat \"$KEY\""],
+             "env": [{"name": "BIN", "value": "/opt/repobox"}, {"name": "KEY", "value": "/etc/repobox/key"}],
+             "securityContext": {"runAsUser": 65532},
+             "volumeMounts": [{"name": "bin", "mountPath": "/opt/repobox", "readOnly": true},
+                              {"name": "key", "mountPath": "/etc/repobox", "readOnly": true},
+                              {"name": "work", "mountPath": "/work"}]},
+            {"name": "agent", "image": "tools:1", "command": ["sh", "-c",
+                "if [ -e /etc/repobox/key ]; then echo key-visible; else echo key-absent; fi; id -u"],
+             "securityContext": {"runAsUser": 65533},
+             "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]}}))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let fin = kubelet
+        .wait_for(
+            WAIT,
+            |e| matches!(e, KubeletEvent::PodFinished { pod, .. } if pod == "runner-pod"),
+        )
+        .await
+        .expect("finished");
+    let runner = kubelet.logs("default", "runner-pod", "runner");
+    let agent = kubelet.logs("default", "runner-pod", "agent");
+    assert!(
+        matches!(&fin, KubeletEvent::PodFinished { phase, .. } if phase == "Succeeded"),
+        "{fin:?}\nrunner: {runner}\nagent: {agent}"
+    );
+    assert!(runner.contains("runner-binary-ran"), "{runner}");
+    assert!(runner.contains("k3y"), "{runner}");
+    if isolated {
+        assert!(
+            agent.contains("key-absent") && agent.contains("65533"),
+            "{agent}"
+        );
+    } else {
+        println!(
+            "SKIPPED (isolation part): container isolation needs root with mount/PID namespaces"
+        );
+    }
+    let st = pods
+        .get("runner-pod")
+        .await
+        .expect("pod")
+        .status
+        .expect("status");
+    assert_eq!(st.phase.as_deref(), Some("Succeeded"));
+    assert_eq!(st.init_container_statuses.map(|s| s.len()), Some(1));
+
+    // Emulated eviction: DisruptionTarget first, SIGTERM, grace, pod Failed and kept.
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "evict-me"}, "spec": {
+        "nodeName": "emu-node", "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "x:1", "command": ["sh", "-c",
+            "trap 'echo term; exit 143' TERM; while :; do sleep 0.1; done"]}]}}))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    kubelet
+        .wait_for(
+            WAIT,
+            |e| matches!(e, KubeletEvent::PodRunning { pod, .. } if pod == "evict-me"),
+        )
+        .await
+        .expect("running");
+    kubelet
+        .fault("default", "evict-me", Fault::Evict)
+        .expect("evict");
+    let fin = kubelet
+        .wait_for(
+            WAIT,
+            |e| matches!(e, KubeletEvent::PodFinished { pod, .. } if pod == "evict-me"),
+        )
+        .await
+        .expect("finished");
+    assert!(
+        matches!(&fin, KubeletEvent::PodFinished { phase, disruption: Some(d), deleted: false, .. }
+            if phase == "Failed" && d == "EvictionByEvictionAPI"),
+        "{fin:?}"
+    );
+    let p = pods.get("evict-me").await.expect("pod kept");
+    let dt = condition(&p, "DisruptionTarget").expect("DisruptionTarget");
+    assert_eq!(dt.reason.as_deref(), Some("EvictionByEvictionAPI"));
+    assert!(kubelet.logs("default", "evict-me", "c").contains("term"));
+}

@@ -268,6 +268,8 @@ pub(crate) struct Shared {
     client: Client,
     cfg: KubeletConfig,
     isolates: bool,
+    /// Whether sandboxes get overlays of the system dirs (else read-only binds).
+    overlay: bool,
     /// Whether the server serves `pods/eviction` (a real one) or not (the emulator).
     eviction_api: bool,
     state: Mutex<State>,
@@ -331,13 +333,13 @@ impl Kubelet {
             .prefix("repobox-kubelet-")
             .tempdir()
             .context("kubelet state dir")?;
-        let isolates = match cfg.isolation {
-            Isolation::Off => false,
+        let (isolates, overlay) = match cfg.isolation {
+            Isolation::Off => (false, false),
             Isolation::Auto => match runtime::probe_isolation(dir.path()).await {
-                Ok(()) => true,
+                Ok(overlay) => (true, overlay),
                 Err(why) => {
                     tracing::warn!(%why, "kubelet: containers run without isolation");
-                    false
+                    (false, false)
                 }
             },
         };
@@ -352,6 +354,7 @@ impl Kubelet {
             client: client.clone(),
             cfg,
             isolates,
+            overlay,
             eviction_api,
             state: Mutex::new(State::default()),
             events,

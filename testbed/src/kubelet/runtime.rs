@@ -9,8 +9,10 @@
 //!                                identity, no_new_privs ─exec─▶ the container's command
 //! ```
 //!
-//! The root is a tmpfs holding read-only binds of the host's `/usr`, `/etc` and the lib/bin dirs
-//! (Debian's merged-usr symlinks are recreated as symlinks), a fresh `/proc` (with `/proc/sys`
+//! The root is a tmpfs holding copy-on-write overlays of the host's `/usr`, `/etc` and the lib/bin
+//! dirs (like an image's rootfs: writable, changes stay in the container, mount points can be made
+//! anywhere; read-only binds where overlayfs is unavailable; Debian's merged-usr symlinks are
+//! recreated as symlinks), a fresh `/proc` (with `/proc/sys`
 //! read-only), a `/dev` tmpfs with binds of `null zero full random urandom tty` and a `/dev/shm`
 //! tmpfs, a private `/tmp` tmpfs (unless a volume is mounted there), the container's volume mounts,
 //! and the mapped executable at `/.kubelet/bin/<name>`. The relay forwards SIGTERM & co. to the
@@ -246,6 +248,15 @@ pub(crate) enum PlanOp {
         flags: libc::c_ulong,
     },
     Proc(PathBuf),
+    /// A copy-on-write view of a host directory (upper and work on the scratch tmpfs).
+    Overlay {
+        lower: PathBuf,
+        upper: PathBuf,
+        work: PathBuf,
+        dst: PathBuf,
+    },
+    /// Lazily unmount and remove (the overlays keep their own reference to the scratch tmpfs).
+    Detach(PathBuf),
 }
 
 /// The sandbox of one container.
@@ -265,6 +276,9 @@ pub(crate) struct Sandbox {
     pub caps: u64,
     pub no_new_privs: bool,
     pub read_only_root: bool,
+    /// System dirs as overlays (writable, changes stay in the container, mount points can be
+    /// made under them, like an image's rootfs); else read-only binds.
+    pub overlay: bool,
 }
 
 /// Where the executable appears in the container.
@@ -297,8 +311,39 @@ pub(crate) fn plan(s: &Sandbox, exe: &Path) -> Vec<PlanOp> {
         data: "mode=0755".into(),
         flags: nodev,
     }];
+    let scratch = r.join(".kubelet/overlay");
+    if s.overlay {
+        ops.push(PlanOp::Mkdir(r.join(".kubelet"), 0o755));
+        ops.push(PlanOp::Mkdir(scratch.clone(), 0o700));
+        ops.push(PlanOp::Tmpfs {
+            dst: scratch.clone(),
+            data: "mode=0700".into(),
+            flags: nodev,
+        });
+    }
     for e in &s.system {
         match e {
+            SystemEntry::Dir(name) if s.overlay => {
+                let (upper, work) = (
+                    scratch.join("upper").join(name),
+                    scratch.join("work").join(name),
+                );
+                for d in [
+                    scratch.join("upper"),
+                    scratch.join("work"),
+                    upper.clone(),
+                    work.clone(),
+                ] {
+                    ops.push(PlanOp::Mkdir(d, 0o755));
+                }
+                ops.push(PlanOp::Mkdir(r.join(name), 0o755));
+                ops.push(PlanOp::Overlay {
+                    lower: Path::new("/").join(name),
+                    upper,
+                    work,
+                    dst: r.join(name),
+                });
+            }
             SystemEntry::Dir(name) => {
                 ops.push(PlanOp::Mkdir(r.join(name), 0o755));
                 ops.push(PlanOp::Bind {
@@ -407,7 +452,31 @@ pub(crate) fn plan(s: &Sandbox, exe: &Path) -> Vec<PlanOp> {
     for a in ancestors_of(&s.workdir) {
         ops.push(PlanOp::Mkdir(under(r, &a), 0o755));
     }
+    if s.overlay {
+        ops.push(PlanOp::Detach(scratch));
+    }
     ops
+}
+
+/// The directories to make read-only for `readOnlyRootFilesystem` (container paths).
+fn read_only_targets(s: &Sandbox) -> Vec<String> {
+    let mut out = vec!["/".to_string()];
+    if s.overlay {
+        for e in &s.system {
+            if let SystemEntry::Dir(name) = e {
+                out.push(format!("/{name}"));
+            }
+        }
+    }
+    out
+}
+
+/// Whether the kernel offers overlayfs.
+pub(crate) fn overlay_available() -> bool {
+    std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| {
+        f.lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+    })
 }
 
 /// A syscall-level operation (everything pre-converted to C strings).
@@ -422,6 +491,7 @@ enum Op {
         flags: libc::c_ulong,
         data: Option<CString>,
     },
+    Detach(CString),
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -494,6 +564,30 @@ fn lower(plan: &[PlanOp]) -> io::Result<Vec<(Op, CString)>> {
                 },
                 cstring(&format!("tmpfs on {}", dst.display()))?,
             )),
+            PlanOp::Overlay {
+                lower,
+                upper,
+                work,
+                dst,
+            } => out.push((
+                Op::Mount {
+                    src: Some(cstring("overlay")?),
+                    dst: cstr(dst)?,
+                    fstype: Some(cstring("overlay")?),
+                    flags: libc::MS_NODEV,
+                    data: Some(cstring(&format!(
+                        "lowerdir={},upperdir={},workdir={}",
+                        lower.display(),
+                        upper.display(),
+                        work.display()
+                    ))?),
+                },
+                cstring(&format!("overlay on {}", dst.display()))?,
+            )),
+            PlanOp::Detach(dst) => out.push((
+                Op::Detach(cstr(dst)?),
+                cstring(&format!("detach {}", dst.display()))?,
+            )),
             PlanOp::Proc(dst) => out.push((
                 Op::Mount {
                     src: Some(cstring("proc")?),
@@ -524,7 +618,7 @@ struct Prepared {
     caps: u64,
     last_cap: u32,
     no_new_privs: bool,
-    read_only_root: bool,
+    read_only: Vec<CString>,
     desc_private: CString,
     desc_pivot: CString,
     desc_ids: CString,
@@ -551,7 +645,14 @@ impl Prepared {
             caps: s.caps,
             last_cap,
             no_new_privs: s.no_new_privs,
-            read_only_root: s.read_only_root,
+            read_only: if s.read_only_root {
+                read_only_targets(s)
+                    .iter()
+                    .map(|t| cstring(t))
+                    .collect::<io::Result<_>>()?
+            } else {
+                Vec::new()
+            },
             desc_private: cstring("make / private")?,
             desc_pivot: cstring("pivot_root")?,
             desc_ids: cstring("set user and groups")?,
@@ -838,6 +939,11 @@ unsafe fn setup_container(p: &Prepared) -> io::Result<()> {
                     }
                 }
                 Op::Symlink(target, link) => libc::symlink(target.as_ptr(), link.as_ptr()),
+                Op::Detach(path) => {
+                    let rc = libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+                    libc::rmdir(path.as_ptr());
+                    rc
+                }
                 Op::Mount {
                     src,
                     dst,
@@ -873,10 +979,10 @@ unsafe fn setup_container(p: &Prepared) -> io::Result<()> {
             }
             libc::chdir(p.slash.as_ptr());
         }
-        if p.read_only_root {
+        for path in &p.read_only {
             libc::mount(
                 std::ptr::null(),
-                p.slash.as_ptr(),
+                path.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 std::ptr::null(),
@@ -916,9 +1022,23 @@ unsafe fn setup_container(p: &Prepared) -> io::Result<()> {
     }
 }
 
-/// Whether this process can build sandboxes: root, and the kernel lets it unshare and mount.
-/// Probed once by running `true` in one.
-pub(crate) async fn probe_isolation(scratch: &Path) -> Result<(), String> {
+/// Whether this process can build sandboxes (root, and the kernel lets it unshare and mount),
+/// and whether with overlays: probed by running `true` in one. `Ok(overlay)`.
+pub(crate) async fn probe_isolation(scratch: &Path) -> Result<bool, String> {
+    let mut last = String::new();
+    for overlay in [overlay_available(), false] {
+        match probe(scratch, overlay).await {
+            Ok(()) => return Ok(overlay),
+            Err(e) => last = e,
+        }
+        if !overlay {
+            break;
+        }
+    }
+    Err(last)
+}
+
+async fn probe(scratch: &Path, overlay: bool) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("not running as root".into());
@@ -928,7 +1048,11 @@ pub(crate) async fn probe_isolation(scratch: &Path) -> Result<(), String> {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .ok_or("no `true` binary")?;
-    let root = scratch.join("probe-root");
+    let root = scratch.join(if overlay {
+        "probe-overlay"
+    } else {
+        "probe-bind"
+    });
     std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
     let launch = Launch {
         exe: true_bin,
@@ -950,6 +1074,7 @@ pub(crate) async fn probe_isolation(scratch: &Path) -> Result<(), String> {
             caps: 0,
             no_new_privs: true,
             read_only_root: false,
+            overlay,
         })),
     };
     let mut spawned = match spawn(&launch) {
@@ -1035,6 +1160,7 @@ mod tests {
             caps: 0,
             no_new_privs: true,
             read_only_root: false,
+            overlay: false,
         }
     }
 
@@ -1124,6 +1250,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn overlays_replace_read_only_binds() {
+        let r = Path::new("/r");
+        let mut sb = sandbox(r, vec![]);
+        sb.overlay = true;
+        sb.read_only_root = true;
+        let ops = plan(&sb, Path::new("/host/runner"));
+        let scratch = r.join(".kubelet/overlay");
+        assert!(ops.contains(&PlanOp::Overlay {
+            lower: "/usr".into(),
+            upper: scratch.join("upper/usr"),
+            work: scratch.join("work/usr"),
+            dst: r.join("usr"),
+        }));
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, PlanOp::Bind { src, .. } if src == Path::new("/usr")))
+        );
+        // The scratch space goes before the root is entered; the overlay stays.
+        assert_eq!(ops.last(), Some(&PlanOp::Detach(scratch)));
+        assert_eq!(read_only_targets(&sb), ["/", "/usr"]);
+    }
+
     async fn run(launch: &Launch) -> (i32, String) {
         let mut s = spawn(launch).unwrap_or_else(|e| panic!("spawn: {:?}", e.error));
         let mut out = String::new();
@@ -1139,10 +1288,15 @@ mod tests {
     #[tokio::test]
     async fn sandbox_isolates_and_costs_little() {
         let scratch = tempfile::tempdir().expect("tmp");
-        if let Err(why) = probe_isolation(scratch.path()).await {
-            println!("SKIPPED: container isolation needs root with mount/PID namespaces ({why})");
-            return;
-        }
+        let overlay = match probe_isolation(scratch.path()).await {
+            Ok(o) => o,
+            Err(why) => {
+                println!(
+                    "SKIPPED: container isolation needs root with mount/PID namespaces ({why})"
+                );
+                return;
+            }
+        };
         let vol = scratch.path().join("vol");
         std::fs::create_dir(&vol).expect("vol");
         std::fs::write(vol.join("hello"), "from the host\n").expect("write");
@@ -1164,24 +1318,32 @@ mod tests {
                 caps: capability_set(None),
                 no_new_privs: true,
                 read_only_root: false,
+                overlay,
             }
         };
         let script = "id -u; id -G; pwd; hostname; cat hello; ls /proc | grep -c '^[0-9]'; \
                       ls -d /work /root 2>&1; grep NoNewPrivs /proc/self/status; \
-                      { echo x > hello; } 2>/dev/null || echo read-only; echo $$";
+                      { echo x > hello; } 2>/dev/null || echo read-only; \
+                      cat /etc/repobox-kubelet-test/hello 2>/dev/null; echo $$";
+        let mut mounts = vec![MountSpec {
+            host: vol.clone(),
+            container: "/data".into(),
+            read_only: true,
+        }];
+        if overlay {
+            // A mount point under /etc: made in the container's overlay, not on the host.
+            mounts.push(MountSpec {
+                host: vol.clone(),
+                container: "/etc/repobox-kubelet-test".into(),
+                read_only: true,
+            });
+        }
         let launch = Launch {
             exe: "/bin/sh".into(),
             arg0: "sh".into(),
             args: vec!["-c".into(), script.into()],
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            mode: LaunchMode::Isolated(Box::new(sb(
-                "c1",
-                vec![MountSpec {
-                    host: vol.clone(),
-                    container: "/data".into(),
-                    read_only: true,
-                }],
-            ))),
+            mode: LaunchMode::Isolated(Box::new(sb("c1", mounts))),
         };
         let (code, out) = run(&launch).await;
         assert_eq!(code, 0, "{out}");
@@ -1198,6 +1360,10 @@ mod tests {
         assert!(out.contains("'/root': No such file or directory"), "{out}");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
         assert!(out.contains("read-only"), "{out}");
+        if overlay {
+            assert_eq!(out.matches("from the host").count(), 2, "{out}");
+            assert!(!Path::new("/etc/repobox-kubelet-test").exists());
+        }
         assert_eq!(lines.last(), Some(&"1"), "the command is PID 1: {out}");
 
         // A failing setup is reported with what failed.

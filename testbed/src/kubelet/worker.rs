@@ -631,6 +631,7 @@ impl Worker {
                 no_new_privs: !privileged
                     && sc.and_then(|s| s.allow_privilege_escalation) != Some(true),
                 read_only_root: sc.and_then(|s| s.read_only_root_filesystem) == Some(true),
+                overlay: self.sh.overlay,
             };
             Ok(Ok(Launch {
                 exe,
