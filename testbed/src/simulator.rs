@@ -1,40 +1,40 @@
-//! A cluster simulator: plays the job controller and the kubelet for batch/v1 Jobs in the
-//! API emulator, running each pod's first container as a local process.
+//! A cluster simulator for the API emulator: plays the Job controller for batch/v1 Jobs and runs
+//! their pods on a [`Kubelet`] (all containers, init containers first).
 //!
 //! The emulator only stores objects; nothing would ever run a Job. This module watches Jobs,
-//! creates their Pod objects, runs the container command (mapped to a local executable through
-//! [`SimulatorConfig::binaries`]) with its env and volumes resolved, and writes Pod and Job
-//! status the way Kubernetes 1.31+ does (`SuccessCriteriaMet`/`FailureTarget` first, then
-//! `Complete`/`Failed`). Tests await [`SimEvent`]s instead of sleeping.
+//! creates their Pods bound to the kubelet's node (`spec.nodeName` set at creation), follows the
+//! kubelet's events for each pod and writes Job status the way Kubernetes 1.31+ does
+//! (`SuccessCriteriaMet`/`FailureTarget` first, then `Complete`/`Failed`). Running containers,
+//! their env, volumes and pod status are the kubelet's job ([`crate::kubelet`]). Tests await
+//! [`SimEvent`]s instead of sleeping.
 //!
 //! Deliberate simplifications (the real controllers do more): one pod at a time
 //! (`parallelism`/`completions` are ignored), pods are kept (not deleted) after a deadline or a
-//! backoff failure, only the first container runs, and no pod finalizers are used.
+//! backoff failure, and no pod finalizers are used. Containers run without isolation unless
+//! [`SimulatorConfig::isolation`] is set (the tests hand host paths to their scripts).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use rand::Rng;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
-/// The node name written into running pods.
+use crate::kubelet::{
+    ContainerExit, Fault, Isolation, Kubelet, KubeletConfig, KubeletEvent, NodeSettings,
+};
+
+/// The kubelet's node, which the simulator binds its pods to.
 pub const NODE_NAME: &str = "repobox-sim-node";
 
 /// How the simulator behaves.
@@ -49,13 +49,16 @@ pub struct SimulatorConfig {
     pub hold_pending: bool,
     /// Keep pods of Jobs carrying this label (key, value) `Pending`.
     pub hold_pending_label: Option<(String, String)>,
-    /// Pods whose first container's image contains this string never start:
-    /// they stay `Pending` with the container waiting in `ErrImagePull`.
+    /// Containers whose image contains this string never start: their pod stays `Pending`
+    /// with the container waiting in `ErrImagePull`.
     pub image_pull_error: Option<String>,
     /// Cap on `terminationGracePeriodSeconds` (tests do not want to wait 30 s).
     pub max_grace_period: Option<Duration>,
     /// Extra environment for every process (e.g. `RUST_LOG`); the pod's env wins.
     pub extra_env: Vec<(String, String)>,
+    /// Run containers isolated (own namespaces and root, runAsUser; root only), see
+    /// [`crate::kubelet`]. Off: plain processes with mount paths remapped to host dirs.
+    pub isolation: bool,
 }
 
 /// What a simulated pod failure looks like.
@@ -172,9 +175,9 @@ struct Run {
 struct State {
     /// By Job uid.
     runs: HashMap<String, Run>,
-    logs: HashMap<String, Arc<Mutex<String>>>,
-    started: usize,
     history: Vec<SimEvent>,
+    /// The Jobs' tasks (aborted on shutdown).
+    tasks: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -182,7 +185,7 @@ struct Shared {
     cfg: SimulatorConfig,
     state: Mutex<State>,
     events: broadcast::Sender<SimEvent>,
-    base_dir: tempfile::TempDir,
+    kubelet: Kubelet,
 }
 
 impl Shared {
@@ -209,16 +212,33 @@ impl ClusterSimulator {
     /// Start watching Jobs and simulating them.
     pub async fn start(client: Client, cfg: SimulatorConfig) -> Result<Self> {
         let (events, _) = broadcast::channel(4096);
-        let base_dir = tempfile::Builder::new()
-            .prefix("repobox-sim-")
-            .tempdir()
-            .context("simulator temp dir")?;
+        let kubelet = Kubelet::start(
+            client.clone(),
+            KubeletConfig {
+                nodes: vec![NodeSettings::new(NODE_NAME)],
+                binaries: cfg.binaries.clone(),
+                isolation: if cfg.isolation {
+                    Isolation::Auto
+                } else {
+                    Isolation::Off
+                },
+                max_grace_period: cfg.max_grace_period,
+                extra_env: cfg.extra_env.clone(),
+                image_pull_error: cfg.image_pull_error.clone(),
+                // The emulator has no node lifecycle controller: heartbeats would only add
+                // Lease writes to the request log the benchmarks count.
+                heartbeat_interval: Duration::from_secs(3600),
+                ..KubeletConfig::default()
+            },
+        )
+        .await
+        .context("start the kubelet")?;
         let shared = Arc::new(Shared {
             client,
             cfg,
             state: Mutex::new(State::default()),
             events,
-            base_dir,
+            kubelet,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(main_loop(shared.clone(), stop_rx));
@@ -267,19 +287,19 @@ impl ClusterSimulator {
         })?
     }
 
-    /// How many processes have been started so far.
+    /// How many container processes have been started so far.
     pub fn processes_started(&self) -> usize {
-        self.shared.lock().started
+        self.shared.kubelet.containers_started()
     }
 
-    /// Everything the pod's process wrote to stdout and stderr so far.
+    /// Everything the pod's containers wrote to stdout and stderr so far.
     pub fn logs(&self, pod_name: &str) -> String {
-        self.shared
-            .lock()
-            .logs
-            .get(pod_name)
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .unwrap_or_default()
+        self.shared.kubelet.pod_logs(pod_name)
+    }
+
+    /// The kubelet running the pods (its events, per-container logs, isolation).
+    pub fn kubelet(&self) -> &Kubelet {
+        &self.shared.kubelet
     }
 
     /// The current pod of a Job (by Job name, any namespace).
@@ -307,19 +327,27 @@ impl ClusterSimulator {
 
     /// Stop simulating and kill every process.
     pub async fn shutdown(self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&self) {
         let _ = self.stop.send(true);
-        let runs: Vec<_> = self.shared.lock().runs.drain().collect();
-        for (_, run) in runs {
-            let _ = run.stop.send(Stop::Deleted);
-        }
         self.task.abort();
+        let tasks: Vec<_> = {
+            let mut state = self.shared.lock();
+            state.runs.clear();
+            state.tasks.drain(..).collect()
+        };
+        for t in tasks {
+            t.abort();
+        }
+        self.shared.kubelet.stop();
     }
 }
 
 impl Drop for ClusterSimulator {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        self.task.abort();
+        self.stop_all();
     }
 }
 
@@ -415,9 +443,9 @@ fn on_job(shared: &Arc<Shared>, job: Job) {
             stop: tx,
         },
     );
-    drop(state);
-    let shared = shared.clone();
-    tokio::spawn(async move {
+    let task_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let shared = task_shared;
         let ns = job.namespace().unwrap_or_default();
         let name = job.name_any();
         if let Err(e) = run_job(&shared, &job, rx).await {
@@ -428,6 +456,8 @@ fn on_job(shared: &Arc<Shared>, job: Job) {
             });
         }
     });
+    state.tasks.retain(|t| !t.is_finished());
+    state.tasks.push(task);
 }
 
 async fn on_job_deleted(shared: &Arc<Shared>, job: Job) {
@@ -493,10 +523,17 @@ fn random_suffix() -> String {
 }
 
 /// How one pod attempt ended.
+#[derive(Debug, Default)]
 struct Outcome {
+    /// The pod's phase is `Succeeded`.
+    succeeded: bool,
+    /// The exit code that decided the pod's fate (the first failing container, else the first).
     code: i32,
-    reason: &'static str,
-    disruption: Option<&'static str>,
+    reason: String,
+    /// The pod's `DisruptionTarget` reason, if any.
+    disruption: Option<String>,
+    /// Every exit, init containers first.
+    exits: Vec<ContainerExit>,
     deadline: bool,
     deleted: bool,
 }
@@ -525,7 +562,7 @@ async fn run_job(
     let mut failed = 0;
     loop {
         let out = run_pod(shared, job, &uid, deadline, &mut stop).await?;
-        tracing::debug!(job = %name, code = out.code, reason = out.reason, "simulated pod ended");
+        tracing::debug!(job = %name, code = out.code, reason = %out.reason, "simulated pod ended");
         if out.deleted {
             shared.lock().runs.remove(&uid);
             return Ok(());
@@ -548,7 +585,7 @@ async fn run_job(
             )
             .await;
         }
-        if out.code == 0 {
+        if out.succeeded {
             let msg = "Reached expected number of succeeded pods";
             patch_job_status(
                 &jobs,
@@ -667,38 +704,39 @@ fn match_failure_policy(job: &Job, out: &Outcome, ns: &str, pod: &str) -> Option
         .clone();
     for (i, rule) in rules.iter().enumerate() {
         if let Some(codes) = &rule.on_exit_codes {
-            let hit = codes.values.contains(&out.code);
-            let matched = match codes.operator.as_str() {
-                "In" => hit,
-                "NotIn" => !hit && out.code != 0,
-                _ => false,
-            };
-            if matched {
+            let hit = out.exits.iter().find(|e| {
+                let named = codes.container_name.as_ref().is_none_or(|n| *n == e.name);
+                let listed = codes.values.contains(&e.exit_code);
+                named
+                    && match codes.operator.as_str() {
+                        "In" => listed,
+                        "NotIn" => !listed && e.exit_code != 0,
+                        _ => false,
+                    }
+            });
+            if let Some(e) = hit {
                 return Some((
                     rule.action.clone(),
                     format!(
-                        "Container main for pod {ns}/{pod} failed with exit code {} matching {} rule at index {i}",
-                        out.code, rule.action
+                        "Container {} for pod {ns}/{pod} failed with exit code {} matching {} rule at index {i}",
+                        e.name, e.exit_code, rule.action
                     ),
                 ));
             }
         }
         if let Some(conds) = &rule.on_pod_conditions
-            && let Some(reason) = out.disruption
-        {
-            let _ = reason;
-            if conds
+            && out.disruption.is_some()
+            && conds
                 .iter()
                 .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
-            {
-                return Some((
-                    rule.action.clone(),
-                    format!(
-                        "Pod {ns}/{pod} has condition DisruptionTarget matching {} rule at index {i}",
-                        rule.action
-                    ),
-                ));
-            }
+        {
+            return Some((
+                rule.action.clone(),
+                format!(
+                    "Pod {ns}/{pod} has condition DisruptionTarget matching {} rule at index {i}",
+                    rule.action
+                ),
+            ));
         }
     }
     None
@@ -726,7 +764,7 @@ async fn patch_pod_status(pods: &Api<Pod>, name: &str, status: Value) -> Result<
     Ok(())
 }
 
-/// Create one pod for the Job and run it to its end.
+/// Create one pod for the Job and follow it on the kubelet to its end.
 async fn run_pod(
     shared: &Arc<Shared>,
     job: &Job,
@@ -750,6 +788,20 @@ async fn run_pod(
     labels.insert("controller-uid".into(), uid.to_string());
     labels.insert("batch.kubernetes.io/controller-uid".into(), uid.to_string());
     let pod_spec = template.spec.clone().unwrap_or_default();
+    // Held pending: unschedulable, so never bound to the kubelet's node.
+    let held = shared.cfg.hold_pending
+        || shared
+            .cfg
+            .hold_pending_label
+            .as_ref()
+            .is_some_and(|(k, v)| {
+                job.labels().get(k) == Some(v)
+                    || tmeta.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
+            });
+    let mut spec_json = serde_json::to_value(&pod_spec).context("pod spec")?;
+    if !held {
+        spec_json["nodeName"] = json!(NODE_NAME);
+    }
     let pod_json = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -758,14 +810,14 @@ async fn run_pod(
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid,
                                  "controller": true, "blockOwnerDeletion": true}],
         },
-        "spec": pod_spec,
+        "spec": spec_json,
     });
     let pod: Pod = serde_json::from_value(pod_json).context("build the pod")?;
-    let pod = pods
-        .create(&PostParams::default(), &pod)
+    // Follow the kubelet from before the pod exists: no event can be missed.
+    let mut cursor = shared.kubelet.cursor();
+    pods.create(&PostParams::default(), &pod)
         .await
         .with_context(|| format!("create Pod {pod_name}"))?;
-    let pod_uid = pod.uid().unwrap_or_default();
     if let Some(run) = shared.lock().runs.get_mut(uid) {
         run.pod = Some(pod_name.clone());
     }
@@ -774,261 +826,194 @@ async fn run_pod(
         job: job_name.clone(),
         pod: pod_name.clone(),
     });
-    let container = pod_spec
+    let first_container = pod_spec
         .containers
         .first()
-        .cloned()
+        .map(|c| c.name.clone())
         .context("pod template without containers")?;
-    let image = container.image.clone().unwrap_or_default();
-    let grace = {
-        let secs =
-            u64::try_from(pod_spec.termination_grace_period_seconds.unwrap_or(30)).unwrap_or(0);
-        let g = Duration::from_secs(secs);
-        shared.cfg.max_grace_period.map_or(g, |cap| g.min(cap))
-    };
+    if held {
+        return hold(
+            shared,
+            &pods,
+            &ns,
+            &job_name,
+            &pod_name,
+            &first_container,
+            deadline,
+            stop,
+        )
+        .await;
+    }
 
-    // Held pending: unschedulable, or an image that cannot be pulled.
-    let held_label = shared
-        .cfg
-        .hold_pending_label
-        .as_ref()
-        .is_some_and(|(k, v)| {
-            job.labels().get(k) == Some(v)
-                || tmeta.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
-        });
-    let pull_error = shared
-        .cfg
-        .image_pull_error
-        .as_ref()
-        .is_some_and(|m| image.contains(m.as_str()));
-    if shared.cfg.hold_pending || held_label || pull_error {
-        let (reason, status) = if pull_error {
-            (
-                "ErrImagePull",
-                json!({"phase": "Pending", "conditions": [
-                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
-                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now()}],
-                  "containerStatuses": [{"name": container.name, "image": image, "imageID": "", "ready": false,
-                    "started": false, "restartCount": 0,
-                    "state": {"waiting": {"reason": "ErrImagePull",
-                      "message": format!("failed to pull and unpack image \"{image}\": not found")}}}]}),
-            )
-        } else {
-            (
-                "Unschedulable",
-                json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
-                  "reason": "Unschedulable", "lastProbeTime": null, "lastTransitionTime": now(),
-                  "message": "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod."}]}),
-            )
-        };
-        patch_pod_status(&pods, &pod_name, status).await?;
-        shared.emit(SimEvent::PodPending {
-            namespace: ns.clone(),
-            job: job_name.clone(),
-            pod: pod_name.clone(),
-            reason: reason.into(),
-        });
-        let sleep_until = async {
+    let jobs: Api<Job> = Api::namespaced(shared.client.clone(), &ns);
+    let (mut started, mut deadline_hit, mut pull_reported) = (false, false, false);
+    loop {
+        let sleep = async {
             match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
+                Some(d) if !deadline_hit => tokio::time::sleep_until(d).await,
+                _ => std::future::pending().await,
             }
         };
         tokio::select! {
-            s = stop.recv() => {
-                return match s {
-                    Some(Stop::Fail(PodFailure::Evicted)) => {
-                        mark_pod_failed(&pods, &pod_name, &container.name, 137, "Error", Some("EvictionByEvictionAPI")).await?;
-                        Ok(Outcome { code: 137, reason: "Error", disruption: Some("EvictionByEvictionAPI"), deadline: false, deleted: false })
+            ev = cursor.next() => {
+                let Some(ev) = ev else { bail!("the kubelet stopped") };
+                let ours = |namespace: &str, pod: &str| namespace == ns && pod == pod_name;
+                match ev {
+                    KubeletEvent::ImagePullError { namespace, pod, .. }
+                        if ours(&namespace, &pod) && !pull_reported =>
+                    {
+                        pull_reported = true;
+                        shared.emit(SimEvent::PodPending {
+                            namespace, job: job_name.clone(), pod, reason: "ErrImagePull".into(),
+                        });
                     }
-                    Some(Stop::Fail(PodFailure::OomKilled)) => {
-                        mark_pod_failed(&pods, &pod_name, &container.name, 137, "OOMKilled", None).await?;
-                        Ok(Outcome { code: 137, reason: "OOMKilled", disruption: None, deadline: false, deleted: false })
+                    KubeletEvent::PodRunning { namespace, pod, pid } if ours(&namespace, &pod) => {
+                        started = true;
+                        patch_job_status(&jobs, &job_name, json!({"active": 1, "ready": 1})).await?;
+                        shared.emit(SimEvent::PodStarted { namespace, job: job_name.clone(), pod, pid });
                     }
-                    Some(Stop::Deleted) | None => {
-                        let _ = pods.delete(&pod_name, &DeleteParams::default()).await;
-                        shared.emit(SimEvent::Stopped { namespace: ns, job: job_name, pod: pod_name });
-                        Ok(Outcome { code: 137, reason: "Error", disruption: None, deadline: false, deleted: true })
+                    KubeletEvent::Sigterm { namespace, pod, .. } if ours(&namespace, &pod) => {
+                        shared.emit(SimEvent::Sigterm { namespace, job: job_name.clone(), pod });
                     }
-                };
+                    KubeletEvent::Error { namespace, pod, message } if ours(&namespace, &pod) => {
+                        shared.emit(SimEvent::Error {
+                            namespace, job: job_name.clone(), message: format!("pod {pod}: {message}"),
+                        });
+                    }
+                    KubeletEvent::PodFinished {
+                        namespace, pod, phase, disruption, init, containers, deleted, ..
+                    } if ours(&namespace, &pod) => {
+                        let decisive = containers
+                            .iter()
+                            .find(|c| c.exit_code != 0)
+                            .or_else(|| init.iter().find(|c| c.exit_code != 0))
+                            .or_else(|| containers.first())
+                            .cloned();
+                        if started {
+                            shared.emit(SimEvent::PodExited {
+                                namespace: ns.clone(),
+                                job: job_name.clone(),
+                                pod: pod_name.clone(),
+                                code: decisive.as_ref().and_then(|c| c.signal.is_none().then_some(c.exit_code)),
+                                signal: decisive.as_ref().and_then(|c| c.signal),
+                            });
+                        }
+                        if deleted {
+                            shared.emit(SimEvent::Stopped { namespace: ns, job: job_name, pod: pod_name });
+                        }
+                        let succeeded = phase == "Succeeded" && !deadline_hit;
+                        let code = decisive.as_ref().map_or(137, |c| c.exit_code);
+                        let reason = decisive.as_ref().map_or_else(|| "Error".to_string(), |c| c.reason.clone());
+                        return Ok(Outcome {
+                            succeeded,
+                            code: if succeeded || code != 0 { code } else { 1 },
+                            reason,
+                            disruption,
+                            exits: init.into_iter().chain(containers).collect(),
+                            deadline: deadline_hit,
+                            deleted,
+                        });
+                    }
+                    _ => {}
+                }
             }
-            _ = sleep_until => {
-                mark_pod_failed(&pods, &pod_name, &container.name, 137, "Error", None).await?;
-                return Ok(Outcome { code: 137, reason: "Error", disruption: None, deadline: true, deleted: false });
+            s = stop.recv() => match s {
+                Some(Stop::Fail(f)) => {
+                    let fault = match f {
+                        PodFailure::OomKilled => Fault::OomKill { container: None },
+                        PodFailure::Evicted => Fault::Evict,
+                    };
+                    if let Err(e) = shared.kubelet.fault(&ns, &pod_name, fault) {
+                        shared.emit(SimEvent::Error { namespace: ns.clone(), job: job_name.clone(), message: format!("{e:#}") });
+                    }
+                }
+                Some(Stop::Deleted) | None => {
+                    // The kubelet stops the containers when the pod goes.
+                    match pods.delete(&pod_name, &DeleteParams::background()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => shared.emit(SimEvent::Error { namespace: ns.clone(), job: job_name.clone(), message: format!("delete pod {pod_name}: {e}") }),
+                    }
+                }
+            },
+            _ = sleep => {
+                // The Job's deadline: stop the pod and keep it, Failed.
+                deadline_hit = true;
+                if let Err(e) = shared.kubelet.fault(&ns, &pod_name, Fault::Terminate) {
+                    shared.emit(SimEvent::Error { namespace: ns.clone(), job: job_name.clone(), message: format!("{e:#}") });
+                }
             }
         }
     }
+}
 
-    // Resolve the command, env and volumes, then run it.
-    let pod_dir = shared.base_dir.path().join(&pod_name);
-    std::fs::create_dir_all(&pod_dir).context("pod dir")?;
-    let prepared = prepare(
-        shared, &ns, &pod_name, &pod_uid, &pod_spec, &container, &pod_dir,
-    )
-    .await;
-    let prepared = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            shared.emit(SimEvent::Error {
-                namespace: ns.clone(),
-                job: job_name.clone(),
-                message: format!("pod {pod_name}: {e:#}"),
-            });
-            mark_pod_failed(&pods, &pod_name, &container.name, 128, "StartError", None).await?;
-            return Ok(Outcome {
-                code: 128,
-                reason: "StartError",
-                disruption: None,
-                deadline: false,
-                deleted: false,
-            });
-        }
-    };
-    let mut cmd = Command::new(&prepared.program);
-    cmd.args(&prepared.args)
-        .env_clear()
-        .envs(prepared.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&prepared.workdir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawn {}", prepared.program.display()))?;
-    let pid = child.id().unwrap_or(0);
-    let log = Arc::new(Mutex::new(String::new()));
-    {
-        let mut state = shared.lock();
-        state.started += 1;
-        state.logs.insert(pod_name.clone(), log.clone());
-    }
-    let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(capture(out, log.clone())));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(capture(err, log.clone())));
-    }
-    let started_at = now();
-    let jobs: Api<Job> = Api::namespaced(shared.client.clone(), &ns);
-    pods.patch(
-        &pod_name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"nodeName": NODE_NAME}})),
-    )
-    .await
-    .context("bind the pod")?;
+/// A pod that is never scheduled: `PodScheduled=False`, until a failure, deletion or deadline.
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    shared: &Arc<Shared>,
+    pods: &Api<Pod>,
+    ns: &str,
+    job_name: &str,
+    pod_name: &str,
+    container: &str,
+    deadline: Option<tokio::time::Instant>,
+    stop: &mut mpsc::UnboundedReceiver<Stop>,
+) -> Result<Outcome> {
     patch_pod_status(
-        &pods,
-        &pod_name,
-        json!({"phase": "Running", "startTime": started_at, "hostIP": "10.0.0.1", "podIP": "10.244.0.10",
-           "conditions": [
-               {"type": "PodScheduled", "status": "True", "lastTransitionTime": started_at},
-               {"type": "Initialized", "status": "True", "lastTransitionTime": started_at},
-               {"type": "ContainersReady", "status": "True", "lastTransitionTime": started_at},
-               {"type": "Ready", "status": "True", "lastTransitionTime": started_at}],
-           "containerStatuses": [{"name": container.name, "image": image, "imageID": format!("sim://{image}"),
-               "containerID": format!("sim://{pid}"), "ready": true, "started": true, "restartCount": 0,
-               "state": {"running": {"startedAt": started_at}}}]}),
+        pods,
+        pod_name,
+        json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+          "reason": "Unschedulable", "lastProbeTime": null, "lastTransitionTime": now(),
+          "message": "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod."}]}),
     )
     .await?;
-    patch_job_status(&jobs, &job_name, json!({"active": 1, "ready": 1})).await?;
-    shared.emit(SimEvent::PodStarted {
-        namespace: ns.clone(),
-        job: job_name.clone(),
-        pod: pod_name.clone(),
-        pid,
+    shared.emit(SimEvent::PodPending {
+        namespace: ns.to_string(),
+        job: job_name.to_string(),
+        pod: pod_name.to_string(),
+        reason: "Unschedulable".into(),
     });
-
     let sleep_until = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
             None => std::future::pending().await,
         }
     };
-    let (mut reason, mut disruption, mut deadline_hit, mut deleted) = ("", None, false, false);
-    let status = tokio::select! {
-        status = child.wait() => status.context("wait for the process")?,
-        s = stop.recv() => {
-            match s {
-                Some(Stop::Fail(PodFailure::OomKilled)) => {
-                    reason = "OOMKilled";
-                    signal_group(pid, Signal::SIGKILL);
-                    child.wait().await.context("wait")?
-                }
-                Some(Stop::Fail(PodFailure::Evicted)) => {
-                    disruption = Some("EvictionByEvictionAPI");
-                    terminate(shared, &ns, &job_name, &pod_name, &mut child, pid, grace).await?
-                }
-                Some(Stop::Deleted) | None => {
-                    deleted = true;
-                    terminate(shared, &ns, &job_name, &pod_name, &mut child, pid, grace).await?
-                }
-            }
-        }
-        _ = sleep_until => {
-            deadline_hit = true;
-            terminate(shared, &ns, &job_name, &pod_name, &mut child, pid, grace).await?
-        }
-    };
-    // Reap anything the process left behind in its group.
-    signal_group(pid, Signal::SIGKILL);
-    for r in readers {
-        let _ = r.await;
-    }
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(9));
-    shared.emit(SimEvent::PodExited {
-        namespace: ns.clone(),
-        job: job_name.clone(),
-        pod: pod_name.clone(),
-        code: status.code(),
-        signal: status.signal(),
-    });
-    if deleted {
-        let _ = pods.delete(&pod_name, &DeleteParams::background()).await;
-        shared.emit(SimEvent::Stopped {
-            namespace: ns,
-            job: job_name,
-            pod: pod_name,
-        });
-        return Ok(Outcome {
-            code,
-            reason: "Error",
-            disruption: None,
-            deadline: false,
-            deleted: true,
-        });
-    }
-    if reason.is_empty() {
-        reason = if code == 0 { "Completed" } else { "Error" };
-    }
-    if code == 0 && disruption.is_none() && !deadline_hit {
-        let fin = now();
-        patch_pod_status(
-            &pods,
-            &pod_name,
-            json!({"phase": "Succeeded",
-               "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": fin},
-                              {"type": "ContainersReady", "status": "False", "reason": "PodCompleted", "lastTransitionTime": fin}],
-               "containerStatuses": [{"name": container.name, "image": image, "imageID": format!("sim://{image}"),
-                 "containerID": format!("sim://{pid}"), "ready": false, "started": false, "restartCount": 0,
-                 "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started_at, "finishedAt": fin}}}]}),
-        )
-        .await?;
-    } else {
-        mark_pod_failed(&pods, &pod_name, &container.name, code, reason, disruption).await?;
-    }
-    Ok(Outcome {
+    let failed = |code: i32, reason: &str, disruption: Option<&str>, deadline: bool| Outcome {
+        succeeded: false,
         code,
-        reason,
-        disruption,
-        deadline: deadline_hit,
+        reason: reason.into(),
+        disruption: disruption.map(str::to_string),
+        exits: vec![ContainerExit {
+            name: container.to_string(),
+            exit_code: code,
+            signal: None,
+            reason: reason.into(),
+        }],
+        deadline,
         deleted: false,
-    })
+    };
+    tokio::select! {
+        s = stop.recv() => match s {
+            Some(Stop::Fail(PodFailure::Evicted)) => {
+                mark_pod_failed(pods, pod_name, container, 137, "Error", Some("EvictionByEvictionAPI")).await?;
+                Ok(failed(137, "Error", Some("EvictionByEvictionAPI"), false))
+            }
+            Some(Stop::Fail(PodFailure::OomKilled)) => {
+                mark_pod_failed(pods, pod_name, container, 137, "OOMKilled", None).await?;
+                Ok(failed(137, "OOMKilled", None, false))
+            }
+            Some(Stop::Deleted) | None => {
+                let _ = pods.delete(pod_name, &DeleteParams::default()).await;
+                shared.emit(SimEvent::Stopped { namespace: ns.to_string(), job: job_name.to_string(), pod: pod_name.to_string() });
+                Ok(Outcome { deleted: true, code: 137, reason: "Error".into(), ..Outcome::default() })
+            }
+        },
+        _ = sleep_until => {
+            mark_pod_failed(pods, pod_name, container, 137, "Error", None).await?;
+            Ok(failed(137, "Error", None, true))
+        }
+    }
 }
 
 async fn mark_pod_failed(
@@ -1059,319 +1044,4 @@ async fn mark_pod_failed(
              "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": fin}}}]}),
     )
     .await
-}
-
-/// SIGTERM the container's main process, wait the grace period, then SIGKILL the whole group.
-async fn terminate(
-    shared: &Arc<Shared>,
-    ns: &str,
-    job: &str,
-    pod: &str,
-    child: &mut tokio::process::Child,
-    pid: u32,
-    grace: Duration,
-) -> Result<std::process::ExitStatus> {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
-    shared.emit(SimEvent::Sigterm {
-        namespace: ns.to_string(),
-        job: job.to_string(),
-        pod: pod.to_string(),
-    });
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => status.context("wait"),
-        Err(_) => {
-            signal_group(pid, Signal::SIGKILL);
-            child.wait().await.context("wait after SIGKILL")
-        }
-    }
-}
-
-fn signal_group(pid: u32, signal: Signal) {
-    if let Ok(pid) = i32::try_from(pid)
-        && pid > 0
-    {
-        let _ = killpg(Pid::from_raw(pid), signal);
-    }
-}
-
-async fn capture(reader: impl tokio::io::AsyncRead + Unpin, log: Arc<Mutex<String>>) {
-    let mut lines = BufReader::new(reader).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-        l.push_str(&line);
-        l.push('\n');
-    }
-}
-
-struct Prepared {
-    program: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    workdir: PathBuf,
-}
-
-/// Resolve the executable, env (values, Secret/ConfigMap refs, field refs, envFrom) and volumes
-/// (secret, configMap, emptyDir as local dirs), remapping mount paths to the local dirs.
-async fn prepare(
-    shared: &Arc<Shared>,
-    ns: &str,
-    pod_name: &str,
-    pod_uid: &str,
-    spec: &k8s_openapi::api::core::v1::PodSpec,
-    container: &k8s_openapi::api::core::v1::Container,
-    pod_dir: &Path,
-) -> Result<Prepared> {
-    let secrets: Api<Secret> = Api::namespaced(shared.client.clone(), ns);
-    let config_maps: Api<ConfigMap> = Api::namespaced(shared.client.clone(), ns);
-
-    // Volumes → local dirs.
-    let mut volume_dirs: HashMap<String, PathBuf> = HashMap::new();
-    for vol in spec.volumes.iter().flatten() {
-        let dir = pod_dir.join("volumes").join(&vol.name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("volume dir {}", dir.display()))?;
-        if let Some(sv) = &vol.secret {
-            let sname = sv.secret_name.clone().unwrap_or_default();
-            match secrets.get_opt(&sname).await? {
-                Some(secret) => {
-                    let data = secret_data(&secret)?;
-                    write_items(&dir, &data, sv.items.as_deref())?;
-                }
-                None if sv.optional == Some(true) => {}
-                None => bail!("secret {ns}/{sname} for volume {} not found", vol.name),
-            }
-        } else if let Some(cv) = &vol.config_map {
-            match config_maps.get_opt(&cv.name).await? {
-                Some(cm) => {
-                    let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-                    for (k, v) in cm.data.unwrap_or_default() {
-                        data.insert(k, v.into_bytes());
-                    }
-                    write_items(&dir, &data, cv.items.as_deref())?;
-                }
-                None if cv.optional == Some(true) => {}
-                None => bail!(
-                    "configmap {ns}/{} for volume {} not found",
-                    cv.name,
-                    vol.name
-                ),
-            }
-        }
-        volume_dirs.insert(vol.name.clone(), dir);
-    }
-    // mountPath → local path, longest first so nested mounts win.
-    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
-    for m in container.volume_mounts.iter().flatten() {
-        let base = volume_dirs
-            .get(&m.name)
-            .with_context(|| format!("volumeMount {} has no volume", m.name))?;
-        let local = match &m.sub_path {
-            Some(sub) if !sub.is_empty() => base.join(sub),
-            _ => base.clone(),
-        };
-        mounts.push((m.mount_path.trim_end_matches('/').to_string(), local));
-    }
-    mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-    let remap = |value: &str| -> String {
-        for (mount, local) in &mounts {
-            if value == mount.as_str() {
-                return local.display().to_string();
-            }
-            if let Some(rest) = value.strip_prefix(&format!("{mount}/")) {
-                return local.join(rest).display().to_string();
-            }
-        }
-        value.to_string()
-    };
-
-    // Env.
-    let mut env: Vec<(String, String)> = vec![
-        (
-            "PATH".into(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        ),
-        ("HOSTNAME".into(), pod_name.to_string()),
-        ("HOME".into(), pod_dir.display().to_string()),
-    ];
-    env.extend(shared.cfg.extra_env.iter().cloned());
-    let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
-        env.retain(|(name, _)| *name != k);
-        env.push((k, v));
-    };
-    for from in container.env_from.iter().flatten() {
-        let prefix = from.prefix.clone().unwrap_or_default();
-        if let Some(sr) = &from.secret_ref {
-            match secrets.get_opt(&sr.name).await? {
-                Some(secret) => {
-                    for (k, v) in secret_data(&secret)? {
-                        set(
-                            &mut env,
-                            format!("{prefix}{k}"),
-                            String::from_utf8_lossy(&v).into(),
-                        );
-                    }
-                }
-                None if sr.optional == Some(true) => {}
-                None => bail!("secret {ns}/{} for envFrom not found", sr.name),
-            }
-        }
-        if let Some(cr) = &from.config_map_ref {
-            match config_maps.get_opt(&cr.name).await? {
-                Some(cm) => {
-                    for (k, v) in cm.data.unwrap_or_default() {
-                        set(&mut env, format!("{prefix}{k}"), v);
-                    }
-                }
-                None if cr.optional == Some(true) => {}
-                None => bail!("configmap {ns}/{} for envFrom not found", cr.name),
-            }
-        }
-    }
-    for var in container.env.iter().flatten() {
-        let value = if let Some(v) = &var.value {
-            v.clone()
-        } else if let Some(from) = &var.value_from {
-            if let Some(sk) = &from.secret_key_ref {
-                let secret = secrets.get_opt(&sk.name).await?;
-                let data = match &secret {
-                    Some(s) => secret_data(s)?,
-                    None => BTreeMap::new(),
-                };
-                match data.get(&sk.key) {
-                    Some(v) => String::from_utf8_lossy(v).into_owned(),
-                    None if sk.optional == Some(true) => continue,
-                    None => bail!(
-                        "secret {ns}/{} key {} for env {} not found",
-                        sk.name,
-                        sk.key,
-                        var.name
-                    ),
-                }
-            } else if let Some(ck) = &from.config_map_key_ref {
-                let cm = config_maps.get_opt(&ck.name).await?;
-                match cm
-                    .and_then(|c| c.data)
-                    .and_then(|d| d.get(&ck.key).cloned())
-                {
-                    Some(v) => v,
-                    None if ck.optional == Some(true) => continue,
-                    None => bail!(
-                        "configmap {ns}/{} key {} for env {} not found",
-                        ck.name,
-                        ck.key,
-                        var.name
-                    ),
-                }
-            } else if let Some(f) = &from.field_ref {
-                match f.field_path.as_str() {
-                    "metadata.name" => pod_name.to_string(),
-                    "metadata.namespace" => ns.to_string(),
-                    "metadata.uid" => pod_uid.to_string(),
-                    "spec.nodeName" => NODE_NAME.to_string(),
-                    "spec.serviceAccountName" => spec
-                        .service_account_name
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                    "status.podIP" => "10.244.0.10".into(),
-                    "status.hostIP" => "10.0.0.1".into(),
-                    other => bail!("unsupported fieldRef {other} for env {}", var.name),
-                }
-            } else {
-                bail!("unsupported valueFrom for env {}", var.name)
-            }
-        } else {
-            String::new()
-        };
-        set(&mut env, var.name.clone(), value);
-    }
-    // $(VAR) expansion in values is left out; rewrite paths under mounts.
-    let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k, remap(&v))).collect();
-
-    // Command.
-    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
-    argv.extend(container.args.clone().unwrap_or_default());
-    let image = container.image.clone().unwrap_or_default();
-    let (program, args) = if container.command.as_ref().is_some_and(|c| !c.is_empty()) {
-        let cmd0 = argv.remove(0);
-        (resolve_binary(&shared.cfg, &cmd0)?, argv)
-    } else {
-        (resolve_binary(&shared.cfg, &image)?, argv)
-    };
-    let args = args.iter().map(|a| remap(a)).collect();
-    let workdir = match &container.working_dir {
-        Some(w) if !w.is_empty() => {
-            let local = PathBuf::from(remap(w));
-            if local.is_absolute() && local.starts_with(pod_dir) {
-                local
-            } else {
-                // An image path the process cannot use here: give it a private dir instead.
-                pod_dir.join("workdir")
-            }
-        }
-        _ => pod_dir.join("workdir"),
-    };
-    std::fs::create_dir_all(&workdir).context("working dir")?;
-    Ok(Prepared {
-        program,
-        args,
-        env,
-        workdir,
-    })
-}
-
-fn resolve_binary(cfg: &SimulatorConfig, name: &str) -> Result<PathBuf> {
-    if let Some(p) = cfg.binaries.get(name) {
-        return Ok(p.clone());
-    }
-    let base = Path::new(name)
-        .file_name()
-        .map(|f| f.to_string_lossy().to_string())
-        .unwrap_or_default();
-    if let Some(p) = cfg.binaries.get(&base) {
-        return Ok(p.clone());
-    }
-    // Images: match without tag/registry, e.g. `ghcr.io/x/repobox-job-runner:1.2` → `repobox-job-runner`.
-    let image_name = base.split([':', '@']).next().unwrap_or_default();
-    if let Some(p) = cfg.binaries.get(image_name) {
-        return Ok(p.clone());
-    }
-    bail!("no local binary mapped for {name:?} (SimulatorConfig::binaries)")
-}
-
-fn secret_data(secret: &Secret) -> Result<BTreeMap<String, Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    for (k, v) in secret.data.clone().unwrap_or_default() {
-        out.insert(k, v.0);
-    }
-    for (k, v) in secret.string_data.clone().unwrap_or_default() {
-        out.insert(k, v.into_bytes());
-    }
-    Ok(out)
-}
-
-fn write_items(
-    dir: &Path,
-    data: &BTreeMap<String, Vec<u8>>,
-    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
-) -> Result<()> {
-    let pairs: Vec<(String, &Vec<u8>)> = match items {
-        Some(items) if !items.is_empty() => items
-            .iter()
-            .map(|i| {
-                data.get(&i.key)
-                    .map(|v| (i.path.clone(), v))
-                    .with_context(|| format!("key {} not found", i.key))
-            })
-            .collect::<Result<_>>()?,
-        _ => data.iter().map(|(k, v)| (k.clone(), v)).collect(),
-    };
-    for (path, value) in pairs {
-        let file = dir.join(&path);
-        if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&file, value).with_context(|| format!("write {}", file.display()))?;
-    }
-    Ok(())
 }
