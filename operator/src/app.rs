@@ -68,7 +68,7 @@ pub async fn run_with_client(
         server_stop.cancel();
         return Ok(());
     };
-    let outcomes = Outcomes::new(manager);
+    let outcomes = Outcomes::new(manager).with_output_ttl(cfg.output_ttl());
 
     let leadership = if cfg.leader_election {
         let elector = LeaderElector::from_config(client.clone(), &cfg)?

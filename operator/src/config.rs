@@ -152,6 +152,15 @@ pub struct Config {
     #[arg(long, env = "CLAIM_MIN_IDLE_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub claim_min_idle_seconds: u64,
 
+    // ----- Redis retention: what the operator caps, trims and expires -----
+    /// Approximate cap of the dead-letter stream (`XADD … MAXLEN ~`).
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dead_letter_maxlen: u64,
+
+    /// Expiry of `job:{id}:output` once the job is terminal, in seconds (0 keeps it forever).
+    #[arg(long, env = "OUTPUT_TTL_SECONDS", default_value_t = 604_800)]
+    pub output_ttl_seconds: u32,
+
     // ----- Quotas and queue -----
     /// Maximum jobs running at once, in all (the contract's `MAX_CONCURRENT_JOBS`).
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
@@ -453,6 +462,12 @@ impl Config {
     /// `CLAIM_MIN_IDLE_SECONDS` as a duration.
     pub fn claim_min_idle(&self) -> Duration {
         Duration::from_secs(self.claim_min_idle_seconds)
+    }
+
+    /// `OUTPUT_TTL_SECONDS` as a duration; `None` when outputs are kept forever.
+    pub fn output_ttl(&self) -> Option<Duration> {
+        (self.output_ttl_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(self.output_ttl_seconds)))
     }
 
     /// `RETENTION_SECONDS` as a duration.
@@ -1045,6 +1060,8 @@ pub(crate) mod tests {
             ("DEAD_LETTER_STREAM", "d"),
             ("MAX_DELIVERIES", "9"),
             ("CLAIM_MIN_IDLE_SECONDS", "30"),
+            ("DEAD_LETTER_MAXLEN", "77"),
+            ("OUTPUT_TTL_SECONDS", "60"),
             ("MAX_CONCURRENT_JOBS", "20"),
             ("MAX_JOBS_PER_USER", "4"),
             ("MAX_QUEUED", "50"),
@@ -1116,6 +1133,8 @@ pub(crate) mod tests {
         );
         assert_eq!(c.max_deliveries, 9);
         assert_eq!(c.claim_min_idle(), Duration::from_secs(30));
+        assert_eq!(c.dead_letter_maxlen, 77);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(60)));
         assert_eq!(
             c.limits(),
             Limits {
@@ -1550,6 +1569,32 @@ pub(crate) mod tests {
         assert_eq!(
             c.map(|c| c.redis_url.expose().to_owned()).ok().as_deref(),
             Some("redis://flag")
+        );
+    }
+
+    #[test]
+    fn redis_retention_settings() {
+        let c = test_config(&[]);
+        assert_eq!(c.dead_letter_maxlen, 10_000);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(7 * 24 * 3600)));
+        let c = test_config(&[("DEAD_LETTER_MAXLEN", "50"), ("OUTPUT_TTL_SECONDS", "0")]);
+        assert_eq!(c.dead_letter_maxlen, 50);
+        assert_eq!(c.output_ttl(), None, "0 keeps the output forever");
+        let c = test_config(&[("OUTPUT_TTL_SECONDS", "90")]);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(90)));
+        assert!(
+            parse_with_env(
+                &[],
+                &[("REDIS_URL", "redis://x"), ("DEAD_LETTER_MAXLEN", "0")]
+            )
+            .is_err()
+        );
+        assert!(
+            parse_with_env(
+                &[],
+                &[("REDIS_URL", "redis://x"), ("OUTPUT_TTL_SECONDS", "-1")]
+            )
+            .is_err()
         );
     }
 }
