@@ -154,12 +154,27 @@ pub struct Config {
 
     // ----- Redis retention: what the operator caps, trims and expires -----
     /// Approximate cap of the dead-letter stream (`XADD … MAXLEN ~`).
-    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
     pub dead_letter_maxlen: u64,
 
     /// Expiry of `job:{id}:output` once the job is terminal, in seconds (0 keeps it forever).
-    #[arg(long, env = "OUTPUT_TTL_SECONDS", default_value_t = 604_800)]
+    #[arg(long, env = "OUTPUT_TTL_SECONDS", default_value_t = 604800)]
     pub output_ttl_seconds: u32,
+
+    // ----- Redis TLS -----
+    /// A PEM CA bundle the operator trusts for `rediss://` instead of the system roots (a Redis
+    /// with a private CA).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
+    /// The Secret (in the jobs namespace) whose key `REDIS_CA_SECRET_KEY` runner pods mount as
+    /// their Redis CA; unset: runners trust the system roots.
+    #[arg(long, env = "REDIS_CA_SECRET_NAME")]
+    pub redis_ca_secret_name: Option<String>,
+
+    /// The key of the CA certificate in `REDIS_CA_SECRET_NAME`.
+    #[arg(long, env = "REDIS_CA_SECRET_KEY", default_value = "ca.crt")]
+    pub redis_ca_secret_key: String,
 
     // ----- Quotas and queue -----
     /// Maximum jobs running at once, in all (the contract's `MAX_CONCURRENT_JOBS`).
@@ -470,6 +485,27 @@ impl Config {
             .then(|| Duration::from_secs(u64::from(self.output_ttl_seconds)))
     }
 
+    /// The Redis TLS settings: a CA file only makes sense for a TLS URL; the runner CA Secret
+    /// must be a valid name and key.
+    fn validate_redis_tls(&self) -> Result<()> {
+        if self.redis_ca_file.is_some() {
+            let scheme = self.redis_url.expose().split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("rediss" | "valkeys")) {
+                return Err(invalid(
+                    "REDIS_CA_FILE",
+                    "is only used with a TLS URL (rediss://) in REDIS_URL",
+                ));
+            }
+        }
+        if let Some(name) = non_empty(&self.redis_ca_secret_name) {
+            secret_ref(
+                ("REDIS_CA_SECRET_NAME", name),
+                ("REDIS_CA_SECRET_KEY", &self.redis_ca_secret_key),
+            )?;
+        }
+        Ok(())
+    }
+
     /// `RETENTION_SECONDS` as a duration.
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_seconds)
@@ -540,6 +576,7 @@ impl Config {
         if self.dead_letter_stream == self.stream_key {
             return Err(invalid("DEAD_LETTER_STREAM", "must differ from STREAM_KEY"));
         }
+        self.validate_redis_tls()?;
         self.job_config().map(|_| ())
     }
 
@@ -1062,6 +1099,9 @@ pub(crate) mod tests {
             ("CLAIM_MIN_IDLE_SECONDS", "30"),
             ("DEAD_LETTER_MAXLEN", "77"),
             ("OUTPUT_TTL_SECONDS", "60"),
+            ("REDIS_CA_FILE", "/etc/redis-ca/ca.crt"),
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+            ("REDIS_CA_SECRET_KEY", "ca.pem"),
             ("MAX_CONCURRENT_JOBS", "20"),
             ("MAX_JOBS_PER_USER", "4"),
             ("MAX_QUEUED", "50"),
@@ -1135,6 +1175,12 @@ pub(crate) mod tests {
         assert_eq!(c.claim_min_idle(), Duration::from_secs(30));
         assert_eq!(c.dead_letter_maxlen, 77);
         assert_eq!(c.output_ttl(), Some(Duration::from_secs(60)));
+        assert_eq!(
+            c.redis_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/redis-ca/ca.crt"))
+        );
+        assert_eq!(c.redis_ca_secret_name.as_deref(), Some("redis-ca"));
+        assert_eq!(c.redis_ca_secret_key, "ca.pem");
         assert_eq!(
             c.limits(),
             Limits {
@@ -1596,5 +1642,31 @@ pub(crate) mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn redis_tls_settings() {
+        let c = test_config(&[]);
+        assert_eq!(c.redis_ca_file, None);
+        assert_eq!(c.redis_ca_secret_name, None);
+        assert_eq!(c.redis_ca_secret_key, "ca.crt");
+        let ok = test_config(&[
+            ("REDIS_URL", "rediss://op:pw@redis:6380"),
+            ("REDIS_CA_FILE", "/etc/repobox/redis-ca/ca.crt"),
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+        ]);
+        ok.validate().unwrap();
+        let plain = test_config(&[("REDIS_CA_FILE", "/ca.crt")]);
+        let err = plain.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_FILE"), "{err}");
+        let bad = test_config(&[("REDIS_CA_SECRET_NAME", "Not_A_Name")]);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_SECRET_NAME"), "{err}");
+        let bad = test_config(&[
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+            ("REDIS_CA_SECRET_KEY", "a/b"),
+        ]);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_SECRET_KEY"), "{err}");
     }
 }
