@@ -127,9 +127,11 @@ impl Intake {
             };
             if tokio::time::Instant::now() >= next_claim {
                 self.reclaim(&mut con).await?;
-                let trimmed = trim_acknowledged(&mut con, &self.cfg.stream_key).await?;
-                if trimmed > 0 {
-                    debug!(entries = trimmed, "trimmed acknowledged stream entries");
+                // Hygiene, never a reason to stop reading (e.g. an ACL without XTRIM).
+                match trim_acknowledged(&mut con, &self.cfg.stream_key).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(entries = n, "trimmed acknowledged stream entries"),
+                    Err(e) => warn!(error = %e, "trimming acknowledged stream entries failed"),
                 }
                 next_claim = tokio::time::Instant::now() + claim_every;
             }
@@ -382,7 +384,7 @@ impl Intake {
         if let Some(status) = record.get("status").and_then(|s| JobStatus::parse(s))
             && status.is_terminal()
         {
-            self.outcomes.expire_output(&job_id).await?;
+            self.outcomes.expire_output(&job_id).await;
             return Ok(Handled::Bad {
                 reason: "terminal",
                 detail: format!("job {job_id} is already {status}"),

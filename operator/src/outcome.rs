@@ -110,18 +110,22 @@ impl Outcomes {
 
     /// Starts the expiry of a finished job's `job:{jobId}:output` (`OUTPUT_TTL_SECONDS`). Does
     /// nothing when outputs are kept, when the list does not exist, or when it already expires.
-    pub async fn expire_output(&self, job_id: &str) -> Result<()> {
+    /// Best effort: a failure is logged and never holds up recording an outcome (the retention
+    /// pass tries again before the RepoboxJob is deleted).
+    pub async fn expire_output(&self, job_id: &str) {
         let Some(ttl) = self.output_ttl else {
-            return Ok(());
+            return;
         };
         let mut con = self.con.clone();
-        let _: i64 = self
+        let r: redis::RedisResult<i64> = self
             .expire_script
             .key(keys::job_output(job_id))
             .arg(ttl.as_secs().max(1))
             .invoke_async(&mut con)
-            .await?;
-        Ok(())
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(job_id, error = %e, "setting the output's expiry failed");
+        }
     }
 }
 

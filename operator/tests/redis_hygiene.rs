@@ -273,21 +273,21 @@ async fn output_expiry_is_set_once_and_never_extended() {
     let _: () = con.rpush("job:b:output", "line").await.unwrap();
 
     let keep = Outcomes::new(manager.clone()).with_output_ttl(None);
-    keep.expire_output("a").await.unwrap();
+    keep.expire_output("a").await;
     let ttl: i64 = con.ttl("job:a:output").await.unwrap();
     assert_eq!(ttl, -1, "OUTPUT_TTL_SECONDS=0 keeps the output");
 
     let expiring = Outcomes::new(manager).with_output_ttl(Some(Duration::from_secs(3600)));
-    expiring.expire_output("a").await.unwrap();
+    expiring.expire_output("a").await;
     let ttl: i64 = con.ttl("job:a:output").await.unwrap();
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
     // A key that already expires keeps its expiry (a later reconcile must not extend it).
     let _: () = con.expire("job:b:output", 100).await.unwrap();
-    expiring.expire_output("b").await.unwrap();
+    expiring.expire_output("b").await;
     let ttl: i64 = con.ttl("job:b:output").await.unwrap();
     assert!((90..=100).contains(&ttl), "ttl {ttl}");
     // A missing list is not created.
-    expiring.expire_output("c").await.unwrap();
+    expiring.expire_output("c").await;
     let exists: bool = con.exists("job:c:output").await.unwrap();
     assert!(!exists);
 }
