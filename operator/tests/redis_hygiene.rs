@@ -70,18 +70,9 @@ async fn per_user_quota_holds_across_a_restart_for_ids_like_email_addresses() {
     let b = bed.job("mailqb02-b", user);
     let mut created = Vec::new();
     for (job, entry) in [(&a, "1-0"), (&b, "2-0")] {
-        repobox_testbed::webapp::create_provider(
-            &mut bed.con,
-            user,
-            &job.provider_id,
-            &bed.key,
-            TOKEN,
-        )
-        .await
-        .unwrap();
-        repobox_testbed::webapp::create_job(&mut bed.con, job)
-            .await
-            .unwrap();
+        // As the web app: hashes and stream entry. The RepoboxJobs exist already when the new
+        // operator reads the entries (AlreadyExists: acknowledged, nothing created twice).
+        bed.submit(job).await;
         let rj =
             repobox_operator::intake::repobox_job(&job.id, user, entry, &bed.record(&job.id).await);
         created.push(bed.rjs().create(&PostParams::default(), &rj).await.unwrap());

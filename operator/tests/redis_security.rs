@@ -137,7 +137,20 @@ async fn the_runner_acl_allows_the_job_runner_and_nothing_else() {
         "nothing to do",
     );
     job.provider_id = "gh".into();
-    webapp::create_provider(&mut admin, &job.user_id, "gh", &key, TOKEN)
+    // The provider as the web app writes it, `baseUrl` naming the test git host (GitHub
+    // Enterprise style) so the runner accepts that host for the token.
+    let repo_url = git.url("acme/api");
+    let scheme_end = repo_url.find("://").unwrap() + 3;
+    let host_end = scheme_end + repo_url[scheme_end..].find('/').unwrap();
+    let _: () = admin
+        .hset_multiple(
+            format!("git_provider:{}:gh", job.user_id),
+            &[
+                ("type", "github".to_owned()),
+                ("baseUrl", repo_url[..host_end].to_owned()),
+                ("encryptedToken", key.encrypt(TOKEN)),
+            ],
+        )
         .await
         .unwrap();
     webapp::submit(&mut admin, &job).await.unwrap();
