@@ -34,10 +34,14 @@ const CREATE_CONCURRENCY: usize = 16;
 
 #[derive(Default)]
 struct State {
-    /// Admitted by this process (Job created) but still `Queued` in the cache: name → user.
+    /// Admitted (Job created) but still `Queued` in the cache: RepoboxJob name → `spec.userId`
+    /// (empty until the cache shows the RepoboxJob: a label only holds a hash of the id).
     overlay: HashMap<String, String>,
     /// The last value written to `runner:user:{id}:running`.
     published: BTreeMap<String, usize>,
+    /// Whether every `runner:user:*:running` key in Redis (also those another leader wrote)
+    /// was set from this process's view since it took the lease.
+    swept: bool,
 }
 
 #[derive(Default)]
@@ -82,12 +86,10 @@ impl Admitter {
             .await?;
         let mut state = self.state.lock().await;
         for job in list {
-            let user = job
-                .labels()
-                .get(job_builder::LABEL_USER)
-                .cloned()
-                .unwrap_or_default();
-            state.overlay.insert(job.name_any(), user);
+            // The user comes from the RepoboxJob's spec in the pass: the `repobox.dev/user`
+            // label is a hash for ids such as `user@example.com`, and counting by it would give
+            // that user extra slots.
+            state.overlay.insert(slot_holder(&job), String::new());
         }
         Ok(())
     }
@@ -110,10 +112,9 @@ impl Admitter {
                 rj.phase() == RepoboxJobPhase::Queued && rj.metadata.deletion_timestamp.is_none()
             })
         });
+        // Quotas count `spec.userId`, never a label.
         for (name, user) in state.overlay.iter_mut() {
-            if user.is_empty()
-                && let Some(rj) = by_name.get(name)
-            {
+            if let Some(rj) = by_name.get(name) {
                 user.clone_from(&rj.spec.user_id);
             }
         }
@@ -195,6 +196,20 @@ impl Admitter {
         }
         ctx.metrics
             .set_queue(decision.waiting.len() as i64, running.len() as i64);
+        if !state.swept {
+            // Keys another leader published (or this one before a restart) are corrected too:
+            // every user with a key and nothing admitted is set to 0.
+            match ctx.outcomes.user_running_ids().await {
+                Ok(users) => {
+                    for user in users {
+                        state.published.remove(&user);
+                        per_user.entry(user).or_default();
+                    }
+                    state.swept = true;
+                }
+                Err(e) => warn!(error = %e, "listing the per-user running counters failed"),
+            }
+        }
         let known_users: Vec<String> = state.published.keys().cloned().collect();
         for user in known_users {
             per_user.entry(user).or_default();
@@ -211,6 +226,16 @@ impl Admitter {
         }
         Ok(())
     }
+}
+
+/// The RepoboxJob a Job holds a slot for: its controller owner, else the RepoboxJob of the
+/// same name (the builder names the Job after it).
+fn slot_holder(job: &Job) -> String {
+    job.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "RepoboxJob")
+        .map(|o| o.name.clone())
+        .unwrap_or_else(|| job.name_any())
 }
 
 /// Creates the Job of an admitted RepoboxJob (idempotent: AlreadyExists is success).
@@ -251,4 +276,62 @@ async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn job(name: &str, owners: Vec<OwnerReference>) -> Job {
+        let mut job = Job::default();
+        job.metadata.name = Some(name.into());
+        job.metadata.owner_references = Some(owners);
+        job
+    }
+
+    fn owner(kind: &str, name: &str, controller: bool) -> OwnerReference {
+        OwnerReference {
+            api_version: "repobox.dev/v1alpha1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "u".into(),
+            controller: Some(controller),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_job_holds_the_slot_of_its_controlling_repobox_job() {
+        let j = job(
+            "job-x",
+            vec![
+                owner("ConfigMap", "other", true),
+                owner("RepoboxJob", "not-controller", false),
+                owner("RepoboxJob", "rbj-1", true),
+            ],
+        );
+        assert_eq!(slot_holder(&j), "rbj-1");
+        assert_eq!(slot_holder(&job("rbj-2", vec![])), "rbj-2");
+    }
+
+    #[test]
+    fn built_jobs_map_back_to_their_repobox_job() {
+        let mut rj = crate::intake::repobox_job(
+            "Job@1",
+            "user@example.com",
+            "1-0",
+            &HashMap::from([(
+                "repoUrl".to_owned(),
+                "https://github.com/a/b.git".to_owned(),
+            )]),
+        );
+        rj.metadata.uid = Some("uid-1".into());
+        rj.metadata.namespace = Some("jobs".into());
+        let cfg = crate::config::tests::test_job_config(&[]);
+        let built = job_builder::job_for(&rj, &cfg).unwrap();
+        assert_eq!(slot_holder(&built), rj.name_any());
+        // The label is not the user id: counting by it was the bug.
+        assert_ne!(built.labels()[job_builder::LABEL_USER], rj.spec.user_id);
+    }
 }

@@ -63,12 +63,12 @@ pub async fn run_with_client(
         })
     };
 
-    let redis = redis::Client::open(cfg.redis_url.expose())?;
+    let redis = redis_client(&cfg)?;
     let Some(manager) = connect_redis(&redis, &health, &metrics, &shutdown).await else {
         server_stop.cancel();
         return Ok(());
     };
-    let outcomes = Outcomes::new(manager);
+    let outcomes = Outcomes::new(manager).with_output_ttl(cfg.output_ttl());
 
     let leadership = if cfg.leader_election {
         let elector = LeaderElector::from_config(client.clone(), &cfg)?
@@ -166,6 +166,26 @@ pub async fn run_with_client(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The Redis client. With `REDIS_CA_FILE`, TLS connections trust that CA (PEM) instead of the
+/// system roots.
+pub fn redis_client(cfg: &Config) -> Result<redis::Client> {
+    let Some(path) = &cfg.redis_ca_file else {
+        return Ok(redis::Client::open(cfg.redis_url.expose())?);
+    };
+    let pem = std::fs::read(path).map_err(|e| Error::InvalidConfig {
+        setting: "REDIS_CA_FILE",
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Ok(redis::Client::build_with_tls(
+        cfg.redis_url.expose(),
+        certs,
+    )?)
 }
 
 /// Connects the shared (auto-reconnecting) Redis connection, retrying with backoff until it

@@ -152,6 +152,30 @@ pub struct Config {
     #[arg(long, env = "CLAIM_MIN_IDLE_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub claim_min_idle_seconds: u64,
 
+    // ----- Redis retention: what the operator caps, trims and expires -----
+    /// Approximate cap of the dead-letter stream (`XADD … MAXLEN ~`).
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dead_letter_maxlen: u64,
+
+    /// Expiry of `job:{id}:output` once the job is terminal, in seconds (0 keeps it forever).
+    #[arg(long, env = "OUTPUT_TTL_SECONDS", default_value_t = 604800)]
+    pub output_ttl_seconds: u32,
+
+    // ----- Redis TLS -----
+    /// A PEM CA bundle the operator trusts for `rediss://` instead of the system roots (a Redis
+    /// with a private CA).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
+    /// The Secret (in the jobs namespace) whose key `REDIS_CA_SECRET_KEY` runner pods mount as
+    /// their Redis CA; unset: runners trust the system roots.
+    #[arg(long, env = "REDIS_CA_SECRET_NAME")]
+    pub redis_ca_secret_name: Option<String>,
+
+    /// The key of the CA certificate in `REDIS_CA_SECRET_NAME`.
+    #[arg(long, env = "REDIS_CA_SECRET_KEY", default_value = "ca.crt")]
+    pub redis_ca_secret_key: String,
+
     // ----- Quotas and queue -----
     /// Maximum jobs running at once, in all (the contract's `MAX_CONCURRENT_JOBS`).
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
@@ -531,6 +555,33 @@ impl Config {
         Duration::from_secs(self.claim_min_idle_seconds)
     }
 
+    /// `OUTPUT_TTL_SECONDS` as a duration; `None` when outputs are kept forever.
+    pub fn output_ttl(&self) -> Option<Duration> {
+        (self.output_ttl_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(self.output_ttl_seconds)))
+    }
+
+    /// The Redis TLS settings: a CA file only makes sense for a TLS URL; the runner CA Secret
+    /// must be a valid name and key.
+    fn validate_redis_tls(&self) -> Result<()> {
+        if self.redis_ca_file.is_some() {
+            let scheme = self.redis_url.expose().split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("rediss" | "valkeys")) {
+                return Err(invalid(
+                    "REDIS_CA_FILE",
+                    "is only used with a TLS URL (rediss://) in REDIS_URL",
+                ));
+            }
+        }
+        if let Some(name) = non_empty(&self.redis_ca_secret_name) {
+            secret_ref(
+                ("REDIS_CA_SECRET_NAME", name),
+                ("REDIS_CA_SECRET_KEY", &self.redis_ca_secret_key),
+            )?;
+        }
+        Ok(())
+    }
+
     /// `RETENTION_SECONDS` as a duration.
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_seconds)
@@ -586,6 +637,7 @@ impl Config {
         if self.dead_letter_stream == self.stream_key {
             return Err(invalid("DEAD_LETTER_STREAM", "must differ from STREAM_KEY"));
         }
+        self.validate_redis_tls()?;
         self.job_config().map(|_| ())
     }
 
@@ -1296,6 +1348,11 @@ pub(crate) mod tests {
             ("DEAD_LETTER_STREAM", "d"),
             ("MAX_DELIVERIES", "9"),
             ("CLAIM_MIN_IDLE_SECONDS", "30"),
+            ("DEAD_LETTER_MAXLEN", "77"),
+            ("OUTPUT_TTL_SECONDS", "60"),
+            ("REDIS_CA_FILE", "/etc/redis-ca/ca.crt"),
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+            ("REDIS_CA_SECRET_KEY", "ca.pem"),
             ("MAX_CONCURRENT_JOBS", "20"),
             ("MAX_JOBS_PER_USER", "4"),
             ("MAX_QUEUED", "50"),
@@ -1377,6 +1434,14 @@ pub(crate) mod tests {
         );
         assert_eq!(c.max_deliveries, 9);
         assert_eq!(c.claim_min_idle(), Duration::from_secs(30));
+        assert_eq!(c.dead_letter_maxlen, 77);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(60)));
+        assert_eq!(
+            c.redis_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/redis-ca/ca.crt"))
+        );
+        assert_eq!(c.redis_ca_secret_name.as_deref(), Some("redis-ca"));
+        assert_eq!(c.redis_ca_secret_key, "ca.pem");
         assert_eq!(
             c.limits(),
             Limits {
@@ -1828,5 +1893,57 @@ pub(crate) mod tests {
             c.map(|c| c.redis_url.expose().to_owned()).ok().as_deref(),
             Some("redis://flag")
         );
+    }
+
+    #[test]
+    fn redis_retention_settings() {
+        let c = test_config(&[]);
+        assert_eq!(c.dead_letter_maxlen, 10_000);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(7 * 24 * 3600)));
+        let c = test_config(&[("DEAD_LETTER_MAXLEN", "50"), ("OUTPUT_TTL_SECONDS", "0")]);
+        assert_eq!(c.dead_letter_maxlen, 50);
+        assert_eq!(c.output_ttl(), None, "0 keeps the output forever");
+        let c = test_config(&[("OUTPUT_TTL_SECONDS", "90")]);
+        assert_eq!(c.output_ttl(), Some(Duration::from_secs(90)));
+        assert!(
+            parse_with_env(
+                &[],
+                &[("REDIS_URL", "redis://x"), ("DEAD_LETTER_MAXLEN", "0")]
+            )
+            .is_err()
+        );
+        assert!(
+            parse_with_env(
+                &[],
+                &[("REDIS_URL", "redis://x"), ("OUTPUT_TTL_SECONDS", "-1")]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn redis_tls_settings() {
+        let c = test_config(&[]);
+        assert_eq!(c.redis_ca_file, None);
+        assert_eq!(c.redis_ca_secret_name, None);
+        assert_eq!(c.redis_ca_secret_key, "ca.crt");
+        let ok = test_config(&[
+            ("REDIS_URL", "rediss://op:pw@redis:6380"),
+            ("REDIS_CA_FILE", "/etc/repobox/redis-ca/ca.crt"),
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+        ]);
+        ok.validate().unwrap();
+        let plain = test_config(&[("REDIS_CA_FILE", "/ca.crt")]);
+        let err = plain.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_FILE"), "{err}");
+        let bad = test_config(&[("REDIS_CA_SECRET_NAME", "Not_A_Name")]);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_SECRET_NAME"), "{err}");
+        let bad = test_config(&[
+            ("REDIS_CA_SECRET_NAME", "redis-ca"),
+            ("REDIS_CA_SECRET_KEY", "a/b"),
+        ]);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("REDIS_CA_SECRET_KEY"), "{err}");
     }
 }

@@ -8,6 +8,11 @@
 //! entries are acknowledged and, where a job hash exists, marked failed with a specific error;
 //! none of them stops the loop. While `MAX_QUEUED` RepoboxJobs wait, reading pauses: entries
 //! wait safely in Redis.
+//!
+//! Redis must not grow without bound: the dead-letter stream is capped (`DEAD_LETTER_MAXLEN`,
+//! approximate), and after each reclaim pass the entries every consumer group of the stream has
+//! acknowledged are trimmed (`XTRIM MINID`, see [`trim_floor`]); entries still pending or never
+//! delivered are kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,7 +23,8 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
-    StreamAutoClaimOptions, StreamId, StreamPendingCountReply, StreamReadOptions, StreamReadReply,
+    StreamAutoClaimOptions, StreamId, StreamInfoGroupsReply, StreamMaxlen, StreamPendingCountReply,
+    StreamPendingReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, AsyncConnectionConfig, Value};
 use repobox_contract::{JobStatus, keys};
@@ -121,6 +127,12 @@ impl Intake {
             };
             if tokio::time::Instant::now() >= next_claim {
                 self.reclaim(&mut con).await?;
+                // Hygiene, never a reason to stop reading (e.g. an ACL without XTRIM).
+                match trim_acknowledged(&mut con, &self.cfg.stream_key).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(entries = n, "trimmed acknowledged stream entries"),
+                    Err(e) => warn!(error = %e, "trimming acknowledged stream entries failed"),
+                }
                 next_claim = tokio::time::Instant::now() + claim_every;
             }
             tokio::select! {
@@ -372,6 +384,7 @@ impl Intake {
         if let Some(status) = record.get("status").and_then(|s| JobStatus::parse(s))
             && status.is_terminal()
         {
+            self.outcomes.expire_output(&job_id).await;
             return Ok(Handled::Bad {
                 reason: "terminal",
                 detail: format!("job {job_id} is already {status}"),
@@ -438,10 +451,98 @@ impl Intake {
                 .fail(job_id, &format!("the job could not be started after {deliveries} attempts and was moved to the dead-letter stream"))
                 .await?;
         }
-        let _: String = con.xadd(&self.cfg.dead_letter_stream, "*", &fields).await?;
+        let maxlen = usize::try_from(self.cfg.dead_letter_maxlen).unwrap_or(usize::MAX);
+        let _: Option<String> = con
+            .xadd_maxlen(
+                &self.cfg.dead_letter_stream,
+                StreamMaxlen::Approx(maxlen),
+                "*",
+                &fields,
+            )
+            .await?;
         warn!(entry = %entry.id, deliveries, "poison entry moved to the dead-letter stream");
         Ok(())
     }
+}
+
+/// Where one consumer group stands in the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupPosition {
+    /// The group's `last-delivered-id`: later entries were never delivered to it.
+    pub last_delivered: EntryId,
+    /// The smallest id the group has pending (delivered, not acknowledged), if any.
+    pub oldest_pending: Option<EntryId>,
+}
+
+/// The `XTRIM … MINID` bound below which every group of the stream has acknowledged every
+/// entry: each group's oldest pending entry, or just past its last delivered one when nothing is
+/// pending, and the smallest of those over all groups. `None` (trim nothing) without groups.
+pub fn trim_floor(groups: &[GroupPosition]) -> Option<EntryId> {
+    groups
+        .iter()
+        .map(|g| match g.oldest_pending {
+            Some(p) => p.min(g.last_delivered),
+            None => next_id(g.last_delivered),
+        })
+        .min()
+}
+
+/// The smallest id after `id`.
+fn next_id(id: EntryId) -> EntryId {
+    match id.seq.checked_add(1) {
+        Some(seq) => EntryId { ms: id.ms, seq },
+        None => EntryId {
+            ms: id.ms.saturating_add(1),
+            seq: 0,
+        },
+    }
+}
+
+/// Trims the entries of `stream` that every consumer group has acknowledged (exact
+/// `XTRIM MINID`, so a pending or undelivered entry is never removed); returns how many went.
+/// An id that does not parse stops the trim: keeping entries is always safe.
+pub async fn trim_acknowledged(con: &mut MultiplexedConnection, stream: &str) -> Result<usize> {
+    let exists: bool = con.exists(stream).await?;
+    if !exists {
+        return Ok(0);
+    }
+    let info: StreamInfoGroupsReply = con.xinfo_groups(stream).await?;
+    let mut positions = Vec::with_capacity(info.groups.len());
+    for group in &info.groups {
+        let Ok(last_delivered) = group.last_delivered_id.parse::<EntryId>() else {
+            return Ok(0);
+        };
+        let oldest_pending = if group.pending == 0 {
+            None
+        } else {
+            match con.xpending(stream, &group.name).await? {
+                StreamPendingReply::Data(d) => match d.start_id.parse::<EntryId>() {
+                    Ok(id) => Some(id),
+                    Err(_) => return Ok(0),
+                },
+                // Acknowledged since XINFO: nothing pending any more.
+                _ => None,
+            }
+        };
+        positions.push(GroupPosition {
+            last_delivered,
+            oldest_pending,
+        });
+    }
+    let Some(floor) = trim_floor(&positions) else {
+        return Ok(0);
+    };
+    if floor <= (EntryId { ms: 0, seq: 1 }) {
+        return Ok(0);
+    }
+    let trimmed: usize = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg("=")
+        .arg(floor.to_string())
+        .query_async(con)
+        .await?;
+    Ok(trimmed)
 }
 
 /// The RepoboxJob for a stream entry (pure).
@@ -506,5 +607,44 @@ mod tests {
         assert_eq!(rj.finalizers(), [FINALIZER]);
         assert_eq!(rj.labels()[LABEL_USER], label_value("user@example.com"));
         assert_eq!(rj.labels()[LABEL_MANAGED_BY], MANAGED_BY);
+    }
+
+    fn id(ms: u64, seq: u64) -> EntryId {
+        EntryId { ms, seq }
+    }
+
+    #[test]
+    fn trim_floor_keeps_pending_and_undelivered_entries() {
+        assert_eq!(trim_floor(&[]), None, "no group: not ours to trim");
+        // Nothing pending: everything up to and including the last delivered entry goes.
+        let idle = GroupPosition {
+            last_delivered: id(5, 2),
+            oldest_pending: None,
+        };
+        assert_eq!(trim_floor(&[idle]), Some(id(5, 3)));
+        // The oldest pending entry stays.
+        let busy = GroupPosition {
+            last_delivered: id(9, 0),
+            oldest_pending: Some(id(4, 1)),
+        };
+        assert_eq!(trim_floor(&[busy]), Some(id(4, 1)));
+        // The group furthest behind decides.
+        let behind = GroupPosition {
+            last_delivered: id(2, 0),
+            oldest_pending: None,
+        };
+        assert_eq!(trim_floor(&[idle, busy, behind]), Some(id(2, 1)));
+        // A group that never read anything keeps the whole stream.
+        let fresh = GroupPosition {
+            last_delivered: id(0, 0),
+            oldest_pending: None,
+        };
+        assert_eq!(trim_floor(&[idle, fresh]), Some(id(0, 1)));
+        // The sequence overflows into the next millisecond.
+        let edge = GroupPosition {
+            last_delivered: id(7, u64::MAX),
+            oldest_pending: None,
+        };
+        assert_eq!(trim_floor(&[edge]), Some(id(8, 0)));
     }
 }

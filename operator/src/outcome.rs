@@ -1,10 +1,12 @@
 //! The operator's Redis writes: outcomes the executor could not record (pod killed, deadline,
-//! cancellation, bad entries) and the per-user running counters for dashboards.
+//! cancellation, bad entries), the per-user running counters for dashboards, and the expiry of
+//! finished jobs' output lists.
 //!
 //! Every status change goes through the contract's atomic transitions, so a terminal state
 //! that the executor (or anyone) wrote first is never overwritten.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -13,15 +15,37 @@ use repobox_contract::{JobRecord, RecordError, keys, time};
 
 use crate::Result;
 
+/// Sets the expiry of a key only when it exists and has none, so that repeating it (every
+/// reconcile of a finished job) never pushes the expiry further out.
+const EXPIRE_IF_PERSISTENT: &str = r"
+if redis.call('TTL', KEYS[1]) == -1 then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+";
+
 /// Redis access for outcomes, over an auto-reconnecting connection.
 #[derive(Clone)]
 pub struct Outcomes {
     con: ConnectionManager,
+    /// `OUTPUT_TTL_SECONDS`; `None` keeps outputs forever.
+    output_ttl: Option<Duration>,
+    expire_script: std::sync::Arc<redis::Script>,
 }
 
 impl Outcomes {
     pub fn new(con: ConnectionManager) -> Self {
-        Self { con }
+        Self {
+            con,
+            output_ttl: None,
+            expire_script: std::sync::Arc::new(redis::Script::new(EXPIRE_IF_PERSISTENT)),
+        }
+    }
+
+    /// Finished jobs' `job:{id}:output` expire after `ttl` (`None`: kept forever).
+    pub fn with_output_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.output_ttl = ttl;
+        self
     }
 
     /// `job:{jobId}`, or `None` when the hash does not exist (or is unusable).
@@ -63,5 +87,98 @@ impl Outcomes {
         let mut con = self.con.clone();
         let _: () = con.set(keys::user_running(user_id), running).await?;
         Ok(())
+    }
+
+    /// The user ids that have a `runner:user:{userId}:running` key, whoever wrote it (SCAN, so
+    /// Redis is never blocked).
+    pub async fn user_running_ids(&self) -> Result<Vec<String>> {
+        let (prefix, suffix) = user_running_affixes();
+        let mut con = self.con.clone();
+        let mut iter: redis::AsyncIter<String> = con
+            .scan_match(format!("{}*{}", glob_escape(&prefix), glob_escape(&suffix)))
+            .await?;
+        let mut users = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            if let Some(user) = user_of_running_key(&key?) {
+                users.push(user.to_owned());
+            }
+        }
+        users.sort();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// Starts the expiry of a finished job's `job:{jobId}:output` (`OUTPUT_TTL_SECONDS`). Does
+    /// nothing when outputs are kept, when the list does not exist, or when it already expires.
+    /// Best effort: a failure is logged and never holds up recording an outcome (the retention
+    /// pass tries again before the RepoboxJob is deleted).
+    pub async fn expire_output(&self, job_id: &str) {
+        let Some(ttl) = self.output_ttl else {
+            return;
+        };
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<i64> = self
+            .expire_script
+            .key(keys::job_output(job_id))
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut con)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(job_id, error = %e, "setting the output's expiry failed");
+        }
+    }
+}
+
+/// What comes before and after the user id in `runner:user:{userId}:running`, taken from the
+/// contract's key function so the two can never disagree.
+fn user_running_affixes() -> (String, String) {
+    const MARK: &str = "\u{0}";
+    let key = keys::user_running(MARK);
+    match key.split_once(MARK) {
+        Some((p, s)) => (p.to_owned(), s.to_owned()),
+        None => (key, String::new()),
+    }
+}
+
+/// The user id of a `runner:user:{userId}:running` key (user ids may contain `:`).
+pub fn user_of_running_key(key: &str) -> Option<&str> {
+    let (prefix, suffix) = user_running_affixes();
+    key.strip_prefix(prefix.as_str())?
+        .strip_suffix(suffix.as_str())
+        .filter(|u| !u.is_empty())
+}
+
+/// Escapes the glob characters of a SCAN MATCH pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_come_back_from_running_keys() {
+        for user in ["alice", "user@example.com", "a:b:running", "x*y"] {
+            assert_eq!(user_of_running_key(&keys::user_running(user)), Some(user));
+        }
+        assert_eq!(user_of_running_key("runner:user::running"), None);
+        assert_eq!(user_of_running_key("runner:user:alice"), None);
+        assert_eq!(user_of_running_key("job:alice:running"), None);
+    }
+
+    #[test]
+    fn the_scan_pattern_matches_only_running_keys() {
+        let (prefix, suffix) = user_running_affixes();
+        assert_eq!(prefix, "runner:user:");
+        assert_eq!(suffix, ":running");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

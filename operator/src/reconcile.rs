@@ -197,6 +197,8 @@ impl Context {
                 info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
             }
         }
+        // Before the status: whoever sees the job finished sees its output expiring.
+        self.outcomes.expire_output(&rj.spec.job_id).await;
         let desired = status::with_phase(rj, phase, reason, message, extras, &now());
         if self.write_status(rj, desired).await? {
             let type_ = if phase == RepoboxJobPhase::Succeeded {
@@ -506,6 +508,7 @@ async fn cleanup(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
         let why = "cancelled: the RepoboxJob was deleted";
         delete_job(ctx, &rj.name_any()).await?;
         ctx.outcomes.cancel(&rj.spec.job_id, why).await?;
+        ctx.outcomes.expire_output(&rj.spec.job_id).await;
         ctx.metrics.job_finished("cancelled");
         info!(job = %rj.name_any(), "job cancelled by deletion");
     }
@@ -529,6 +532,8 @@ async fn retention(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
     let keep = ctx.cfg.retention();
     if age >= keep {
         info!(job = %rj.name_any(), "retention period over; deleting the RepoboxJob");
+        // A line pushed after the job was seen finished may have created the list anew.
+        ctx.outcomes.expire_output(&rj.spec.job_id).await;
         match ctx
             .rj_api()
             .delete(&rj.name_any(), &DeleteParams::background())

@@ -28,7 +28,13 @@ KUBE_VERSION = "1.28"
 REDIS_PASSWORD = "S3cr3tRedisPassw0rd"
 REDIS_URL = f"redis://default:{REDIS_PASSWORD}@redis-master.redis.svc:6379/0"
 ENCRYPTION_KEY = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-SECRET_STRINGS = [REDIS_URL, REDIS_PASSWORD, ENCRYPTION_KEY]
+# One ACL user per side (docs/install.md), over TLS with a private CA.
+OPERATOR_REDIS_PASSWORD = "0perat0rRedisPassw0rd"
+RUNNER_REDIS_PASSWORD = "Runn3rRedisPassw0rd"
+OPERATOR_REDIS_URL = f"rediss://repobox-operator:{OPERATOR_REDIS_PASSWORD}@redis.redis.svc:6379/0"
+RUNNER_REDIS_URL = f"rediss://repobox-runner:{RUNNER_REDIS_PASSWORD}@redis.redis.svc:6379/0"
+SECRET_STRINGS = [REDIS_URL, REDIS_PASSWORD, ENCRYPTION_KEY, OPERATOR_REDIS_URL,
+                  OPERATOR_REDIS_PASSWORD, RUNNER_REDIS_URL, RUNNER_REDIS_PASSWORD]
 
 REQUIRED = {"redis": {"url": REDIS_URL}, "encryptionKey": {"value": ENCRYPTION_KEY}}
 
@@ -107,6 +113,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "git": {"cloneDepth": 0},
         },
         "config": {"maxJobsPerUser": 2, "maxConcurrentJobs": 50, "retentionSeconds": 2000000},
+    }),
+    "redis-users": merge(REQUIRED, {
+        "jobsNamespace": "repobox-jobs",
+        "redis": {"url": OPERATOR_REDIS_URL, "runner": {"url": RUNNER_REDIS_URL},
+                  "tls": {"caSecret": "redis-ca", "caSecretKey": "ca.pem"}},
+        "networkPolicy": {"redis": {"namespace": "redis"}},
     }),
     "servicemonitor": merge(REQUIRED, {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},

@@ -14,8 +14,9 @@ import yaml
 import helm_python as helm
 
 from conftest import (
-    CHART, CRD_FILE, JOB_BUILDER_RS, KUBE_VERSION, NAMESPACE, RELEASE, REQUIRED,
-    RUNNER_AFFINITY, RUNNER_NODE_SELECTOR, RUNNER_TOLERATIONS, SECRET_STRINGS, VALUE_SETS,
+    CHART, CRD_FILE, JOB_BUILDER_RS, KUBE_VERSION, NAMESPACE, OPERATOR_REDIS_URL, RELEASE,
+    REQUIRED, RUNNER_AFFINITY, RUNNER_NODE_SELECTOR, RUNNER_REDIS_URL, RUNNER_TOLERATIONS,
+    SECRET_STRINGS, VALUE_SETS,
     config_defaults, config_env_names, env_of, env_values, json_env, merge, of_kind, one,
     operator_container, render, render_raw, rust_int_const, rust_str_const,
 )
@@ -92,6 +93,12 @@ def test_chart_metadata():
     {"config": {"maxJobsPerUser": 0}},
     {"config": {"logFormat": "xml"}},
     {"runner": {"image": {"pullPolicy": "Sometimes"}}},
+    {"redis": {"tls": {"caSecret": "redis-ca", "caSecretKey": "a/b"}}},
+    {"redis": {"runner": {"existingSecret": "Not_A_Name"}}},
+    {"redis": {"runnerUrl": "redis://r"}},
+    {"config": {"outputTtlSeconds": -1}},
+    {"config": {"deadLetterMaxLen": 0}},
+    {"networkPolicy": {"redis": {"namespace": "Redis"}}},
 ])
 def test_typo_or_bad_value_fails_schema_validation(bad):
     values = merge(REQUIRED, bad)
@@ -198,8 +205,12 @@ def test_operator_reads_redis_url_from_a_secret(rendered):
     values = env_values(c)
     assert "REDIS_URL" not in values
     assert "ENCRYPTION_KEY" not in env
-    assert ref["name"] == values["REDIS_SECRET_NAME"]
-    assert ref["key"] == values["REDIS_SECRET_KEY"]
+    if name == "redis-users":
+        # Separate credentials: the runner pods are pointed at their own Secret.
+        assert ref["name"] != values["REDIS_SECRET_NAME"]
+    else:
+        assert ref["name"] == values["REDIS_SECRET_NAME"]
+        assert ref["key"] == values["REDIS_SECRET_KEY"]
     assert not c.get("envFrom")
 
 
@@ -230,6 +241,91 @@ def test_secrets_follow_the_jobs_namespace():
     assert sorted(s["metadata"]["namespace"] for s in redis) == ["repobox", "repobox-jobs"]
     key = [s for s in of_kind(objs, "Secret") if s["metadata"]["name"].endswith("-encryption-key")]
     assert [s["metadata"]["namespace"] for s in key] == ["repobox-jobs"]
+
+
+def test_operator_and_runner_get_separate_redis_credentials():
+    objs = render(VALUE_SETS["redis-users"])
+    c = operator_container(objs)
+    values = env_values(c)
+    operator_ref = env_of(c)["REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    operator_secret = one(objs, "Secret", operator_ref["name"])
+    assert operator_secret["metadata"]["namespace"] == NAMESPACE
+    assert operator_secret["stringData"] == {operator_ref["key"]: OPERATOR_REDIS_URL}
+    runner_secret = one(objs, "Secret", values["REDIS_SECRET_NAME"])
+    assert runner_secret["metadata"]["namespace"] == "repobox-jobs" == values["JOBS_NAMESPACE"]
+    assert runner_secret["stringData"] == {values["REDIS_SECRET_KEY"]: RUNNER_REDIS_URL}
+    # Each URL lives only where its pods are: the operator's never reaches the jobs namespace.
+    redis_secrets = [s for s in of_kind(objs, "Secret") if "url" in s.get("stringData", {})]
+    assert sorted((s["metadata"]["namespace"], s["stringData"]["url"]) for s in redis_secrets) == [
+        (NAMESPACE, OPERATOR_REDIS_URL), ("repobox-jobs", RUNNER_REDIS_URL)]
+
+
+def test_runner_redis_existing_secret_is_referenced_not_created():
+    objs = render(merge(REQUIRED, {"redis": {"runner": {
+        "existingSecret": "runner-redis", "existingSecretKey": "REDIS_URL"}}}))
+    values = env_values(operator_container(objs))
+    assert (values["REDIS_SECRET_NAME"], values["REDIS_SECRET_KEY"]) == ("runner-redis", "REDIS_URL")
+    names = {(s["metadata"]["name"], s["metadata"]["namespace"]) for s in of_kind(objs, "Secret")}
+    assert ("runner-redis", NAMESPACE) not in names
+    # The operator's chart-created Secret stays in the release namespace only.
+    assert [n for n in names if n[0].endswith("-redis")] == [("repobox-repobox-operator-redis", NAMESPACE)]
+
+
+def test_redis_ca_is_mounted_into_the_operator_and_named_for_runners():
+    objs = render(VALUE_SETS["redis-users"])
+    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    values = env_values(c)
+    vol = [v for v in spec["volumes"] if v["name"] == "redis-ca"][0]
+    assert vol["secret"] == {"secretName": "redis-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}
+    mount = [m for m in c["volumeMounts"] if m["name"] == "redis-ca"][0]
+    assert mount["readOnly"] is True
+    assert values["REDIS_CA_FILE"] == mount["mountPath"] + "/ca.crt"
+    assert (values["REDIS_CA_SECRET_NAME"], values["REDIS_CA_SECRET_KEY"]) == ("redis-ca", "ca.pem")
+    # Without a CA nothing is mounted and the operator uses the system roots.
+    objs = render(VALUE_SETS["defaults"])
+    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+    assert env_values(spec["containers"][0])["REDIS_CA_FILE"] == ""
+    assert env_values(spec["containers"][0])["REDIS_CA_SECRET_NAME"] == ""
+
+
+@pytest.mark.parametrize("values,needle", [
+    (merge(REQUIRED, {"redis": {"tls": {"caSecret": "redis-ca"}}}),
+     "redis.tls.caSecret is set, so redis.url must be a TLS URL"),
+    (merge(REQUIRED, {"redis": {"runner": {"url": "http://r"}}}), "redis.runner.url must start with"),
+    (merge(REQUIRED, {"redis": {"url": OPERATOR_REDIS_URL, "runner": {"url": "redis://r:6379"},
+                                "tls": {"caSecret": "redis-ca"}}}),
+     "redis.runner.url must be a TLS URL"),
+])
+def test_bad_redis_urls_fail_with_a_clear_message(values, needle):
+    with pytest.raises(helm.HelmError) as err:
+        render_raw(values)
+    assert needle in str(err.value), str(err.value)
+
+
+def notes_of(values: dict) -> str:
+    return render_raw(values)["repobox-operator/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize("values,warned", [
+    (REQUIRED, []),
+    (VALUE_SETS["redis-users"], []),
+    (VALUE_SETS["existing-secrets"], []),
+    (merge(REQUIRED, {"redis": {"url": "redis://redis.redis.svc:6379/0"}}), ["redis.url"]),
+    # A user name alone is not a password.
+    (merge(REQUIRED, {"redis": {"url": "rediss://repobox@redis.redis.svc:6380"}}), ["redis.url"]),
+    (merge(REQUIRED, {"redis": {"url": "redis+unix:///run/redis.sock?pass=x"}}), []),
+    (merge(REQUIRED, {"redis": {"runner": {"url": "redis://redis.redis.svc:6379"}}}),
+     ["redis.runner.url"]),
+    (merge(REQUIRED, {"redis": {"url": "redis://r:6379", "runner": {"url": "redis://r:6379"}}}),
+     ["redis.runner.url", "redis.url"]),
+])
+def test_notes_warn_when_a_redis_url_has_no_password(values, warned):
+    notes = notes_of(values)
+    found = sorted(line.split()[1] for line in notes.splitlines()
+                   if line.startswith("WARNING:") and "has no password" in line)
+    assert found == warned, notes
 
 
 # ----- RBAC -----
@@ -449,6 +545,34 @@ def test_networkpolicy_runner_egress(rendered):
         # redis.podSelector: null leaves only the CIDR rule.
         redis_rules = [r for r in spec["egress"] if r["ports"] == [{"protocol": "TCP", "port": 6379}]]
         assert redis_rules[0]["to"] == [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+
+
+def redis_peers(policy: dict) -> list[dict]:
+    return [peer for rule in policy["spec"]["egress"]
+            if {p["port"] for p in rule["ports"]} == {6379}
+            for peer in rule["to"] if "podSelector" in peer]
+
+
+@pytest.mark.parametrize("over,selector", [
+    ({}, {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}),
+    ({"namespace": "redis"}, {"matchLabels": {"kubernetes.io/metadata.name": "redis"}}),
+    ({"namespace": "redis", "namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "Exists"}]}},
+     {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "Exists"}]}),
+])
+def test_networkpolicy_redis_rule_defaults_to_the_release_namespace(over, selector):
+    objs = render(merge(REQUIRED, {"jobsNamespace": "repobox-jobs",
+                                   "networkPolicy": {"redis": over}}))
+    policies = of_kind(objs, "NetworkPolicy")
+    assert len(policies) == 2
+    for pol in policies:
+        peers = redis_peers(pol)
+        assert len(peers) == 1, pol["metadata"]["name"]
+        assert peers[0]["namespaceSelector"] == selector
+        assert peers[0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "redis"}}
+    notes = notes_of(merge(REQUIRED, {"networkPolicy": {"redis": over}}))
+    if not over.get("namespaceSelector"):
+        assert f"Redis pods are reachable in namespace {over.get('namespace', NAMESPACE)} only" in notes
 
 
 def test_networkpolicy_operator(rendered):

@@ -103,6 +103,58 @@ url
 {{- end -}}
 {{- end -}}
 
+{{/*
+The runner pods' Redis URL: redis.runner.existingSecret, else a chart-created Secret from
+redis.runner.url, else the operator's (same user for both).
+*/}}
+{{- define "repobox.runnerRedisSeparate" -}}
+{{- if or .Values.redis.runner.existingSecret .Values.redis.runner.url -}}true{{- end -}}
+{{- end -}}
+
+{{- define "repobox.runnerRedisSecretName" -}}
+{{- if .Values.redis.runner.existingSecret -}}
+{{- .Values.redis.runner.existingSecret -}}
+{{- else if .Values.redis.runner.url -}}
+{{- printf "%s-redis-runner" (include "repobox.fullname" .) -}}
+{{- else -}}
+{{- include "repobox.redisSecretName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.runnerRedisSecretKey" -}}
+{{- if .Values.redis.runner.existingSecret -}}
+{{- required "repobox-operator: redis.runner.existingSecretKey must not be empty" .Values.redis.runner.existingSecretKey -}}
+{{- else if .Values.redis.runner.url -}}
+url
+{{- else -}}
+{{- include "repobox.redisSecretKey" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks a Redis URL given as a value: a scheme the operator and the runner accept, and rediss://
+when a CA is configured. Argument: (list ctx valueName url).
+*/}}
+{{- define "repobox.checkRedisUrl" -}}
+{{- $ctx := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $url := index . 2 -}}
+{{- if not (regexMatch "^(redis|rediss|redis\\+unix|unix|valkey|valkeys)://" $url) -}}
+{{- fail (printf "repobox-operator: %s must start with redis://, rediss://, redis+unix:// or unix://" $name) -}}
+{{- end -}}
+{{- if and $ctx.Values.redis.tls.caSecret (not (regexMatch "^(rediss|valkeys)://" $url)) -}}
+{{- fail (printf "repobox-operator: redis.tls.caSecret is set, so %s must be a TLS URL (rediss://)" $name) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Whether a Redis URL carries a password (`scheme://[user]:password@host`, or `?pass=` for a
+socket). Argument: the URL. Output: "true" or "".
+*/}}
+{{- define "repobox.redisUrlHasPassword" -}}
+{{- if or (regexMatch "^[a-z+]+://[^/@?#]*:[^/@?#]+@" .) (regexMatch "[?&]pass(word)?=[^&]+" .) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "repobox.encryptionKeySecretName" -}}
 {{- if .Values.encryptionKey.existingSecret -}}
 {{- .Values.encryptionKey.existingSecret -}}

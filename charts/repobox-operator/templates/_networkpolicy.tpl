@@ -19,7 +19,13 @@
     {{- if $r.podSelector }}
     - podSelector:
         {{- toYaml $r.podSelector | nindent 8 }}
-      namespaceSelector: {{- if $r.namespaceSelector }}{{ toYaml $r.namespaceSelector | nindent 8 }}{{ else }} {}{{ end }}
+      namespaceSelector:
+        {{- if $r.namespaceSelector }}
+        {{- toYaml $r.namespaceSelector | nindent 8 }}
+        {{- else }}
+        matchLabels:
+          kubernetes.io/metadata.name: {{ $r.namespace | default .Release.Namespace }}
+        {{- end }}
     {{- end }}
   ports:
     - protocol: TCP
