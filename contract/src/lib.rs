@@ -24,3 +24,41 @@ pub use record::{JobRecord, JobStatus, ProviderRecord, RecordError};
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Why a Redis client could not be built (never contains the URL's password).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisClientError {
+    #[error("REDIS_URL: {0}")]
+    Url(#[from] urls::UrlError),
+    #[error("cannot read the Redis CA file {path}: {source}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the Redis URL with its CA: {0}")]
+    Tls(String),
+}
+
+/// The Redis client both binaries use: the URL checked by [`urls::check_redis_url`], and with
+/// `ca_file` (PEM), TLS connections trust that CA instead of the system roots.
+pub fn redis_client(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<redis::Client, RedisClientError> {
+    urls::check_redis_url(url)?;
+    let Some(path) = ca_file else {
+        return redis::Client::open(url.trim())
+            .map_err(|e| RedisClientError::Tls(format!("{:?}", e.kind())));
+    };
+    let pem = std::fs::read(path).map_err(|source| RedisClientError::CaFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    redis::Client::build_with_tls(url.trim(), certs)
+        .map_err(|e| RedisClientError::Tls(format!("{:?}", e.kind())))
+}

@@ -78,6 +78,9 @@ pub struct Config {
     pub private_dir: PathBuf,
     /// A CA bundle for the git host (`GIT_SSL_CAINFO`), e.g. an in-cluster host's private CA.
     pub git_ca_file: Option<PathBuf>,
+    /// The CA (PEM) a `rediss://` Redis is verified with (`REDIS_CA_FILE`), instead of the
+    /// system roots.
+    pub redis_ca_file: Option<PathBuf>,
     pub output: OutputConfig,
     /// Allows `http://` repository URLs (tests, air-gapped mirrors); the token then
     /// crosses the network in clear, so it is off by default.
@@ -207,6 +210,7 @@ impl Config {
                 None => Duration::from_secs(600),
             },
             git_ca_file: get("GIT_SSL_CAINFO").map(PathBuf::from),
+            redis_ca_file: get("REDIS_CA_FILE").map(PathBuf::from),
             cleanup_after_job: match get("CLEANUP_AFTER_JOB") {
                 Some(v) => parse_bool("CLEANUP_AFTER_JOB", &v)?,
                 None => true,

@@ -10,6 +10,8 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Record(#[from] RecordError),
+    #[error("{0}")]
+    RedisClient(#[from] repobox_contract::RedisClientError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -138,7 +138,7 @@ impl Layout {
 }
 
 async fn connect(cfg: &Config, cancel: &CancellationToken) -> Result<MultiplexedConnection> {
-    let client = redis::Client::open(cfg.redis_url.as_str())?;
+    let client = repobox_contract::redis_client(&cfg.redis_url, cfg.redis_ca_file.as_deref())?;
     let mut delay = Duration::from_millis(200);
     let mut attempt = 1;
     loop {

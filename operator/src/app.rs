@@ -171,21 +171,12 @@ pub async fn run_with_client(
 /// The Redis client. With `REDIS_CA_FILE`, TLS connections trust that CA (PEM) instead of the
 /// system roots.
 pub fn redis_client(cfg: &Config) -> Result<redis::Client> {
-    let Some(path) = &cfg.redis_ca_file else {
-        return Ok(redis::Client::open(cfg.redis_url.expose())?);
-    };
-    let pem = std::fs::read(path).map_err(|e| Error::InvalidConfig {
-        setting: "REDIS_CA_FILE",
-        reason: format!("cannot read {}: {e}", path.display()),
-    })?;
-    let certs = redis::TlsCertificates {
-        client_tls: None,
-        root_cert: Some(pem),
-    };
-    Ok(redis::Client::build_with_tls(
-        cfg.redis_url.expose(),
-        certs,
-    )?)
+    repobox_contract::redis_client(cfg.redis_url.expose(), cfg.redis_ca_file.as_deref()).map_err(
+        |e| Error::InvalidConfig {
+            setting: "REDIS_URL",
+            reason: e.to_string(),
+        },
+    )
 }
 
 /// Connects the shared (auto-reconnecting) Redis connection, retrying with backoff until it

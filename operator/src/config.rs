@@ -479,6 +479,8 @@ pub struct JobConfig {
     pub allow_insecure_http: bool,
     /// The git host's CA bundle (a ConfigMap key), when set.
     pub git_ca: Option<ConfigMapKeyRef>,
+    /// The Redis CA (a Secret key) the runner verifies `rediss://` with, when set.
+    pub redis_ca: Option<SecretKeyRef>,
 }
 
 /// A reference to one key of a ConfigMap.
@@ -789,6 +791,13 @@ impl Config {
             git_clone_depth: self.git_clone_depth,
             allow_insecure_http: self.allow_insecure_http,
             git_ca,
+            redis_ca: match non_empty(&self.redis_ca_secret_name) {
+                None => None,
+                Some(name) => Some(secret_ref(
+                    ("REDIS_CA_SECRET_NAME", name),
+                    ("REDIS_CA_SECRET_KEY", &self.redis_ca_secret_key),
+                )?),
+            },
         })
     }
 
@@ -1249,6 +1258,7 @@ pub(crate) mod tests {
                 git_clone_depth: 1,
                 allow_insecure_http: false,
                 git_ca: None,
+                redis_ca: None,
             }
         );
     }

@@ -108,6 +108,9 @@ pub const AGENT_WRAPPER: &str = "/repobox/bin/repobox-job-runner";
 /// The git host's CA bundle, mounted in the runner when configured.
 pub const GIT_CA_DIR: &str = "/var/run/secrets/repobox/git-ca";
 
+/// The Redis CA, mounted in the runner when configured.
+pub const REDIS_CA_DIR: &str = "/var/run/secrets/repobox/redis-ca";
+
 /// The work tree and the hand-off directory: subdirectories of the work volume (`TEMP_DIR`)
 /// whose names the runner knows too (`run::Layout`).
 pub const TREE_SUBDIR: &str = "tree";
@@ -143,6 +146,8 @@ pub const AGENT_TMP_VOLUME: &str = "agent-tmp";
 pub const TOOLS_VOLUME: &str = "tools";
 /// The git host's CA bundle.
 pub const GIT_CA_VOLUME: &str = "git-ca";
+/// The Redis CA.
+pub const REDIS_CA_VOLUME: &str = "redis-ca";
 /// Size limit of the tools volume (one binary).
 pub const TOOLS_SIZE_LIMIT: &str = "128Mi";
 /// The encryption key volume.
@@ -391,6 +396,22 @@ fn volumes(cfg: &JobConfig) -> Vec<Volume> {
             ..Volume::default()
         });
     }
+    if let Some(ca) = &cfg.redis_ca {
+        volumes.push(Volume {
+            name: REDIS_CA_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: ca.key.clone(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o444),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
     volumes
 }
 
@@ -500,6 +521,9 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
     if let Some(ca) = &cfg.git_ca {
         env_vars.push(env("GIT_SSL_CAINFO", format!("{GIT_CA_DIR}/{}", ca.key)));
     }
+    if let Some(ca) = &cfg.redis_ca {
+        env_vars.push(env("REDIS_CA_FILE", format!("{REDIS_CA_DIR}/{}", ca.key)));
+    }
     env_vars.push(env("LOG_FORMAT", "json"));
 
     let mut mounts = vec![
@@ -510,6 +534,9 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
     ];
     if cfg.git_ca.is_some() {
         mounts.push(mount(GIT_CA_VOLUME, GIT_CA_DIR, true));
+    }
+    if cfg.redis_ca.is_some() {
+        mounts.push(mount(REDIS_CA_VOLUME, REDIS_CA_DIR, true));
     }
     Container {
         name: CONTAINER_NAME.into(),
@@ -1177,12 +1204,32 @@ mod tests {
                 .unwrap()
                 .contains("git-ca")
         );
+        // The Redis CA too, for the runner only.
+        let job = build(
+            &rj("job-1", "u"),
+            &[("REDIS_CA_SECRET_NAME", "redis-ca"), ("AGENT_COMMAND", "x")],
+        );
+        let env = env_map(&job);
+        assert!(env.contains(&(
+            "REDIS_CA_FILE".to_owned(),
+            json!("/var/run/secrets/repobox/redis-ca/ca.crt")
+        )));
+        let p = pod(&job);
+        assert_eq!(
+            serde_json::to_value(p.volumes.as_ref().unwrap().last().unwrap()).unwrap(),
+            json!({"name": "redis-ca", "secret": {"secretName": "redis-ca",
+                "items": [{"key": "ca.crt", "path": "ca.crt"}], "defaultMode": 292, "optional": false}})
+        );
+        assert!(
+            !serde_json::to_string(&p.containers[1])
+                .unwrap()
+                .contains("redis-ca")
+        );
         // Off by default.
         let env = env_map(&build(&rj("job-1", "u"), &[]));
-        assert!(
-            !env.iter()
-                .any(|(n, _)| n == "ALLOW_INSECURE_HTTP" || n == "GIT_SSL_CAINFO")
-        );
+        assert!(!env.iter().any(|(n, _)| {
+            n == "ALLOW_INSECURE_HTTP" || n == "GIT_SSL_CAINFO" || n == "REDIS_CA_FILE"
+        }));
     }
 
     #[test]

@@ -118,6 +118,7 @@ fn crdgen(out: Option<PathBuf>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    repobox_contract::install_tls_provider();
     let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
     match cli.command {
         Command::Run(config) => run(*config),
