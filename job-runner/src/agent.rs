@@ -179,6 +179,7 @@ pub async fn run(cfg: &AgentConfig, stop: CancellationToken) -> std::io::Result<
         },
     };
     if stop.is_cancelled() {
+        let _ = fifo.write_all(&Frame::Stopped.encode()).await;
         return Ok(WrapperEnd::Stopped);
     }
     // The runner may be gone (then there is no one to tell).

@@ -47,6 +47,8 @@ pub const PROMPT: &str = "prompt.txt";
 pub const MAX_LINE: usize = 64 * 1024;
 /// The largest `start.json` the agent reads.
 const MAX_START: u64 = 64 * 1024;
+/// How long the runner waits for its own stop signal after the agent vanished.
+const VANISH_GRACE: Duration = Duration::from_secs(2);
 /// How often liveness (the other side's lock) is checked.
 pub const POLL: Duration = Duration::from_millis(25);
 
@@ -74,6 +76,8 @@ pub enum Frame {
     },
     /// The agent command could not be started.
     Error { message: String },
+    /// The agent container was told to stop (the pod is going: cancelled, timed out, evicted).
+    Stopped,
 }
 
 impl Frame {
@@ -164,13 +168,14 @@ pub enum AgentEnd {
 /// and follows the agent's frames.
 pub struct RunnerSide {
     dir: PathBuf,
-    fifo: pipe::Receiver,
+    /// Opened by [`RunnerSide::start`] (it needs the async runtime; `prepare` may run before).
+    fifo: Option<pipe::Receiver>,
     _lock: Lock,
 }
 
 impl RunnerSide {
     /// Creates `dir` (group-writable: the agent runs as another user in the pod's group) with
-    /// the runner's lock and the FIFO, opened for reading before anyone can write to it.
+    /// the runner's lock and the FIFO. Needs no async runtime.
     pub fn prepare(dir: &Path) -> std::io::Result<RunnerSide> {
         std::fs::create_dir_all(dir)?;
         set_mode(dir, 0o2775)?;
@@ -181,14 +186,9 @@ impl RunnerSide {
             .map_err(std::io::Error::from)?;
         // Group write for the agent; mkfifo's mode is filtered by the umask.
         set_mode(&fifo_path, 0o620)?;
-        // Read-write: the runner never sees end-of-file while it waits for the first writer.
-        let fifo = pipe::OpenOptions::new()
-            .read_write(true)
-            .unchecked(false)
-            .open_receiver(&fifo_path)?;
         Ok(RunnerSide {
             dir: dir.to_owned(),
-            fifo,
+            fifo: None,
             _lock: lock,
         })
     }
@@ -203,8 +203,17 @@ impl RunnerSide {
         Ok(self.dir.join(PROMPT))
     }
 
-    /// Tells the agent to start.
-    pub fn start(&self, start: &Start) -> std::io::Result<()> {
+    /// Opens the FIFO for reading (before the agent can open it for writing: it treats "no
+    /// reader" as "the runner is gone"), then tells the agent to start. Call within the async
+    /// runtime.
+    pub fn start(&mut self, start: &Start) -> std::io::Result<()> {
+        // Read-write: the runner never sees end-of-file while it waits for the first writer.
+        self.fifo = Some(
+            pipe::OpenOptions::new()
+                .read_write(true)
+                .unchecked(false)
+                .open_receiver(self.dir.join(FIFO))?,
+        );
         let json = serde_json::to_vec(start).map_err(std::io::Error::other)?;
         write_atomic(&self.dir, START, &json)
     }
@@ -217,6 +226,9 @@ impl RunnerSide {
         cancel: &CancellationToken,
         start_timeout: Duration,
     ) -> AgentEnd {
+        let Some(mut fifo) = self.fifo.take() else {
+            return AgentEnd::StartFailed("the agent was never started".into());
+        };
         let started_waiting = tokio::time::Instant::now();
         let mut lines = LineSplitter::default();
         let mut buf = vec![0u8; 16 * 1024];
@@ -224,7 +236,7 @@ impl RunnerSide {
         let mut seen_agent = false;
         loop {
             tokio::select! {
-                read = self.fifo.read(&mut buf) => {
+                read = fifo.read(&mut buf) => {
                     let n = match read {
                         Ok(n) => n,
                         Err(e) => return AgentEnd::StartFailed(format!("cannot read the agent's output: {e}")),
@@ -244,12 +256,18 @@ impl RunnerSide {
                         Some(false) => seen_agent = true,
                         Some(true) => {
                             // Gone: take what it managed to write, then report.
-                            for line in self.drain(&mut lines, &mut buf) {
+                            for line in drain(&mut fifo, &mut lines, &mut buf) {
                                 if let Some(end) = handle_frame(&line, out).await {
                                     return end;
                                 }
                             }
-                            return AgentEnd::Vanished;
+                            // Containers of a pod that is going are stopped together: give
+                            // the runner's own signal a moment to arrive before calling the
+                            // agent's end unexplained.
+                            return tokio::select! {
+                                _ = cancel.cancelled() => AgentEnd::Cancelled,
+                                _ = tokio::time::sleep(VANISH_GRACE) => AgentEnd::Vanished,
+                            };
                         }
                     }
                 }
@@ -257,19 +275,19 @@ impl RunnerSide {
             }
         }
     }
+}
 
-    /// Whatever is still buffered in the FIFO, without waiting.
-    fn drain(&mut self, lines: &mut LineSplitter, buf: &mut [u8]) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Ok(n) = self.fifo.try_read(buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend(lines.push(&buf[..n]));
+/// Whatever is still buffered in the FIFO, without waiting.
+fn drain(fifo: &mut pipe::Receiver, lines: &mut LineSplitter, buf: &mut [u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(n) = fifo.try_read(buf) {
+        if n == 0 {
+            break;
         }
-        out.extend(lines.finish());
-        out
+        out.extend(lines.push(&buf[..n]));
     }
+    out.extend(lines.finish());
+    out
 }
 
 impl Drop for RunnerSide {
@@ -290,6 +308,7 @@ async fn handle_frame(line: &str, out: &OutputHandle) -> Option<AgentEnd> {
         }
         Frame::Exit { code, signal } => Some(AgentEnd::Exited { code, signal }),
         Frame::Error { message } => Some(AgentEnd::StartFailed(message)),
+        Frame::Stopped => Some(AgentEnd::Cancelled),
     }
 }
 
@@ -374,6 +393,7 @@ mod tests {
             Frame::Error {
                 message: "no sh".into(),
             },
+            Frame::Stopped,
         ] {
             let line = String::from_utf8(f.encode()).unwrap();
             assert!(line.ends_with('\n') && line.matches('\n').count() == 1);

@@ -106,17 +106,31 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             );
         }
     }
+    // The runner container's exit decides; an agent container killed for memory explains the
+    // failure the runner then reports, and any container stuck waiting (an agent image that
+    // cannot be pulled) explains a pod that never runs.
+    let mut oom_elsewhere = false;
     for cs in status.container_statuses.as_deref().unwrap_or(&[]) {
         let Some(state) = cs.state.as_ref() else {
             continue;
         };
+        let is_runner = cs.name == crate::job_builder::CONTAINER_NAME;
         if let Some(t) = &state.terminated {
-            facts.terminated_reason = t.reason.clone();
-            facts.exit_code = Some(t.exit_code);
+            if is_runner {
+                facts.terminated_reason = t.reason.clone();
+                facts.exit_code = Some(t.exit_code);
+            } else if t.reason.as_deref() == Some("OOMKilled") {
+                oom_elsewhere = true;
+            }
         }
-        if let Some(w) = &state.waiting {
+        if let Some(w) = &state.waiting
+            && (is_runner || facts.waiting_reason.is_none())
+        {
             facts.waiting_reason = w.reason.clone();
         }
+    }
+    if oom_elsewhere && facts.terminated_reason.as_deref() != Some("OOMKilled") {
+        facts.terminated_reason = Some("OOMKilled".into());
     }
     facts
 }
@@ -496,6 +510,74 @@ mod tests {
         assert_eq!(
             e.error,
             "the Job failed (BackoffLimitExceeded): Job has reached the specified backoff limit"
+        );
+    }
+
+    /// A pod whose runner and agent containers ended as given.
+    fn two_container_pod(runner: Option<(&str, i32)>, agent: (&str, i32)) -> Pod {
+        let mut p = pod(vec![], runner, None);
+        let statuses = p
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap();
+        let mut agent_status = statuses[0].clone();
+        agent_status.name = "agent".into();
+        agent_status.state = Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                reason: Some(agent.0.into()),
+                exit_code: agent.1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        // The agent is listed after the runner, as in the pod spec.
+        statuses.push(agent_status);
+        p
+    }
+
+    #[test]
+    fn the_runner_container_decides_and_an_agent_oom_explains() {
+        let f = pod_facts(&two_container_pod(Some(("Error", 3)), ("Completed", 0)));
+        assert_eq!(
+            f.exit_code,
+            Some(3),
+            "the agent's exit 0 does not hide the runner's"
+        );
+        assert_eq!(f.terminated_reason.as_deref(), Some("Error"));
+        let f = pod_facts(&two_container_pod(Some(("Error", 1)), ("OOMKilled", 137)));
+        assert_eq!(f.exit_code, Some(1));
+        assert_eq!(f.terminated_reason.as_deref(), Some("OOMKilled"));
+        assert_eq!(
+            explain_job_failure("PodFailurePolicy", "", 60, Some(&f)).reason,
+            reasons::OOM_KILLED
+        );
+        let f = pod_facts(&two_container_pod(None, ("Completed", 0)));
+        assert_eq!(f.exit_code, None);
+        // An agent image that cannot be pulled explains a pod that never runs.
+        let mut p = pod(vec![], None, None);
+        let statuses = p
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap();
+        let mut agent = statuses[0].clone();
+        agent.name = "agent".into();
+        agent.state = Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some("ErrImagePull".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        statuses.push(agent);
+        assert_eq!(
+            pod_facts(&p).waiting_reason.as_deref(),
+            Some("ErrImagePull")
         );
     }
 

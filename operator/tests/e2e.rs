@@ -527,7 +527,7 @@ async fn restart_mid_flight_loses_nothing_and_runs_nothing_twice() {
     for n in [&n1, &n2, &object_name(&j3.id)] {
         bed.wait_phase(n, RepoboxJobPhase::Succeeded).await;
     }
-    assert_eq!(bed.sim.processes_started(), 3, "each job ran exactly once");
+    assert_eq!(bed.sim.pods_started(), 3, "each job ran exactly once");
     for j in [&j1, &j2, &j3] {
         assert_eq!(bed.record(&j.id).await["status"], "success");
     }

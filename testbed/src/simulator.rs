@@ -292,6 +292,14 @@ impl ClusterSimulator {
         self.shared.kubelet.containers_started()
     }
 
+    /// How many pods have started running so far (a pod runs several containers).
+    pub fn pods_started(&self) -> usize {
+        self.history()
+            .iter()
+            .filter(|e| matches!(e, SimEvent::PodStarted { .. }))
+            .count()
+    }
+
     /// Everything the pod's containers wrote to stdout and stderr so far.
     pub fn logs(&self, pod_name: &str) -> String {
         self.shared.kubelet.pod_logs(pod_name)
