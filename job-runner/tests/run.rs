@@ -104,7 +104,11 @@ impl Fixture {
     }
 
     async fn run(&self, job_id: &str, env: &[(&str, &str)]) -> Run {
-        let out = self.command(job_id, env).output().await.unwrap();
+        self.run_cmd(self.command(job_id, env)).await
+    }
+
+    async fn run_cmd(&self, mut cmd: Command) -> Run {
+        let out = cmd.output().await.unwrap();
         Run {
             code: out.status.code().unwrap_or(-1),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -787,4 +791,260 @@ async fn redis_password_and_urls_never_reach_the_logs() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(!run.stderr.contains("s3cret-redis-pass"));
     assert_eq!(f.record(&job.id).await["status"], "success");
+}
+
+// ----- The agent in its own container (as in a pod): two processes, one hand-off directory -----
+
+impl Fixture {
+    /// The runner as the pod's `runner` container starts it: the agent runs elsewhere.
+    fn pod_runner(&self, job_id: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = self.command(job_id, env);
+        cmd.env("AGENT_CONTAINER", "true")
+            .env("PRIVATE_DIR", self.tmp.path().join("private"));
+        cmd
+    }
+
+    /// The agent container's entrypoint: only its own environment (no Redis URL, no key).
+    fn pod_agent(&self, command: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_repobox-job-runner"));
+        cmd.arg("agent")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", self.tmp.path().join("agent-home"))
+            .env("HANDOFF_DIR", self.work_dir().join("handoff"))
+            .env("AGENT_COMMAND", command)
+            .env("AGENT_API_KEY", "agent-own-secret")
+            .env("LOG_FORMAT", "text")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+#[tokio::test]
+async fn the_agent_in_its_own_container_gets_the_tree_and_streams_back() {
+    let mut f = Fixture::new().await;
+    let job = f.job("podsplit1");
+    f.seed(&job, TOKEN).await;
+    std::fs::create_dir_all(f.tmp.path().join("agent-home")).unwrap();
+    // The agent container may start first: it waits for the checkout.
+    let agent = f
+        .pod_agent("echo \"agent in $PWD\"; env | sort > \"$HOME/env.txt\"; echo split > SPLIT.md; echo to-stderr >&2")
+        .spawn()
+        .unwrap();
+    let runner = f.pod_runner(&job.id, &[]).output().await.unwrap();
+    let agent = agent.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&runner.stderr);
+    assert_eq!(runner.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        agent.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&agent.stderr)
+    );
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success", "{rec:?}");
+    let sha = f.git.branch_sha("acme/api", "repobox/podsplit").unwrap();
+    assert_eq!(
+        f.git.file_at("acme/api", &sha, "SPLIT.md").as_deref(),
+        Some("split\n")
+    );
+    let out = f.output(&job.id).await.join("\n");
+    assert!(
+        out.contains("agent in ") && out.contains("/work/tree"),
+        "{out}"
+    );
+    assert!(out.contains("to-stderr"), "stderr lines stream too: {out}");
+    // The agent's environment is its own plus the hand-off variables, never the runner's.
+    let env = std::fs::read_to_string(f.tmp.path().join("agent-home/env.txt")).unwrap();
+    assert!(env.contains("AGENT_API_KEY=agent-own-secret"), "{env}");
+    assert!(env.contains("REPOBOX_PROMPT_FILE="), "{env}");
+    for leaked in [
+        "REDIS_URL",
+        "ENCRYPTION_KEY",
+        TOKEN,
+        KEY_HEX,
+        "HANDOFF_DIR",
+        "AGENT_COMMAND",
+    ] {
+        assert!(!env.contains(leaked), "{leaked} reached the agent: {env}");
+    }
+    // The git directory is the runner's private one, outside the shared work volume.
+    assert!(!f.work_dir().join("tree/.git").exists());
+    f.assert_token_nowhere(&stderr).await;
+}
+
+#[tokio::test]
+async fn an_agent_container_that_never_starts_fails_the_job_with_the_reason() {
+    let mut f = Fixture::new().await;
+    let job = f.job("podnostart");
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run_cmd(f.pod_runner(&job.id, &[("AGENT_START_TIMEOUT_SECONDS", "1")]))
+        .await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(
+        rec["error"],
+        "the agent container did not start within 1 s (is its image pullable?)"
+    );
+    assert_eq!(f.git.branch_sha("acme/api", "repobox/podnosta"), None);
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_run_fails_the_job_and_pushes_nothing() {
+    let mut f = Fixture::new().await;
+    let job = f.job("podkilled");
+    f.seed(&job, TOKEN).await;
+    let marker = f.tmp.path().join("agent-started");
+    let agent = f
+        .pod_agent(&format!(
+            "echo half > HALF.md; touch {}; sleep 60",
+            marker.display()
+        ))
+        .spawn()
+        .unwrap();
+    let agent_pid = agent.id().unwrap() as i32;
+    let runner = f.pod_runner(&job.id, &[]).spawn().unwrap();
+    // The OOM killer's way: SIGKILL, no chance to report.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !marker.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agent started");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), runner.wait_with_output())
+        .await
+        .expect("the runner notices the agent is gone")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "failed");
+    assert!(
+        rec["error"].contains("the agent stopped before it finished"),
+        "{rec:?}"
+    );
+    assert_eq!(
+        f.git.branch_sha("acme/api", "repobox/podkille"),
+        None,
+        "nothing pushed"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_stops_when_the_runner_dies() {
+    let mut f = Fixture::new().await;
+    let job = f.job("podrunnerdies");
+    f.seed(&job, TOKEN).await;
+    let marker = f.tmp.path().join("agent-started");
+    let agent = f
+        .pod_agent(&format!("touch {}; sleep 60", marker.display()))
+        .spawn()
+        .unwrap();
+    let runner = f.pod_runner(&job.id, &[]).spawn().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !marker.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agent started");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), agent.wait_with_output())
+        .await
+        .expect("the agent wrapper ends with its runner, not after its own 60 s")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_repository_on_another_host_than_the_providers_is_refused_before_the_token_is_used() {
+    let mut f = Fixture::new().await;
+    let other = GitHost::start("other-host-token").await.unwrap();
+    other
+        .create_repo("evil/sink", &[("README.md", "x\n")])
+        .unwrap();
+    let mut job = f.job("hostcheck1");
+    job.repo_url = format!("{}?token=abc#frag", other.url("evil/sink"));
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", "touch x")]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(
+        rec["error"],
+        format!(
+            "repository host `127.0.0.1:{}` is not the git provider's host `127.0.0.1:{}`: the token is only sent to its own provider",
+            other.port(),
+            f.git.port()
+        )
+    );
+    assert!(
+        other.requests().is_empty(),
+        "no request reached the other host"
+    );
+    assert!(
+        !run.stderr.contains("token=abc"),
+        "query strings never reach the logs"
+    );
+    assert!(!f.output(&job.id).await.join("\n").contains("token=abc"));
+}
+
+#[tokio::test]
+async fn a_prompt_too_large_for_the_limit_fails_clearly_and_nul_bytes_are_fine() {
+    let mut f = Fixture::new().await;
+    let mut job = f.job("bigprompt1");
+    job.prompt = "x".repeat(repobox_job_runner::run::MAX_PROMPT_BYTES + 1);
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", "touch x")]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        f.record(&job.id).await["error"],
+        format!(
+            "the prompt is {} bytes; the limit is {} bytes",
+            repobox_job_runner::run::MAX_PROMPT_BYTES + 1,
+            repobox_job_runner::run::MAX_PROMPT_BYTES
+        )
+    );
+    // 200 KiB with a NUL: more than execve takes in one variable, fine as a file.
+    let mut job = f.job("bigprompt2");
+    job.prompt = format!("line one\n{}\0tail", "y".repeat(200 * 1024));
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run(
+            &job.id,
+            &[(
+                "AGENT_COMMAND",
+                "wc -c < \"$REPOBOX_PROMPT_FILE\" > SIZE.txt",
+            )],
+        )
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let sha = f.git.branch_sha("acme/api", "repobox/bigpromp").unwrap();
+    assert_eq!(
+        f.git.file_at("acme/api", &sha, "SIZE.txt").unwrap().trim(),
+        (job.prompt.len()).to_string()
+    );
 }
