@@ -99,6 +99,10 @@ def test_chart_metadata():
     {"config": {"outputTtlSeconds": -1}},
     {"config": {"deadLetterMaxLen": 0}},
     {"networkPolicy": {"redis": {"namespace": "Redis"}}},
+    {"agent": {"uid": 65532}},
+    {"agent": {"extraEnv": {"1BAD": "x"}}},
+    {"agent": {"extraEnv": {"OK": 1}}},
+    {"agent": {"imag": {}}},
 ])
 def test_typo_or_bad_value_fails_schema_validation(bad):
     values = merge(REQUIRED, bad)
@@ -437,6 +441,13 @@ def test_runner_settings_reach_the_operator_env():
     assert env["JOB_TTL_SECONDS"] == "600"
     assert env["RUNNER_ENV_FROM_SECRETS"] == "agent-api-keys,agent-extra"
     assert env["AGENT_COMMAND"] == "agent --non-interactive"
+    assert env["ALLOW_INSECURE_HTTP"] == "true"
+    assert (env["GIT_CA_CONFIGMAP"], env["GIT_CA_KEY"]) == ("git-ca", "bundle.pem")
+    assert env["AGENT_IMAGE"] == "registry.example.com/agents/claude:7"
+    assert env["AGENT_UID"] == "2000"
+    assert (env["AGENT_CPU_REQUEST"], env["AGENT_CPU_LIMIT"]) == ("2", "8")
+    assert (env["AGENT_MEMORY_REQUEST"], env["AGENT_MEMORY_LIMIT"]) == ("4Gi", "16Gi")
+    assert json.loads(env["AGENT_EXTRA_ENV"]) == {"MODEL": "large", "MAX_TURNS": "40"}
     assert env["GIT_CLONE_DEPTH"] == "0"
     assert env["JOBS_NAMESPACE"] == "repobox-jobs"
     assert env["LEASE_NAMESPACE"] == NAMESPACE
@@ -463,8 +474,10 @@ def test_runner_scheduling_json_is_valid_kubernetes():
 def test_empty_scheduling_is_rendered_as_unset():
     env = env_values(operator_container(render(VALUE_SETS["defaults"])))
     for k in ["RUNNER_NODE_SELECTOR", "RUNNER_TOLERATIONS", "RUNNER_AFFINITY", "RUNNER_PRIORITY_CLASS",
-              "RUNNER_ENV_FROM_SECRETS", "RUNNER_IMAGE_PULL_SECRETS", "AGENT_COMMAND"]:
+              "RUNNER_ENV_FROM_SECRETS", "RUNNER_IMAGE_PULL_SECRETS", "AGENT_COMMAND",
+              "AGENT_IMAGE", "AGENT_EXTRA_ENV", "GIT_CA_CONFIGMAP"]:
         assert env[k] == "", k
+    assert env["ALLOW_INSECURE_HTTP"] == "false"
 
 
 # ----- agreement with operator/src/config.rs -----
