@@ -126,32 +126,25 @@ fn authority(url: &Url) -> String {
     }
 }
 
-/// Removes user info, query string and fragment from any URL-like text, parseable or not:
-/// what may be shown in Redis, logs, events and the RepoboxJob.
+/// Removes user info, query string and fragment from any URL-like text, parseable or not,
+/// keeping the rest as written: what may be shown in Redis, logs, events and the RepoboxJob. A
+/// clone URL may embed an access token in any of them (`https://oauth2:TOKEN@host/…`,
+/// `?private_token=…`). Text without a scheme is treated alike (`user@host:path` → `host:path`).
 pub fn sanitize_url(raw: &str) -> String {
-    let raw = raw.trim();
-    if let Ok(mut url) = Url::parse(raw)
-        && url.has_host()
-    {
-        strip(&mut url);
-        return url.to_string();
-    }
-    // Not a URL the parser accepts: cut at the first `?` or `#`, drop `user@`.
-    let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
-    match cut.split_once("://") {
-        Some((scheme, rest)) => {
-            let end = rest.find('/').unwrap_or(rest.len());
-            match rest[..end].rfind('@') {
-                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-                None => cut.to_owned(),
-            }
-        }
-        // No scheme: whatever precedes an `@` may be credentials.
-        None => match cut.rfind('@') {
-            Some(at) => format!("****@{}", &cut[at + 1..]),
-            None => cut.to_owned(),
-        },
-    }
+    let url = raw.trim();
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let Some(i) = url.find("://") else {
+        // No scheme: nothing tells where a host starts, so anything before an `@` goes.
+        return url.rfind('@').map_or(url, |at| &url[at + 1..]).to_owned();
+    };
+    let (scheme, rest) = url.split_at(i + 3);
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(i) => &authority[i + 1..],
+        None => authority,
+    };
+    format!("{scheme}{host}{path}")
 }
 
 /// The git host a provider record allows its token to be sent to.
@@ -303,6 +296,12 @@ mod tests {
         assert_eq!(sanitize_url("https://u:p@h/a.git?x=1#y"), "https://h/a.git");
         assert_eq!(sanitize_url("weird://u:p@h h/a?x"), "weird://h h/a");
         assert_eq!(sanitize_url("no-scheme?q=1"), "no-scheme");
+        assert_eq!(sanitize_url("git@host:acme/api.git"), "host:acme/api.git");
+        assert_eq!(
+            sanitize_url("https://tok@host"),
+            "https://host",
+            "kept as written"
+        );
     }
 
     #[test]

@@ -156,19 +156,7 @@ pub fn is_label_value(s: &str) -> bool {
 /// (`https://oauth2:TOKEN@host/…`, `?private_token=…`). Only the scheme, host, port and path
 /// remain. Strings without a scheme are treated the same way (`user@host:path` → `host:path`).
 pub fn display_repo(url: &str) -> String {
-    let url = url.trim();
-    let url = url.split(['?', '#']).next().unwrap_or_default();
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let host = match authority.rfind('@') {
-        Some(i) => &authority[i + 1..],
-        None => authority,
-    };
-    format!("{scheme}{host}{path}")
+    repobox_contract::urls::sanitize_url(url)
 }
 
 #[cfg(test)]
