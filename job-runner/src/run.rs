@@ -424,9 +424,14 @@ struct Job<'a> {
     handoff: Option<RunnerSide>,
 }
 
-/// Creates `dir` with `mode` (the umask would narrow it).
+/// Creates `dir` with `mode` (the umask would narrow it). A directory that already exists (a
+/// volume's root, or one the pod's init container made) is left as it is: it may not be ours to
+/// change.
 async fn make_dir(dir: &Path, mode: u32) -> std::result::Result<(), Stop> {
     use std::os::unix::fs::PermissionsExt;
+    if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     tokio::fs::create_dir_all(dir)
         .await
         .and(tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await)

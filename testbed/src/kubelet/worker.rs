@@ -52,6 +52,9 @@ struct Ctr {
     pid: Option<u32>,
     oom: bool,
     launch: Option<Result<Launch, String>>,
+    /// `subPath` directories created when the container starts (as the kubelet does), so that
+    /// an init container can make them first, with its own owner and mode.
+    subpaths: Vec<PathBuf>,
     pull_error: bool,
 }
 
@@ -189,6 +192,7 @@ impl Worker {
                     pid: None,
                     oom: false,
                     launch: None,
+                    subpaths: Vec::new(),
                     pull_error: pull(&c),
                     spec: c,
                 });
@@ -512,8 +516,9 @@ impl Worker {
                 .map_err(|ConfigError(m)| ("CreateContainerConfigError", m))?;
             launches.push(l);
         }
-        for (c, l) in self.ctrs.iter_mut().zip(launches) {
+        for (c, (l, subpaths)) in self.ctrs.iter_mut().zip(launches) {
             c.launch = Some(l);
+            c.subpaths = subpaths;
         }
         Ok(())
     }
@@ -524,7 +529,7 @@ impl Worker {
         c: &Container,
         vols: &HashMap<String, HostVolume>,
         sources: &Sources,
-    ) -> Result<Result<Launch, String>, ConfigError> {
+    ) -> Result<(Result<Launch, String>, Vec<PathBuf>), ConfigError> {
         let cfg = self.cfg();
         let isolates = self.sh.isolates;
         let psc = self.spec.security_context.as_ref();
@@ -570,13 +575,17 @@ impl Worker {
         };
         let exe = match exe {
             Ok(e) => e,
-            Err(m) => return Ok(Err(m)),
+            Err(m) => return Ok((Err(m), Vec::new())),
         };
         let args: Vec<String> = command.iter().skip(1).cloned().chain(args).collect();
         let mut mounts = Vec::new();
+        let mut subpaths = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
             let Some(v) = vols.get(&m.name) else {
-                return Ok(Err(format!("volumeMount {:?} has no volume", m.name)));
+                return Ok((
+                    Err(format!("volumeMount {:?} has no volume", m.name)),
+                    Vec::new(),
+                ));
             };
             let sub = match (&m.sub_path, &m.sub_path_expr) {
                 (Some(s), _) if !s.is_empty() => s.clone(),
@@ -590,18 +599,17 @@ impl Worker {
             } else {
                 let rel = match volumes::safe_rel(&sub) {
                     Ok(r) => r,
-                    Err(e) => return Ok(Err(format!("{e:#}"))),
+                    Err(e) => return Ok((Err(format!("{e:#}")), Vec::new())),
                 };
                 let p = v.path.join(rel);
-                if !p.exists()
-                    && let Err(e) = std::fs::create_dir_all(&p)
-                {
-                    return Ok(Err(format!("subPath {}: {e}", p.display())));
-                }
+                subpaths.push(p.clone());
                 p
             };
             if !m.mount_path.starts_with('/') {
-                return Ok(Err(format!("mountPath {:?} is not absolute", m.mount_path)));
+                return Ok((
+                    Err(format!("mountPath {:?} is not absolute", m.mount_path)),
+                    Vec::new(),
+                ));
             }
             mounts.push(MountSpec {
                 host,
@@ -612,7 +620,10 @@ impl Worker {
         if isolates {
             let root = self.dir.join("roots").join(&c.name);
             if let Err(e) = std::fs::create_dir_all(&root) {
-                return Ok(Err(format!("container root {}: {e}", root.display())));
+                return Ok((
+                    Err(format!("container root {}: {e}", root.display())),
+                    Vec::new(),
+                ));
             }
             let privileged = sc.and_then(|s| s.privileged) == Some(true);
             let sandbox = Sandbox {
@@ -633,13 +644,16 @@ impl Worker {
                 read_only_root: sc.and_then(|s| s.read_only_root_filesystem) == Some(true),
                 overlay: self.sh.overlay,
             };
-            Ok(Ok(Launch {
-                exe,
-                arg0,
-                args,
-                env,
-                mode: LaunchMode::Isolated(Box::new(sandbox)),
-            }))
+            Ok((
+                Ok(Launch {
+                    exe,
+                    arg0,
+                    args,
+                    env,
+                    mode: LaunchMode::Isolated(Box::new(sandbox)),
+                }),
+                subpaths,
+            ))
         } else {
             let remap = remapper(&mounts);
             let env = env.into_iter().map(|(k, v)| (k, remap(&v))).collect();
@@ -657,15 +671,21 @@ impl Worker {
                 _ => self.dir.join("workdir").join(&c.name),
             };
             if let Err(e) = std::fs::create_dir_all(&workdir) {
-                return Ok(Err(format!("working dir {}: {e}", workdir.display())));
+                return Ok((
+                    Err(format!("working dir {}: {e}", workdir.display())),
+                    Vec::new(),
+                ));
             }
-            Ok(Ok(Launch {
-                exe,
-                arg0,
-                args,
-                env,
-                mode: LaunchMode::Plain { workdir },
-            }))
+            Ok((
+                Ok(Launch {
+                    exe,
+                    arg0,
+                    args,
+                    env,
+                    mode: LaunchMode::Plain { workdir },
+                }),
+                subpaths,
+            ))
         }
     }
 
@@ -680,6 +700,18 @@ impl Worker {
                 .push((self.ctrs[i].spec.name.clone(), log.clone()));
         }
         let started_at = now();
+        // Missing subPath directories are made now, as root, like the kubelet does at container
+        // creation: after the init containers, which may have made them already.
+        let made = self.ctrs[i]
+            .subpaths
+            .iter()
+            .filter(|p| !p.exists())
+            .try_for_each(std::fs::create_dir_all)
+            .map_err(|e| format!("subPath: {e}"));
+        let launch = match (launch, made) {
+            (Some(Ok(_)), Err(m)) => Some(Err(m)),
+            (l, _) => l,
+        };
         let spawned = match launch {
             Some(Ok(l)) => runtime::spawn(&l).map_err(|e| {
                 let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
