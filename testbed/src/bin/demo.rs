@@ -51,7 +51,7 @@ const KEY_HEX: &str = "9c1f0e2d3b4a59687f8e9d0c1b2a39485f6e7d8c9b0a1928374655647
 const MAX_JOBS_PER_USER: usize = 2;
 const MAX_CONCURRENT_JOBS: usize = 3;
 /// The agent: waits a little (so the quotas are visible), then makes a visible change.
-const AGENT_COMMAND: &str = r#"sleep 2; printf '\n## %s\n\n%s\n' "$REPOBOX_BRANCH" "$REPOBOX_PROMPT" >> CHANGES.md; echo "demo agent: recorded the request in CHANGES.md""#;
+const AGENT_COMMAND: &str = r#"sleep 2; printf '\n## %s\n\n%s\n' "$REPOBOX_BRANCH" "$(cat "$REPOBOX_PROMPT_FILE")" >> CHANGES.md; echo "demo agent: recorded the request in CHANGES.md""#;
 /// Everything, including start-up and cleanup of a stuck run, ends within this.
 const HARD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the five jobs may take from submission to the last terminal phase.
