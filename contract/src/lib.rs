@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod keys;
 pub mod mask;
+pub mod pod;
 pub mod record;
 pub mod time;
 pub mod transitions;

@@ -19,6 +19,8 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use repobox_contract::pod;
+
 use crate::handoff::{self, Frame, Lock, Start};
 use crate::output::OutputHandle;
 use crate::process::{self, Stdout};
@@ -50,10 +52,10 @@ impl AgentConfig {
                 }),
             };
         Ok(Self {
-            handoff_dir: get("HANDOFF_DIR")
+            handoff_dir: get(pod::ENV_HANDOFF_DIR)
                 .map(PathBuf::from)
-                .ok_or_else(|| missing("HANDOFF_DIR"))?,
-            command: get("AGENT_COMMAND").ok_or_else(|| missing("AGENT_COMMAND"))?,
+                .ok_or_else(|| missing(pod::ENV_HANDOFF_DIR))?,
+            command: get(pod::ENV_AGENT_COMMAND).ok_or_else(|| missing(pod::ENV_AGENT_COMMAND))?,
             kill_grace: secs("KILL_GRACE_SECONDS", 5)?,
             wait_for_runner: secs("AGENT_WAIT_SECONDS", 600)?,
         })
@@ -70,7 +72,11 @@ pub const AGENT_VARS: &[&str] = &[
 ];
 
 /// Variables of the wrapper's own that the agent does not need.
-const WRAPPER_VARS: &[&str] = &["HANDOFF_DIR", "AGENT_COMMAND", "AGENT_WAIT_SECONDS"];
+const WRAPPER_VARS: &[&str] = &[
+    pod::ENV_HANDOFF_DIR,
+    pod::ENV_AGENT_COMMAND,
+    "AGENT_WAIT_SECONDS",
+];
 
 /// How the wrapper ended (its exit code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

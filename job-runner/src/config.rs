@@ -197,12 +197,12 @@ impl Config {
             runner_id: get("RUNNER_ID")
                 .or_else(|| get("HOSTNAME"))
                 .unwrap_or_else(|| "runner-1".to_owned()),
-            private_dir: get("PRIVATE_DIR")
+            private_dir: get(repobox_contract::pod::ENV_PRIVATE_DIR)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| temp_dir.clone()),
             temp_dir,
-            agent_container: match get("AGENT_CONTAINER") {
-                Some(v) => parse_bool("AGENT_CONTAINER", &v)?,
+            agent_container: match get(repobox_contract::pod::ENV_AGENT_CONTAINER) {
+                Some(v) => parse_bool(repobox_contract::pod::ENV_AGENT_CONTAINER, &v)?,
                 None => false,
             },
             agent_start_timeout: match get("AGENT_START_TIMEOUT_SECONDS") {

@@ -117,7 +117,7 @@ fn runner_main() -> ExitCode {
 /// The hand-off directory of an agent container (`AGENT_CONTAINER=true`), prepared from the
 /// raw environment, before the rest of the configuration is read.
 fn early_handoff() -> Option<std::io::Result<RunnerSide>> {
-    let on = std::env::var("AGENT_CONTAINER").is_ok_and(|v| {
+    let on = std::env::var(repobox_contract::pod::ENV_AGENT_CONTAINER).is_ok_and(|v| {
         matches!(
             v.trim().to_ascii_lowercase().as_str(),
             "1" | "true" | "yes" | "on"
@@ -131,7 +131,7 @@ fn early_handoff() -> Option<std::io::Result<RunnerSide>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp/repobox"));
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
-    let side = RunnerSide::prepare(&temp.join("handoff"));
+    let side = RunnerSide::prepare(&temp.join(repobox_contract::pod::HANDOFF_SUBDIR));
     nix::sys::stat::umask(old);
     Some(side)
 }

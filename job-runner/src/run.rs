@@ -105,12 +105,16 @@ impl Layout {
     /// In a pod (`agent_container`), fixed paths on the pod's volumes: the agent container
     /// knows them too. Locally, fresh directories per run.
     pub fn for_job(cfg: &Config) -> Layout {
+        use repobox_contract::pod::{HANDOFF_SUBDIR, TREE_SUBDIR};
         if cfg.agent_container {
             return Layout {
-                tree: cfg.temp_dir.join("tree"),
-                handoff: cfg.temp_dir.join("handoff"),
+                tree: cfg.temp_dir.join(TREE_SUBDIR),
+                handoff: cfg.temp_dir.join(HANDOFF_SUBDIR),
                 private: cfg.private_dir.clone(),
-                cleanup: vec![cfg.temp_dir.join("tree"), cfg.private_dir.join("repo.git")],
+                cleanup: vec![
+                    cfg.temp_dir.join(TREE_SUBDIR),
+                    cfg.private_dir.join("repo.git"),
+                ],
             };
         }
         let name = format!(
@@ -125,8 +129,8 @@ impl Layout {
             cfg.private_dir.join(&name)
         };
         Layout {
-            tree: work.join("tree"),
-            handoff: work.join("handoff"),
+            tree: work.join(TREE_SUBDIR),
+            handoff: work.join(HANDOFF_SUBDIR),
             cleanup: vec![work, private.clone()],
             private,
         }

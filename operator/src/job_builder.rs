@@ -111,11 +111,8 @@ pub const GIT_CA_DIR: &str = "/var/run/secrets/repobox/git-ca";
 /// The Redis CA, mounted in the runner when configured.
 pub const REDIS_CA_DIR: &str = "/var/run/secrets/repobox/redis-ca";
 
-/// The work tree and the hand-off directory: subdirectories of the work volume (`TEMP_DIR`)
-/// whose names the runner knows too (`run::Layout`).
-pub const TREE_SUBDIR: &str = "tree";
-/// See [`TREE_SUBDIR`].
-pub const HANDOFF_SUBDIR: &str = "handoff";
+use repobox_contract::pod;
+pub use repobox_contract::pod::{HANDOFF_SUBDIR, TREE_SUBDIR};
 
 /// Environment variables of the agent container that the operator sets itself.
 pub const AGENT_RESERVED_ENV: &[&str] = &[
@@ -504,7 +501,7 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
         ),
         env("ENCRYPTION_KEY_FILE", encryption_key_file(cfg)),
         env("TEMP_DIR", cfg.temp_dir.clone()),
-        env("PRIVATE_DIR", PRIVATE_DIR),
+        env(pod::ENV_PRIVATE_DIR, PRIVATE_DIR),
         env("HOME", TMP_DIR),
         env("JOB_TIMEOUT", timeout.to_string()),
         env("CLEANUP_AFTER_JOB", cfg.cleanup_after_job.to_string()),
@@ -513,7 +510,7 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
         env("GIT_CLONE_DEPTH", cfg.git_clone_depth.to_string()),
     ];
     if cfg.agent.is_some() {
-        env_vars.push(env("AGENT_CONTAINER", "true"));
+        env_vars.push(env(pod::ENV_AGENT_CONTAINER, "true"));
     }
     if cfg.allow_insecure_http {
         env_vars.push(env("ALLOW_INSECURE_HTTP", "true"));
@@ -580,8 +577,8 @@ fn install_container(cfg: &JobConfig) -> Container {
 /// own `/tmp`, its own environment.
 fn agent_container(cfg: &JobConfig, agent: &AgentConfig) -> Container {
     let mut env_vars = vec![
-        env("HANDOFF_DIR", work_subdir(cfg, HANDOFF_SUBDIR)),
-        env("AGENT_COMMAND", agent.command.clone()),
+        env(pod::ENV_HANDOFF_DIR, work_subdir(cfg, HANDOFF_SUBDIR)),
+        env(pod::ENV_AGENT_COMMAND, agent.command.clone()),
         env("HOME", TMP_DIR),
         env("LOG_FORMAT", "json"),
     ];
