@@ -518,6 +518,8 @@ done
 env | grep -c -e '^REDIS' -e '^ENCRYPTION' -e '^JOB_ID=' -e '^RUNNER_ID=' | sed 's/^/runner-env: /'
 touch /repobox/bin/x 2>/dev/null && echo "tools: writable" || echo "tools: read-only"
 echo probe > PROBE.md
+# The tree's `.git` pointing at where the runner keeps its git directory.
+ln -s /var/lib/repobox/repo.git .git
 "#;
     let id = "probe001-iso";
     let job = bed.run(id, probe, &BTreeMap::new()).await;
@@ -558,4 +560,12 @@ echo probe > PROBE.md
     assert!(output.contains("tools: read-only"), "{output}");
     let record: HashMap<String, String> = con.hgetall(format!("job:{id}")).await.unwrap();
     assert_eq!(record["status"], "success", "{record:?}");
+    // The `.git` symlink steered nothing: the runner's own git directory made the commit, and a
+    // `.git` entry is never part of a tree.
+    let sha = bed.git.branch_sha("acme/api", "repobox/probe001").expect("pushed");
+    let files: Vec<String> = tree_contents(&bed.git.repo_path("acme/api"), &sha)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(files, ["PROBE.md", "README.md"]);
 }
