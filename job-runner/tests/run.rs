@@ -822,6 +822,17 @@ impl Fixture {
     }
 }
 
+/// Waits for a file a child process creates (the agent's "I am running" marker).
+async fn wait_for_file(path: &Path) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !path.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} never appeared", path.display()));
+}
+
 #[tokio::test]
 async fn the_agent_in_its_own_container_gets_the_tree_and_streams_back() {
     let mut f = Fixture::new().await;
@@ -909,13 +920,7 @@ async fn an_agent_killed_mid_run_fails_the_job_and_pushes_nothing() {
     let agent_pid = agent.id().unwrap() as i32;
     let runner = f.pod_runner(&job.id, &[]).spawn().unwrap();
     // The OOM killer's way: SIGKILL, no chance to report.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !marker.exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the agent started");
+    wait_for_file(&marker).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -955,13 +960,7 @@ async fn the_agent_stops_when_the_runner_dies() {
         .spawn()
         .unwrap();
     let runner = f.pod_runner(&job.id, &[]).spawn().unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !marker.exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the agent started");
+    wait_for_file(&marker).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(runner.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGKILL,

@@ -513,8 +513,8 @@ mod tests {
         );
     }
 
-    /// A pod whose runner and agent containers ended as given.
-    fn two_container_pod(runner: Option<(&str, i32)>, agent: (&str, i32)) -> Pod {
+    /// A pod whose runner container is as given and whose agent container is in `agent`.
+    fn two_container_pod(runner: Option<(&str, i32)>, agent: ContainerState) -> Pod {
         let mut p = pod(vec![], runner, None);
         let statuses = p
             .status
@@ -525,56 +525,58 @@ mod tests {
             .unwrap();
         let mut agent_status = statuses[0].clone();
         agent_status.name = "agent".into();
-        agent_status.state = Some(ContainerState {
-            terminated: Some(ContainerStateTerminated {
-                reason: Some(agent.0.into()),
-                exit_code: agent.1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        agent_status.state = Some(agent);
         // The agent is listed after the runner, as in the pod spec.
         statuses.push(agent_status);
         p
     }
 
+    fn terminated(reason: &str, code: i32) -> ContainerState {
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                reason: Some(reason.into()),
+                exit_code: code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn the_runner_container_decides_and_an_agent_oom_explains() {
-        let f = pod_facts(&two_container_pod(Some(("Error", 3)), ("Completed", 0)));
+        let f = pod_facts(&two_container_pod(
+            Some(("Error", 3)),
+            terminated("Completed", 0),
+        ));
         assert_eq!(
             f.exit_code,
             Some(3),
             "the agent's exit 0 does not hide the runner's"
         );
         assert_eq!(f.terminated_reason.as_deref(), Some("Error"));
-        let f = pod_facts(&two_container_pod(Some(("Error", 1)), ("OOMKilled", 137)));
+        let f = pod_facts(&two_container_pod(
+            Some(("Error", 1)),
+            terminated("OOMKilled", 137),
+        ));
         assert_eq!(f.exit_code, Some(1));
         assert_eq!(f.terminated_reason.as_deref(), Some("OOMKilled"));
         assert_eq!(
             explain_job_failure("PodFailurePolicy", "", 60, Some(&f)).reason,
             reasons::OOM_KILLED
         );
-        let f = pod_facts(&two_container_pod(None, ("Completed", 0)));
+        let f = pod_facts(&two_container_pod(None, terminated("Completed", 0)));
         assert_eq!(f.exit_code, None);
         // An agent image that cannot be pulled explains a pod that never runs.
-        let mut p = pod(vec![], None, None);
-        let statuses = p
-            .status
-            .as_mut()
-            .unwrap()
-            .container_statuses
-            .as_mut()
-            .unwrap();
-        let mut agent = statuses[0].clone();
-        agent.name = "agent".into();
-        agent.state = Some(ContainerState {
-            waiting: Some(ContainerStateWaiting {
-                reason: Some("ErrImagePull".into()),
+        let p = two_container_pod(
+            None,
+            ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("ErrImagePull".into()),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-        statuses.push(agent);
+            },
+        );
         assert_eq!(
             pod_facts(&p).waiting_reason.as_deref(),
             Some("ErrImagePull")

@@ -562,7 +562,10 @@ ln -s /var/lib/repobox/repo.git .git
     assert_eq!(record["status"], "success", "{record:?}");
     // The `.git` symlink steered nothing: the runner's own git directory made the commit, and a
     // `.git` entry is never part of a tree.
-    let sha = bed.git.branch_sha("acme/api", "repobox/probe001").expect("pushed");
+    let sha = bed
+        .git
+        .branch_sha("acme/api", "repobox/probe001")
+        .expect("pushed");
     let files: Vec<String> = tree_contents(&bed.git.repo_path("acme/api"), &sha)
         .into_iter()
         .map(|(p, _)| p)

@@ -3,9 +3,6 @@
 //! fsGroup, the service-account token, graceful deletion, deadlines, eviction, and Jobs run by
 //! the real Job controller and scheduler. Every test has its own namespace and its own Node.
 
-#[path = "support/mini_control_plane.rs"]
-mod mini_control_plane;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
+use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::kubelet::{Fault, Kubelet, KubeletConfig, KubeletEvent, NodeSettings};
 use serde_json::{Value, json};
 
@@ -33,15 +31,11 @@ async fn bed(test: &str) -> Option<Bed> {
 }
 
 async fn bed_with(test: &str, tweak: impl FnOnce(&mut KubeletConfig)) -> Option<Bed> {
-    let Some(assets) = mini_control_plane::assets() else {
-        println!("SKIPPED: set REPOBOX_K8S_ASSETS=/path/to/kube-binaries to run this test");
+    let Some(cp) = ControlPlane::shared().await.expect("control plane") else {
+        ControlPlane::print_skip();
         return None;
     };
-    let cp = tokio::task::spawn_blocking(move || mini_control_plane::shared(&assets))
-        .await
-        .expect("join")
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
+    let client = cp.client().expect("client");
     let ns = format!("kubelet-{test}");
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -61,7 +55,7 @@ async fn bed_with(test: &str, tweak: impl FnOnce(&mut KubeletConfig)) -> Option<
     let mut cfg = KubeletConfig {
         nodes: vec![NodeSettings::new(&node)],
         binaries: HashMap::from([("fake-runner".to_string(), PathBuf::from("/bin/sh"))]),
-        api_server: Some(cp.url.clone()),
+        api_server: Some(cp.server_url().to_owned()),
         max_grace_period: Some(Duration::from_secs(5)),
         heartbeat_interval: Duration::from_secs(5),
         ..KubeletConfig::default()
