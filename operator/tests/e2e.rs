@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::wait::await_condition;
 use redis::AsyncCommands;
 use repobox_operator::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
 use repobox_operator::names::object_name;
@@ -716,6 +718,20 @@ async fn killed_and_stuck_pods_are_explained_in_redis() {
 async fn only_the_leader_consumes_and_a_standby_takes_over() {
     let mut bed = Bed::new(&[]).await;
     bed.start_operator(&[]);
+    // The first replica holds the Lease before the second starts (which one wins a start-up
+    // race is not what this test is about).
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), NS);
+    tokio::time::timeout(
+        WAIT,
+        await_condition(leases, "repobox-operator", |l: Option<&Lease>| {
+            l.and_then(|l| l.spec.as_ref())
+                .and_then(|s| s.holder_identity.as_deref())
+                == Some("operator-0")
+        }),
+    )
+    .await
+    .expect("the first replica leads")
+    .unwrap();
     // A second replica with its own identity: it must wait for the Lease.
     let mut cfg_b = bed.config(&[]);
     cfg_b.runner_id = Some("operator-standby".into());
