@@ -106,11 +106,15 @@ impl Layout {
     /// knows them too. Locally, fresh directories per run.
     pub fn for_job(cfg: &Config) -> Layout {
         if cfg.agent_container {
+            // A directory of the runner's own inside the private volume: the volume's root
+            // belongs to root (the kubelet makes it, `fsGroup`-owned), so the runner cannot
+            // narrow its mode; a subdirectory it creates, it can.
+            let private = cfg.private_dir.join("runner");
             return Layout {
                 tree: cfg.temp_dir.join("tree"),
                 handoff: cfg.temp_dir.join("handoff"),
-                private: cfg.private_dir.clone(),
-                cleanup: vec![cfg.temp_dir.join("tree"), cfg.private_dir.join("repo.git")],
+                cleanup: vec![cfg.temp_dir.join("tree"), private.clone()],
+                private,
             };
         }
         let name = format!(

@@ -364,6 +364,7 @@ impl RealBed {
             Ok(rj) => rj,
             Err(_) => {
                 let now = self.rjs().get_opt(name).await.ok().flatten();
+                self.diagnose();
                 panic!(
                     "timed out waiting for {name} to be {what}; it is {:?}",
                     now.map(|r| r.status)
@@ -375,6 +376,33 @@ impl RealBed {
     pub async fn wait_phase(&self, name: &str, phase: RepoboxJobPhase) -> RepoboxJob {
         self.wait_rj(name, phase.as_str(), |rj| rj.phase() == phase)
             .await
+    }
+
+    /// Prints what the kubelet saw in this namespace (errors, exits) and every container's
+    /// output, to explain a failed wait. Test secrets only; the runner masks the token.
+    pub fn diagnose(&self) {
+        let mut pods: Vec<String> = Vec::new();
+        for e in self.kubelet.history() {
+            if let KubeletEvent::ContainerStarted { namespace, pod, .. } = &e
+                && *namespace == self.ns
+                && !pods.contains(pod)
+            {
+                pods.push(pod.clone());
+            }
+            match &e {
+                KubeletEvent::Error { namespace, .. }
+                | KubeletEvent::ContainerExited { namespace, .. }
+                | KubeletEvent::PodFinished { namespace, .. }
+                    if *namespace == self.ns =>
+                {
+                    eprintln!("kubelet: {e:?}");
+                }
+                _ => {}
+            }
+        }
+        for pod in pods {
+            eprintln!("--- output of pod {pod}:\n{}", self.kubelet.pod_logs(&pod));
+        }
     }
 
     /// Waits until the RepoboxJob is gone.

@@ -574,6 +574,7 @@ impl Worker {
         };
         let args: Vec<String> = command.iter().skip(1).cloned().chain(args).collect();
         let mut mounts = Vec::new();
+        let mut sub_paths = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
             let Some(v) = vols.get(&m.name) else {
                 return Ok(Err(format!("volumeMount {:?} has no volume", m.name)));
@@ -593,11 +594,7 @@ impl Worker {
                     Err(e) => return Ok(Err(format!("{e:#}"))),
                 };
                 let p = v.path.join(rel);
-                if !p.exists()
-                    && let Err(e) = std::fs::create_dir_all(&p)
-                {
-                    return Ok(Err(format!("subPath {}: {e}", p.display())));
-                }
+                sub_paths.push((v.path.clone(), p.clone()));
                 p
             };
             if !m.mount_path.starts_with('/') {
@@ -639,6 +636,7 @@ impl Worker {
                 args,
                 env,
                 mode: LaunchMode::Isolated(Box::new(sandbox)),
+                sub_paths,
             }))
         } else {
             let remap = remapper(&mounts);
@@ -665,6 +663,7 @@ impl Worker {
                 args,
                 env,
                 mode: LaunchMode::Plain { workdir },
+                sub_paths,
             }))
         }
     }
@@ -681,10 +680,12 @@ impl Worker {
         }
         let started_at = now();
         let spawned = match launch {
-            Some(Ok(l)) => runtime::spawn(&l).map_err(|e| {
+            Some(Ok(l)) => make_sub_paths(&l.sub_paths)
+                .map_err(|m| (m, None))
+                .and_then(|()| runtime::spawn(&l).map_err(|e| {
                 let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
                 (msg, e.stderr)
-            }),
+            })),
             Some(Err(m)) => Err((m, None)),
             None => Err(("container was not prepared".to_string(), None)),
         };
@@ -1026,6 +1027,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// Creates the missing `subPath` directories of a container about to start, as the kubelet
+/// does at container start (not at pod start: an init container may have made them, owned by
+/// its user): with the volume root's mode, group-owned like it (an `fsGroup` volume).
+fn make_sub_paths(sub_paths: &[(PathBuf, PathBuf)]) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for (root, dir) in sub_paths {
+        if dir.exists() {
+            continue;
+        }
+        let made = std::fs::metadata(root).and_then(|meta| {
+            std::fs::create_dir_all(dir)?;
+            std::os::unix::fs::chown(dir, None, Some(meta.gid()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        });
+        if let Err(e) = made {
+            return Err(format!("subPath {}: {e}", dir.display()));
+        }
+    }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
