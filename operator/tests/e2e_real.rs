@@ -51,11 +51,7 @@ async fn happy_path_under_per_user_and_global_quotas() {
         return;
     };
     bed.start_operator(&[]);
-    let users = [
-        ("alice", 3usize),
-        ("bob", 2),
-        ("carol", 1),
-    ];
+    let users = [("alice", 3usize), ("bob", 2), ("carol", 1)];
     let mut ids = Vec::new();
     for (user, n) in users {
         for i in 0..n {
@@ -72,9 +68,14 @@ async fn happy_path_under_per_user_and_global_quotas() {
         for n in &names {
             let rj = bed.wait_rj(n, "admitted or queued with a reason", |rj| {
                 rj.phase() == RepoboxJobPhase::Running
-                    || rj.status.as_ref().and_then(|s| s.reason.as_deref()).is_some_and(|r| {
-                        r == reasons::USER_QUOTA_EXCEEDED || r == reasons::CLUSTER_QUOTA_EXCEEDED
-                    })
+                    || rj
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.reason.as_deref())
+                        .is_some_and(|r| {
+                            r == reasons::USER_QUOTA_EXCEEDED
+                                || r == reasons::CLUSTER_QUOTA_EXCEEDED
+                        })
             });
             if rj.await.phase() == RepoboxJobPhase::Running {
                 running += 1;
@@ -150,7 +151,10 @@ async fn happy_path_under_per_user_and_global_quotas() {
             .expect("pods");
         let text = to_text(&job) + &to_text(&rj) + &to_text(&pods.items);
         for secret in [TOKEN, KEY_HEX, REDIS_PASSWORD] {
-            assert!(!text.contains(secret), "a secret leaked into {name}'s objects");
+            assert!(
+                !text.contains(secret),
+                "a secret leaked into {name}'s objects"
+            );
         }
     }
 
@@ -170,11 +174,18 @@ async fn happy_path_under_per_user_and_global_quotas() {
         *n += delta;
         total += delta;
         max_total = max_total.max(total);
-        assert!(*n <= 2, "{user} had more than MAX_JOBS_PER_USER runners at once");
+        assert!(
+            *n <= 2,
+            "{user} had more than MAX_JOBS_PER_USER runners at once"
+        );
         assert!(total <= 3, "more than MAX_CONCURRENT_JOBS runners at once");
     }
     assert_eq!(max_total, 3, "the global limit was used fully");
-    assert_eq!(bed.pods_started().len(), ids.len(), "every job ran exactly once");
+    assert_eq!(
+        bed.pods_started().len(),
+        ids.len(),
+        "every job ran exactly once"
+    );
     assert_eq!(pending_entries(&mut bed).await, 0);
     for (user, _) in users {
         bed.eventually_counter(user, "0").await;
@@ -212,7 +223,11 @@ async fn deadline_exceeded_by_the_real_job_controller_is_timed_out() {
     let name = object_name(&job.id);
     let rj = bed.wait_phase(&name, RepoboxJobPhase::Failed).await;
     let s = rj.status.expect("status");
-    assert_eq!(s.reason.as_deref(), Some(reasons::DEADLINE_EXCEEDED), "{s:?}");
+    assert_eq!(
+        s.reason.as_deref(),
+        Some(reasons::DEADLINE_EXCEEDED),
+        "{s:?}"
+    );
     assert_eq!(s.message.as_deref(), Some("timed out after 4 s"));
     let rec = bed.record(&job.id).await;
     assert_eq!(rec["status"], "failed");
@@ -269,7 +284,10 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
     let until = tokio::time::Instant::now() + WAIT;
     while let Some(j) = bed.jobs().get_opt(&na).await.expect("get job") {
         assert_eq!(j.uid(), job_uid);
-        assert!(tokio::time::Instant::now() < until, "the Job of {na} was not collected");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the Job of {na} was not collected"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 
@@ -279,7 +297,10 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
         .await
         .expect("patch");
     let rj = bed.wait_phase(&nb, RepoboxJobPhase::Cancelled).await;
-    assert_eq!(rj.status.expect("status").reason.as_deref(), Some(reasons::CANCELLED));
+    assert_eq!(
+        rj.status.expect("status").reason.as_deref(),
+        Some(reasons::CANCELLED)
+    );
     assert_eq!(bed.record(&b.id).await["status"], "cancelled");
     bed.wait_no_pods(&nb).await;
     bed.eventually_counter("frank", "0").await;
@@ -288,7 +309,11 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
 
 /// Submits like the web app and reads the entry as `consumer` without acknowledging it: the
 /// state a consumer leaves when it dies right after XREADGROUP.
-async fn submit_and_read_as(bed: &mut RealBed, job: &repobox_testbed::webapp::NewJob, consumer: &str) {
+async fn submit_and_read_as(
+    bed: &mut RealBed,
+    job: &repobox_testbed::webapp::NewJob,
+    consumer: &str,
+) {
     bed.submit(job).await;
     let _: Result<(), _> = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -345,25 +370,30 @@ async fn restart_at_each_crash_point_loses_nothing_and_runs_nothing_twice() {
         )
         .await
         .expect("create rj3");
-    let job_cfg = bed.config("crashed-operator", &[]).job_config().expect("job config");
+    let job_cfg = bed
+        .config("crashed-operator", &[])
+        .job_config()
+        .expect("job config");
     let job3 = repobox_operator::job_builder::job_for(&rj3, &job_cfg).expect("job");
-    let job3_uid = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(
-        bed.operator_client.clone(),
-        &bed.ns,
-    )
-    .create(
-        &PostParams {
-            field_manager: Some(repobox_operator::reconcile::FIELD_MANAGER.into()),
-            ..Default::default()
-        },
-        &job3,
-    )
-    .await
-    .expect("create job3")
-    .uid();
+    let job3_uid =
+        Api::<k8s_openapi::api::batch::v1::Job>::namespaced(bed.operator_client.clone(), &bed.ns)
+            .create(
+                &PostParams {
+                    field_manager: Some(repobox_operator::reconcile::FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &job3,
+            )
+            .await
+            .expect("create job3")
+            .uid();
 
     bed.start_operator(&[]);
-    let (n1, n2, n3) = (object_name(&j1.id), object_name(&j2.id), object_name(&j3.id));
+    let (n1, n2, n3) = (
+        object_name(&j1.id),
+        object_name(&j2.id),
+        object_name(&j3.id),
+    );
     for n in [&n1, &n2, &n3] {
         bed.wait_phase(n, RepoboxJobPhase::Running).await;
     }
@@ -379,7 +409,11 @@ async fn restart_at_each_crash_point_loses_nothing_and_runs_nothing_twice() {
         bed.wait_phase(n, RepoboxJobPhase::Succeeded).await;
     }
     assert_eq!(bed.pods_started().len(), 4, "each job ran exactly once");
-    assert_eq!(bed.jobs().get(&n3).await.expect("job3").uid(), job3_uid, "Job 3 adopted, not recreated");
+    assert_eq!(
+        bed.jobs().get(&n3).await.expect("job3").uid(),
+        job3_uid,
+        "Job 3 adopted, not recreated"
+    );
     for j in [&j1, &j2, &j3, &j4] {
         assert_eq!(bed.record(&j.id).await["status"], "success");
     }
@@ -423,7 +457,11 @@ async fn a_standby_takes_over_the_real_lease() {
             _ => None,
         })
         .collect();
-    assert_eq!(consumers, ["repobox-operator-0"], "the standby never read the stream");
+    assert_eq!(
+        consumers,
+        ["repobox-operator-0"],
+        "the standby never read the stream"
+    );
 
     // The leader dies without releasing the Lease; the standby takes over once it expires.
     bed.kill_operator().await;
@@ -434,7 +472,10 @@ async fn a_standby_takes_over_the_real_lease() {
     assert_eq!(bed.record(&third.id).await["status"], "success");
     let lease = leases.get(&bed.lease_name).await.expect("lease");
     let spec = lease.spec.clone().expect("lease spec");
-    assert_eq!(spec.holder_identity.as_deref(), Some("repobox-operator-standby"));
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some("repobox-operator-standby")
+    );
     assert!(spec.lease_transitions.unwrap_or(0) >= 1, "{spec:?}");
     stop_standby.cancel();
     tokio::time::timeout(WAIT, standby)
@@ -460,7 +501,10 @@ async fn retention_deletes_the_repoboxjob_and_the_collector_its_job_and_pod() {
     bed.wait_no_pods(&name).await;
     let until = tokio::time::Instant::now() + WAIT;
     while bed.jobs().get_opt(&name).await.expect("get job").is_some() {
-        assert!(tokio::time::Instant::now() < until, "the Job outlived its RepoboxJob");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the Job outlived its RepoboxJob"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // The record stays in Redis: retention only concerns the Kubernetes objects.
@@ -536,9 +580,19 @@ async fn bad_entries_are_acknowledged_and_recorded_and_the_crd_validates() {
         rec["error"]
     );
     for id in ["ghost-job", done.id.as_str(), invalid.id.as_str()] {
-        assert!(bed.rjs().get_opt(&object_name(id)).await.expect("get").is_none());
+        assert!(
+            bed.rjs()
+                .get_opt(&object_name(id))
+                .await
+                .expect("get")
+                .is_none()
+        );
     }
-    assert_eq!(pending_entries(&mut bed).await, 0, "every entry acknowledged");
+    assert_eq!(
+        pending_entries(&mut bed).await,
+        0,
+        "every entry acknowledged"
+    );
 
     // CEL on the real API server: the owner of a job cannot be changed afterwards.
     let err = bed

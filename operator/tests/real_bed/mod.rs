@@ -243,10 +243,7 @@ impl RealBed {
     pub fn spawn_replica(
         &self,
         pod: &str,
-    ) -> (
-        JoinHandle<repobox_operator::Result<()>>,
-        CancellationToken,
-    ) {
+    ) -> (JoinHandle<repobox_operator::Result<()>>, CancellationToken) {
         let cfg = self.config(pod, &[]);
         let stop = CancellationToken::new();
         let client = self.operator_client.clone();
@@ -281,7 +278,9 @@ impl RealBed {
     /// everything in it) and the Node. The processes (kubelet, Redis, git) stop on drop.
     pub async fn finish(mut self) {
         if self.operator.is_some() {
-            self.stop_operator().await.expect("the operator ends cleanly");
+            self.stop_operator()
+                .await
+                .expect("the operator ends cleanly");
         }
         self.kubelet.stop();
         let _ = Api::<Namespace>::all(self.admin.clone())
@@ -408,7 +407,12 @@ impl RealBed {
     /// Waits until the RepoboxJob is gone.
     pub async fn wait_gone(&self, name: &str) {
         let api = self.rjs();
-        let Some(uid) = api.get_opt(name).await.expect("get").and_then(|rj| rj.uid()) else {
+        let Some(uid) = api
+            .get_opt(name)
+            .await
+            .expect("get")
+            .and_then(|rj| rj.uid())
+        else {
             return;
         };
         tokio::time::timeout(
@@ -511,7 +515,10 @@ impl RealBed {
 /// it is served.
 async fn install_crd(admin: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    match crds.create(&PostParams::default(), &RepoboxJob::crd()).await {
+    match crds
+        .create(&PostParams::default(), &RepoboxJob::crd())
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("create the CRD: {e}"),

@@ -682,10 +682,12 @@ impl Worker {
         let spawned = match launch {
             Some(Ok(l)) => make_sub_paths(&l.sub_paths)
                 .map_err(|m| (m, None))
-                .and_then(|()| runtime::spawn(&l).map_err(|e| {
-                let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
-                (msg, e.stderr)
-            })),
+                .and_then(|()| {
+                    runtime::spawn(&l).map_err(|e| {
+                        let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
+                        (msg, e.stderr)
+                    })
+                }),
             Some(Err(m)) => Err((m, None)),
             None => Err(("container was not prepared".to_string(), None)),
         };
