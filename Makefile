@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 .PHONY: test deps lint unit chart demo bench crds fmt
 
 ## Installs what the tests need: redis-server and etcd-server (Debian) and the Python venv of
-## the test bed. (The control-plane tests also need REPOBOX_K8S_ASSETS, see README.md.)
+## the test bed: the emulator, and the Helm SDK (chart checks; the real-cluster e2e suite renders
+## the chart's RBAC with it). (The control-plane tests also need REPOBOX_K8S_ASSETS, see README.md.)
 deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
@@ -21,6 +22,7 @@ deps:
 	@command -v git >/dev/null || { echo "git is required" >&2; exit 1; }
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -r tests/emulator/requirements.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -r tests/chart/requirements.txt
 
 ## Formatting and lints, warnings are errors.
 lint:
@@ -41,8 +43,8 @@ chart:
 
 test: deps lint unit chart
 
-## The whole system on an emulated cluster: Redis, a git host, the API emulator, the cluster
-## simulator, the real operator and job-runner, two users' jobs.
+## The whole system on one machine: Redis, a git host, a real control plane (REPOBOX_K8S_ASSETS)
+## or else the API emulator, the real operator and job-runner, two users' jobs.
 demo:
 	bash scripts/demo.sh
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# `make demo`: the whole Repobox runner side on one machine, on an EMULATED Kubernetes cluster.
+# `make demo`: the whole Repobox runner side on one machine. With REPOBOX_K8S_ASSETS (the
+# directory of kube-apiserver, kube-controller-manager and kube-scheduler; `.ci/run` sets it) on
+# a REAL Kubernetes control plane (etcd from `etcd-server`) with the test bed's kubelet;
+# otherwise on the Kubernetes API emulator with the cluster simulator. The demo says which.
 #
-# Installs what is missing (redis-server, the Python venv of the Kubernetes API emulator),
-# builds the operator, the job-runner and the demo, then runs `repobox-demo`, which starts
-# Redis, a local git host, the API emulator, the cluster simulator and the real operator,
+# Installs what is missing (redis-server, etcd-server when the assets are set, the Python venv
+# of the Kubernetes API emulator), builds the operator, the job-runner and the demo, then runs
+# `repobox-demo`, which starts Redis, a local git host, the cluster and the real operator,
 # submits five jobs for two users the way the web app does and shows them run to the end.
 # Exits with the demo's code: 0 only when every job succeeded and its branch was pushed.
 #
@@ -33,6 +36,17 @@ apt_install() {
 if ! command -v redis-server >/dev/null; then
   say "installing redis-server"
   apt_install redis-server
+fi
+
+# --- etcd-server (Debian package), only for the real control plane -----------------------
+if [ -n "${REPOBOX_K8S_ASSETS:-}" ] && ! command -v etcd >/dev/null; then
+  say "installing etcd-server (for the real control plane in REPOBOX_K8S_ASSETS)"
+  apt_install etcd-server
+fi
+if [ -n "${REPOBOX_K8S_ASSETS:-}" ]; then
+  say "REPOBOX_K8S_ASSETS=$REPOBOX_K8S_ASSETS: the demo uses a real Kubernetes control plane"
+else
+  say "REPOBOX_K8S_ASSETS is not set: the demo uses the Kubernetes API emulator"
 fi
 
 # --- git (the git host and the job-runner use the git CLI) ----------------------------------

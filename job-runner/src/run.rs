@@ -107,14 +107,15 @@ impl Layout {
     pub fn for_job(cfg: &Config) -> Layout {
         use repobox_contract::pod::{HANDOFF_SUBDIR, TREE_SUBDIR};
         if cfg.agent_container {
+            // A directory of the runner's own inside the private volume: the volume's root
+            // belongs to root (the kubelet makes it, `fsGroup`-owned), so the runner cannot
+            // narrow its mode; a subdirectory it creates, it can.
+            let private = cfg.private_dir.join("runner");
             return Layout {
                 tree: cfg.temp_dir.join(TREE_SUBDIR),
                 handoff: cfg.temp_dir.join(HANDOFF_SUBDIR),
-                private: cfg.private_dir.clone(),
-                cleanup: vec![
-                    cfg.temp_dir.join(TREE_SUBDIR),
-                    cfg.private_dir.join("repo.git"),
-                ],
+                cleanup: vec![cfg.temp_dir.join(TREE_SUBDIR), private.clone()],
+                private,
             };
         }
         let name = format!(

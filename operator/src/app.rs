@@ -173,7 +173,10 @@ pub async fn run_with_client(
 pub fn redis_client(cfg: &Config) -> Result<redis::Client> {
     repobox_contract::redis_client(cfg.redis_url.expose(), cfg.redis_ca_file.as_deref()).map_err(
         |e| Error::InvalidConfig {
-            setting: "REDIS_URL",
+            setting: match e {
+                repobox_contract::RedisClientError::CaFile { .. } => "REDIS_CA_FILE",
+                _ => "REDIS_URL",
+            },
             reason: e.to_string(),
         },
     )

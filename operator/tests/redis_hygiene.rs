@@ -110,7 +110,7 @@ async fn per_user_quota_holds_across_a_restart_for_ids_like_email_addresses() {
         }
         assert!(live <= 1, "two runners of {user} ran at once");
     }
-    assert_eq!(bed.sim.processes_started(), 2);
+    assert_eq!(bed.sim.pods_started(), 2, "each job ran once");
     bed.stop_operator().await.unwrap();
 }
 

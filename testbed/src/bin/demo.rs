@@ -1,9 +1,11 @@
 //! `repobox-demo`: the whole Repobox runner side working on one machine, with no cluster.
 //!
-//! Starts a real `redis-server`, a local smart-HTTP git host with a sample repository, the
-//! Kubernetes API emulator and the cluster simulator (which runs each Job's container as a local
-//! process of the real `repobox-job-runner`), then the real `repobox-operator` binary as a child
-//! process. It submits five jobs for two users exactly as the web app does, prints a
+//! Starts a real `redis-server`, a local smart-HTTP git host with a sample repository, and a
+//! Kubernetes API: when `REPOBOX_K8S_ASSETS` names the Kubernetes binaries, a REAL control plane
+//! (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; the real Job controller) with
+//! the test bed's kubelet running the pods as isolated local processes; otherwise the Kubernetes
+//! API emulator and the cluster simulator. Either way each Job's pod runs the real
+//! `repobox-job-runner`, and the real `repobox-operator` binary runs as a child process. It submits five jobs for two users exactly as the web app does, prints a
 //! `kubectl get repoboxjobs`-style table every time a RepoboxJob changes (driven by a watch), and
 //! finally shows the pushed branches, the job records and one job's output from Redis.
 //!
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -31,8 +33,10 @@ use nix::unistd::Pid;
 use redis::AsyncCommands;
 use repobox_contract::{EncryptionKey, keys, mask_token};
 use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::emulator::Emulator;
 use repobox_testbed::githost::GitHost;
+use repobox_testbed::kubelet::{Kubelet, KubeletConfig, NodeSettings};
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::simulator::{ClusterSimulator, SimulatorConfig};
 use repobox_testbed::webapp::{self, NewJob};
@@ -78,6 +82,8 @@ struct Parts {
     git: Option<GitHost>,
     emu: Option<Emulator>,
     sim: Option<ClusterSimulator>,
+    control_plane: Option<ControlPlane>,
+    kubelet: Option<Kubelet>,
     operator: Option<Child>,
     operator_log: Option<PathBuf>,
 }
@@ -118,16 +124,47 @@ async fn main() -> ExitCode {
 }
 
 async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
-    println!("Repobox demo: the operator and the job-runner on an EMULATED Kubernetes cluster");
-    println!("=================================================================================");
-    println!("No real Kubernetes cluster is used. The API server is the test bed's stateful");
-    println!("Kubernetes API emulator (a Python process that stores objects and serves watches),");
-    println!(
-        "and a cluster simulator plays the Job controller and the kubelet: it runs each Job's"
-    );
-    println!("container as a local process of the real repobox-job-runner binary. Redis, the git");
-    println!("host, the operator and the job-runner are the real programs; everything runs on");
-    println!("127.0.0.1 and is removed at the end.");
+    let assets = ControlPlane::assets();
+    if let Some(assets) = &assets {
+        println!(
+            "Repobox demo: the operator and the job-runner on a REAL Kubernetes control plane"
+        );
+        println!(
+            "================================================================================="
+        );
+        println!(
+            "Control plane: the real kube-apiserver, kube-controller-manager (Job controller,"
+        );
+        println!(
+            "garbage collector) and kube-scheduler from REPOBOX_K8S_ASSETS={},",
+            assets.display()
+        );
+        println!(
+            "with etcd. No real kubelet: the test bed's kubelet registers a Node and runs each"
+        );
+        println!("pod's containers as isolated local processes of the real repobox-job-runner.");
+    } else {
+        println!("Repobox demo: the operator and the job-runner on an EMULATED Kubernetes cluster");
+        println!(
+            "================================================================================="
+        );
+        println!(
+            "No real Kubernetes cluster is used (set REPOBOX_K8S_ASSETS to the directory of the"
+        );
+        println!("kube-apiserver, kube-controller-manager and kube-scheduler binaries for a real");
+        println!(
+            "control plane). The API server is the test bed's stateful Kubernetes API emulator"
+        );
+        println!(
+            "(a Python process that stores objects and serves watches), and a cluster simulator"
+        );
+        println!(
+            "plays the Job controller and the kubelet: it runs each Job's container as a local"
+        );
+        println!("process of the real repobox-job-runner binary.");
+    }
+    println!("Redis, the git host, the operator and the job-runner are the real programs;");
+    println!("everything runs on 127.0.0.1 and is removed at the end.");
 
     let dir = tempfile::Builder::new()
         .prefix("repobox-demo-")
@@ -156,38 +193,82 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         println!("  {path:<18} {} lines", content.lines().count());
     }
 
-    section("3. Emulated Kubernetes API and cluster simulator");
-    let emu = parts.emu.insert(
-        Emulator::start()
-            .await
-            .context("start the Kubernetes API emulator (needs the .venv: run `make demo`)")?,
-    );
-    let kubeconfig = emu.kubeconfig_path();
-    let client = emu.client()?;
-    println!(
-        "API emulator at {}, kubeconfig {}",
-        emu.url(),
-        kubeconfig.display()
-    );
-    install_crd(&client).await?;
-    create_namespace_and_secrets(&client, &redis_url).await?;
-    let sim = ClusterSimulator::start(
-        client.clone(),
-        SimulatorConfig {
-            namespace: Some(NS.into()),
-            binaries: HashMap::from([("repobox-job-runner".to_owned(), runner_bin.clone())]),
-            max_grace_period: Some(Duration::from_secs(5)),
-            // The local git host speaks plain HTTP; production git hosts are HTTPS only.
-            extra_env: vec![("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned())],
-            ..Default::default()
-        },
-    )
-    .await?;
-    parts.sim = Some(sim);
-    println!(
-        "cluster simulator: Jobs in namespace {NS} run {} as local processes",
-        runner_bin.display()
-    );
+    // The local git host speaks plain HTTP; production git hosts are HTTPS only.
+    let runner_env = vec![("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned())];
+    let (client, kubeconfig) = if let Some(assets) = &assets {
+        section("3. Real Kubernetes control plane and the test bed's kubelet");
+        let cp = parts.control_plane.insert(
+            ControlPlane::start_with(assets)
+                .await
+                .context("start the control plane from REPOBOX_K8S_ASSETS")?,
+        );
+        let client = cp.client()?;
+        println!(
+            "control plane at {} started in {:.1}s (kube-apiserver, kube-controller-manager, kube-scheduler v1.28 + etcd), kubeconfig {}",
+            cp.server_url(),
+            cp.started_in().as_secs_f64(),
+            cp.kubeconfig_path().display()
+        );
+        install_crd(&client).await?;
+        create_namespace_and_secrets(&client, &redis_url, true).await?;
+        let kubelet = Kubelet::start(
+            client.clone(),
+            KubeletConfig {
+                nodes: vec![NodeSettings::new("demo-node")],
+                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner_bin.clone())]),
+                api_server: Some(cp.server_url().to_owned()),
+                max_grace_period: Some(Duration::from_secs(5)),
+                extra_env: runner_env,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("start the kubelet")?;
+        println!(
+            "kubelet: Node demo-node registered; pods run {} as local processes ({})",
+            runner_bin.display(),
+            if kubelet.isolates() {
+                "isolated: own mount/PID namespaces and users per container"
+            } else {
+                "NOT isolated: not running as root"
+            }
+        );
+        parts.kubelet = Some(kubelet);
+        (client, cp.kubeconfig_path())
+    } else {
+        section("3. Emulated Kubernetes API and cluster simulator");
+        let emu = parts.emu.insert(
+            Emulator::start()
+                .await
+                .context("start the Kubernetes API emulator (needs the .venv: run `make demo`)")?,
+        );
+        let kubeconfig = emu.kubeconfig_path();
+        let client = emu.client()?;
+        println!(
+            "API emulator at {}, kubeconfig {}",
+            emu.url(),
+            kubeconfig.display()
+        );
+        install_crd(&client).await?;
+        create_namespace_and_secrets(&client, &redis_url, false).await?;
+        let sim = ClusterSimulator::start(
+            client.clone(),
+            SimulatorConfig {
+                namespace: Some(NS.into()),
+                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner_bin.clone())]),
+                max_grace_period: Some(Duration::from_secs(5)),
+                extra_env: runner_env,
+                ..Default::default()
+            },
+        )
+        .await?;
+        parts.sim = Some(sim);
+        println!(
+            "cluster simulator: Jobs in namespace {NS} run {} as local processes",
+            runner_bin.display()
+        );
+        (client, kubeconfig)
+    };
 
     section("4. The operator (real binary, child process)");
     let log_path = dir_path.join("operator.log");
@@ -281,8 +362,12 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
     let jobs = follow(&mut changes, submitted.len(), started).await?;
     drop(changes);
 
-    section("7. kubectl against the emulator");
-    run_kubectl(&kubeconfig, &dir_path).await;
+    section(if assets.is_some() {
+        "7. kubectl against the control plane"
+    } else {
+        "7. kubectl against the emulator"
+    });
+    run_kubectl(&kubeconfig, &dir_path, assets.is_some()).await;
 
     section("8. Branches on the git host");
     let git = parts.git.as_ref().context("git host")?;
@@ -412,12 +497,19 @@ async fn install_crd(client: &Client) -> Result<()> {
     Ok(())
 }
 
-/// The namespace and the two Secrets the runner Jobs reference.
-async fn create_namespace_and_secrets(client: &Client, redis_url: &str) -> Result<()> {
+/// The namespace (enforcing Pod Security `restricted` on a real API server) and the two
+/// Secrets the runner Jobs reference.
+async fn create_namespace_and_secrets(client: &Client, redis_url: &str, real: bool) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(NS.into()),
+            labels: real.then(|| {
+                BTreeMap::from([(
+                    "pod-security.kubernetes.io/enforce".to_owned(),
+                    "restricted".to_owned(),
+                )])
+            }),
             ..Default::default()
         },
         ..Default::default()
@@ -444,8 +536,22 @@ async fn create_namespace_and_secrets(client: &Client, redis_url: &str) -> Resul
             .await
             .with_context(|| format!("create Secret {name}"))?;
     }
+    // The runner pods' identity, as the chart creates it: without it a real API server's
+    // ServiceAccount admission refuses the Job controller's pods.
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("repobox-runner".into()),
+            ..Default::default()
+        },
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &account)
+        .await
+        .context("create ServiceAccount repobox-runner")?;
     println!(
-        "namespace {NS}; Secrets repobox-redis (url) and repobox-encryption-key (key) created"
+        "namespace {NS}; Secrets repobox-redis (url) and repobox-encryption-key (key) and ServiceAccount repobox-runner created"
     );
     Ok(())
 }
@@ -702,7 +808,7 @@ fn print_table(jobs: &BTreeMap<String, RepoboxJob>) {
 }
 
 /// Runs a real `kubectl` against the emulator when one is installed.
-async fn run_kubectl(kubeconfig: &Path, dir: &Path) {
+async fn run_kubectl(kubeconfig: &Path, dir: &Path, real: bool) {
     let Some(kubectl) = find_in_path("kubectl") else {
         println!(
             "kubectl is not installed: the tables above are rendered by the demo from the CRD's"
@@ -715,11 +821,15 @@ async fn run_kubectl(kubeconfig: &Path, dir: &Path) {
     let custom = "NAME:.metadata.name,USER:.spec.userId,REPO:.spec.repo,PHASE:.status.phase,\
                   REASON:.status.reason,BRANCH:.status.branch,DURATION:.status.duration,\
                   COMMIT:.status.commitSha";
-    println!(
-        "The emulator does not serve the server-side Table format, so plain `kubectl get` shows\n\
-         NAME and AGE only and the tables above were rendered by the demo from the CRD's printer\n\
-         columns. `-o custom-columns` asks kubectl to render the same columns itself:"
-    );
+    if real {
+        println!("The real API server renders the CRD's printer columns for plain `kubectl get`:");
+    } else {
+        println!(
+            "The emulator does not serve the server-side Table format, so plain `kubectl get` shows\n\
+             NAME and AGE only and the tables above were rendered by the demo from the CRD's printer\n\
+             columns. `-o custom-columns` asks kubectl to render the same columns itself:"
+        );
+    }
     let cache = dir.join("kube-cache");
     for extra in [
         vec![],
@@ -846,6 +956,15 @@ impl Parts {
         if let Some(sim) = self.sim.take() {
             sim.shutdown().await;
             println!("cluster simulator stopped");
+        }
+        if let Some(kubelet) = self.kubelet.take() {
+            kubelet.shutdown().await;
+            println!("kubelet stopped");
+        }
+        if let Some(cp) = self.control_plane.take() {
+            // Dropping it stops every process and removes its directory (blocks about 1 s).
+            tokio::task::block_in_place(|| drop(cp));
+            println!("control plane stopped");
         }
         if let Some(emu) = self.emu.take() {
             let _ = emu.shutdown().await;

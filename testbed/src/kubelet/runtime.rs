@@ -670,6 +670,9 @@ pub(crate) struct Launch {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub mode: LaunchMode,
+    /// `subPath` directories to create when the container starts (volume root, directory), as
+    /// the kubelet does: an init container may create them itself first, with its own owner.
+    pub sub_paths: Vec<(PathBuf, PathBuf)>,
 }
 
 pub(crate) enum LaunchMode {
@@ -1055,6 +1058,7 @@ async fn probe(scratch: &Path, overlay: bool) -> Result<(), String> {
     });
     std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
     let launch = Launch {
+        sub_paths: Vec::new(),
         exe: true_bin,
         arg0: "true".into(),
         args: vec![],
@@ -1339,6 +1343,7 @@ mod tests {
             });
         }
         let launch = Launch {
+            sub_paths: Vec::new(),
             exe: "/bin/sh".into(),
             arg0: "sh".into(),
             args: vec!["-c".into(), script.into()],
@@ -1368,6 +1373,7 @@ mod tests {
 
         // A failing setup is reported with what failed.
         let bad = Launch {
+            sub_paths: Vec::new(),
             exe: "/bin/sh".into(),
             arg0: "sh".into(),
             args: vec![],
@@ -1411,6 +1417,7 @@ mod tests {
                     }
                 };
                 let l = Launch {
+                    sub_paths: Vec::new(),
                     exe: true_bin.clone(),
                     arg0: "true".into(),
                     args: vec![],

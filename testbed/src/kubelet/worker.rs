@@ -52,9 +52,6 @@ struct Ctr {
     pid: Option<u32>,
     oom: bool,
     launch: Option<Result<Launch, String>>,
-    /// `subPath` directories created when the container starts (as the kubelet does), so that
-    /// an init container can make them first, with its own owner and mode.
-    subpaths: Vec<PathBuf>,
     pull_error: bool,
 }
 
@@ -192,7 +189,6 @@ impl Worker {
                     pid: None,
                     oom: false,
                     launch: None,
-                    subpaths: Vec::new(),
                     pull_error: pull(&c),
                     spec: c,
                 });
@@ -516,9 +512,8 @@ impl Worker {
                 .map_err(|ConfigError(m)| ("CreateContainerConfigError", m))?;
             launches.push(l);
         }
-        for (c, (l, subpaths)) in self.ctrs.iter_mut().zip(launches) {
+        for (c, l) in self.ctrs.iter_mut().zip(launches) {
             c.launch = Some(l);
-            c.subpaths = subpaths;
         }
         Ok(())
     }
@@ -529,7 +524,7 @@ impl Worker {
         c: &Container,
         vols: &HashMap<String, HostVolume>,
         sources: &Sources,
-    ) -> Result<(Result<Launch, String>, Vec<PathBuf>), ConfigError> {
+    ) -> Result<Result<Launch, String>, ConfigError> {
         let cfg = self.cfg();
         let isolates = self.sh.isolates;
         let psc = self.spec.security_context.as_ref();
@@ -575,17 +570,14 @@ impl Worker {
         };
         let exe = match exe {
             Ok(e) => e,
-            Err(m) => return Ok((Err(m), Vec::new())),
+            Err(m) => return Ok(Err(m)),
         };
         let args: Vec<String> = command.iter().skip(1).cloned().chain(args).collect();
         let mut mounts = Vec::new();
-        let mut subpaths = Vec::new();
+        let mut sub_paths = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
             let Some(v) = vols.get(&m.name) else {
-                return Ok((
-                    Err(format!("volumeMount {:?} has no volume", m.name)),
-                    Vec::new(),
-                ));
+                return Ok(Err(format!("volumeMount {:?} has no volume", m.name)));
             };
             let sub = match (&m.sub_path, &m.sub_path_expr) {
                 (Some(s), _) if !s.is_empty() => s.clone(),
@@ -599,17 +591,14 @@ impl Worker {
             } else {
                 let rel = match volumes::safe_rel(&sub) {
                     Ok(r) => r,
-                    Err(e) => return Ok((Err(format!("{e:#}")), Vec::new())),
+                    Err(e) => return Ok(Err(format!("{e:#}"))),
                 };
                 let p = v.path.join(rel);
-                subpaths.push(p.clone());
+                sub_paths.push((v.path.clone(), p.clone()));
                 p
             };
             if !m.mount_path.starts_with('/') {
-                return Ok((
-                    Err(format!("mountPath {:?} is not absolute", m.mount_path)),
-                    Vec::new(),
-                ));
+                return Ok(Err(format!("mountPath {:?} is not absolute", m.mount_path)));
             }
             mounts.push(MountSpec {
                 host,
@@ -620,10 +609,7 @@ impl Worker {
         if isolates {
             let root = self.dir.join("roots").join(&c.name);
             if let Err(e) = std::fs::create_dir_all(&root) {
-                return Ok((
-                    Err(format!("container root {}: {e}", root.display())),
-                    Vec::new(),
-                ));
+                return Ok(Err(format!("container root {}: {e}", root.display())));
             }
             let privileged = sc.and_then(|s| s.privileged) == Some(true);
             let sandbox = Sandbox {
@@ -644,16 +630,14 @@ impl Worker {
                 read_only_root: sc.and_then(|s| s.read_only_root_filesystem) == Some(true),
                 overlay: self.sh.overlay,
             };
-            Ok((
-                Ok(Launch {
-                    exe,
-                    arg0,
-                    args,
-                    env,
-                    mode: LaunchMode::Isolated(Box::new(sandbox)),
-                }),
-                subpaths,
-            ))
+            Ok(Ok(Launch {
+                exe,
+                arg0,
+                args,
+                env,
+                mode: LaunchMode::Isolated(Box::new(sandbox)),
+                sub_paths,
+            }))
         } else {
             let remap = remapper(&mounts);
             let env = env.into_iter().map(|(k, v)| (k, remap(&v))).collect();
@@ -671,21 +655,16 @@ impl Worker {
                 _ => self.dir.join("workdir").join(&c.name),
             };
             if let Err(e) = std::fs::create_dir_all(&workdir) {
-                return Ok((
-                    Err(format!("working dir {}: {e}", workdir.display())),
-                    Vec::new(),
-                ));
+                return Ok(Err(format!("working dir {}: {e}", workdir.display())));
             }
-            Ok((
-                Ok(Launch {
-                    exe,
-                    arg0,
-                    args,
-                    env,
-                    mode: LaunchMode::Plain { workdir },
-                }),
-                subpaths,
-            ))
+            Ok(Ok(Launch {
+                exe,
+                arg0,
+                args,
+                env,
+                mode: LaunchMode::Plain { workdir },
+                sub_paths,
+            }))
         }
     }
 
@@ -700,23 +679,15 @@ impl Worker {
                 .push((self.ctrs[i].spec.name.clone(), log.clone()));
         }
         let started_at = now();
-        // Missing subPath directories are made now, as root, like the kubelet does at container
-        // creation: after the init containers, which may have made them already.
-        let made = self.ctrs[i]
-            .subpaths
-            .iter()
-            .filter(|p| !p.exists())
-            .try_for_each(std::fs::create_dir_all)
-            .map_err(|e| format!("subPath: {e}"));
-        let launch = match (launch, made) {
-            (Some(Ok(_)), Err(m)) => Some(Err(m)),
-            (l, _) => l,
-        };
         let spawned = match launch {
-            Some(Ok(l)) => runtime::spawn(&l).map_err(|e| {
-                let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
-                (msg, e.stderr)
-            }),
+            Some(Ok(l)) => make_sub_paths(&l.sub_paths)
+                .map_err(|m| (m, None))
+                .and_then(|()| {
+                    runtime::spawn(&l).map_err(|e| {
+                        let msg = format!("failed to start {}: {}", l.exe.display(), e.error);
+                        (msg, e.stderr)
+                    })
+                }),
             Some(Err(m)) => Err((m, None)),
             None => Err(("container was not prepared".to_string(), None)),
         };
@@ -1058,6 +1029,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// Creates the missing `subPath` directories of a container about to start, as the kubelet
+/// does at container start (not at pod start: an init container may have made them, owned by
+/// its user): with the volume root's mode, group-owned like it (an `fsGroup` volume).
+fn make_sub_paths(sub_paths: &[(PathBuf, PathBuf)]) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for (root, dir) in sub_paths {
+        if dir.exists() {
+            continue;
+        }
+        let made = std::fs::metadata(root).and_then(|meta| {
+            std::fs::create_dir_all(dir)?;
+            std::os::unix::fs::chown(dir, None, Some(meta.gid()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        });
+        if let Err(e) = made {
+            return Err(format!("subPath {}: {e}", dir.display()));
+        }
+    }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
