@@ -668,36 +668,53 @@ async fn apply_chart(
 }
 
 /// An agent command that blocks until the test opens the gate, so runners hold their quota
-/// slots exactly as long as the test needs. The gate is a TCP port on loopback (pods share the
-/// host's network; an isolated container sees none of the host's files): closed until
-/// [`HostGate::open`] listens on it.
+/// slots exactly as long as the test needs. The gate is a TCP listener on loopback that the test
+/// holds from the start (pods share the host's network; an isolated container sees none of the
+/// host's files): agents connect and wait for a line, which [`HostGate::open`] sends to every
+/// waiting and every later connection. Holding the port throughout means no other process can
+/// take it and open the gate by accident.
 pub struct HostGate {
     port: u16,
-    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+    open: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl HostGate {
     pub fn new() -> Self {
-        Self {
-            port: repobox_testbed::free_port(),
-            listener: std::sync::Mutex::new(None),
-        }
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let port = listener.local_addr().expect("gate address").port();
+        let open = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let state = open.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    let (lock, cvar) = &*state;
+                    let mut is_open = lock.lock().expect("gate lock");
+                    while !*is_open {
+                        is_open = cvar.wait(is_open).expect("gate wait");
+                    }
+                    let mut conn = conn;
+                    let _ = conn.write_all(b"go\n");
+                });
+            }
+        });
+        Self { port, open }
     }
 
-    /// The agent: waits for the gate (bash's `/dev/tcp`), then runs `then`.
+    /// The agent: waits for the gate's line (bash's `/dev/tcp`), then runs `then`.
     pub fn agent(&self, then: &str) -> String {
         format!(
-            "until bash -c '(exec 3<>/dev/tcp/127.0.0.1/{}) 2>/dev/null'; do sleep 0.1; done; {then}",
+            "until bash -c 'exec 3<>/dev/tcp/127.0.0.1/{}; read -r line <&3; [ \"$line\" = go ]' 2>/dev/null; do sleep 0.1; done; {then}",
             self.port
         )
     }
 
-    /// Opens the gate for good: a thread accepts (and drops) every connection.
+    /// Opens the gate for good.
     pub fn open(&self) {
-        let l = std::net::TcpListener::bind(("127.0.0.1", self.port)).expect("open the gate");
-        let accepting = l.try_clone().expect("clone the listener");
-        std::thread::spawn(move || for _ in accepting.incoming() {});
-        *self.listener.lock().expect("gate lock") = Some(l);
+        let (lock, cvar) = &*self.open;
+        *lock.lock().expect("gate lock") = true;
+        cvar.notify_all();
     }
 }
 
