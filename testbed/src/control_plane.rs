@@ -93,6 +93,16 @@ pub struct ControlPlane {
     ca_pem: String,
     admin: kube::Config,
     started_in: Duration,
+    audit_log: Option<PathBuf>,
+}
+
+/// Optional settings of a control plane; the default is what [`ControlPlane::start`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// An audit policy (YAML, `audit.k8s.io/v1` `Policy`). When set, the apiserver writes its
+    /// audit log (JSON lines) to [`ControlPlane::audit_log_path`] in blocking mode: an entry is
+    /// on disk before the response is sent, so counting requests needs no flush wait.
+    pub audit_policy: Option<String>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -126,8 +136,14 @@ impl ControlPlane {
     /// Starts a control plane owned by the caller, or prints the SKIPPED line and returns `None`
     /// when `REPOBOX_K8S_ASSETS` is unset.
     pub async fn start() -> Result<Option<ControlPlane>> {
+        Self::start_configured(&Options::default()).await
+    }
+
+    /// [`ControlPlane::start`] with `options` (e.g. an audit log, for benchmarks that count
+    /// requests at the apiserver).
+    pub async fn start_configured(options: &Options) -> Result<Option<ControlPlane>> {
         match Self::assets() {
-            Some(assets) => Self::start_with(&assets).await.map(Some),
+            Some(assets) => Self::start_with_options(&assets, options).await.map(Some),
             None => {
                 Self::print_skip();
                 Ok(None)
@@ -162,10 +178,15 @@ impl ControlPlane {
 
     /// Starts a control plane with the Kubernetes binaries in `assets`.
     pub async fn start_with(assets: &Path) -> Result<ControlPlane> {
+        Self::start_with_options(assets, &Options::default()).await
+    }
+
+    /// Starts a control plane with the Kubernetes binaries in `assets` and `options`.
+    pub async fn start_with_options(assets: &Path, options: &Options) -> Result<ControlPlane> {
         let binaries = Binaries::find(assets)?;
         let mut attempt = 1;
         loop {
-            match start_once(&binaries).await {
+            match start_once(&binaries, options).await {
                 Ok(cp) => return Ok(cp),
                 Err(e) if attempt < START_ATTEMPTS && e.downcast_ref::<PortTaken>().is_some() => {
                     tracing::warn!(attempt, "control plane lost a port race, retrying: {e:#}");
@@ -216,6 +237,11 @@ impl ControlPlane {
     /// `kube-scheduler`).
     pub fn log_path(&self, component: &str) -> PathBuf {
         self.dir.path().join(format!("{component}.log"))
+    }
+
+    /// The apiserver's audit log (JSON lines), when started with [`Options::audit_policy`].
+    pub fn audit_log_path(&self) -> Option<&Path> {
+        self.audit_log.as_deref()
     }
 
     /// The process ids this control plane spawned, by component (the directory-cleanup
@@ -420,7 +446,7 @@ impl Ports {
     }
 }
 
-async fn start_once(bin: &Binaries) -> Result<ControlPlane> {
+async fn start_once(bin: &Binaries, options: &Options) -> Result<ControlPlane> {
     let began = Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("repobox-k8s-")
@@ -480,11 +506,25 @@ async fn start_once(bin: &Binaries) -> Result<ControlPlane> {
 
     let issuer = "https://kubernetes.default.svc.cluster.local";
     let p = |path: &Path| path.display().to_string();
-    processes.spawn(
-        "kube-apiserver",
-        &bin.apiserver,
-        d,
-        &[
+    let mut audit_args = Vec::new();
+    let audit_log = match &options.audit_policy {
+        Some(policy) => {
+            let policy_file = d.join("audit-policy.yaml");
+            write_private(&policy_file, policy.as_bytes())?;
+            let log = d.join("audit.log");
+            audit_args.extend([
+                format!("--audit-policy-file={}", p(&policy_file)),
+                format!("--audit-log-path={}", p(&log)),
+                "--audit-log-format=json".into(),
+                "--audit-log-mode=blocking".into(),
+                // No rotation: a reader of the log sees every entry in one file.
+                "--audit-log-maxsize=100000".into(),
+            ]);
+            Some(log)
+        }
+        None => None,
+    };
+    let apiserver_args = [
             format!("--etcd-servers={etcd_client_url}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", ports.apiserver),
@@ -525,8 +565,9 @@ async fn start_once(bin: &Binaries) -> Result<ControlPlane> {
                 p(&files.front_proxy_client_key)
             ),
             "--profiling=false".into(),
-        ],
-    )?;
+    ];
+    let apiserver_args: Vec<String> = apiserver_args.into_iter().chain(audit_args).collect();
+    processes.spawn("kube-apiserver", &bin.apiserver, d, &apiserver_args)?;
 
     let client = kube::Client::try_from(admin.clone()).context("build the admin client")?;
     let readyz = || {
@@ -625,6 +666,7 @@ async fn start_once(bin: &Binaries) -> Result<ControlPlane> {
         ca_pem: pki.ca_pem,
         admin,
         started_in,
+        audit_log,
     })
 }
 

@@ -1,0 +1,1469 @@
+//! Operator benchmark on a real Kubernetes API server (`REPOBOX_K8S_ASSETS`): etcd,
+//! kube-apiserver, kube-controller-manager and kube-scheduler from `testbed::control_plane`,
+//! with the apiserver's audit log on so that writes are counted where they land.
+//!
+//! Phases (each in a namespace of its own, with a fresh redis-server where Redis is used):
+//!
+//! 1. **Limit**: a plain kube-rs client, authenticated like the operator (a ServiceAccount
+//!    token), creates `BENCH_JOBS` RepoboxJobs, then their `BENCH_JOBS` Jobs, then
+//!    `BENCH_JOBS` RepoboxJob + Job pairs (the Job after its RepoboxJob, as the operator must),
+//!    always `IN_FLIGHT` (32) requests in flight. The objects are the operator's own (the
+//!    intake's RepoboxJob, `job_builder::job_for`'s Job).
+//! 2. **Steady**: the operator (in-process, `app::run_with_client`, leader election on, quotas
+//!    high) gets `BENCH_RATE` (20) jobs/s for `BENCH_STEADY_SECONDS` (10) s; watchers record when
+//!    each RepoboxJob and Job first appears: p50/p99 XADD → RepoboxJob and XADD → Job.
+//! 3. **Burst**: `BENCH_JOBS` (1,000) jobs from 50 users XADDed as fast as the web app's writes
+//!    go; time from the first XADD until every Job exists, as a rate and as a ratio of the plain
+//!    client's pair rate.
+//! 4. **Happy path**: `BENCH_HAPPY_JOBS` (20) jobs at 2/s run to `Succeeded`; a fake kubelet
+//!    plays the node (the scheduler binds the pods to a registered Node; the fake kubelet writes
+//!    pod status Running, records success in Redis as the job-runner would, holds the pod
+//!    running for `BENCH_RUN_SECONDS` (3) s, then writes Succeeded; the real Job controller
+//!    completes the Job). The operator's writes are counted in the audit log by its user.
+//! 5. **Memory**: the release `repobox-operator` binary (a child process, `KUBECONFIG` of its
+//!    ServiceAccount) starts against `BENCH_MEMORY_OBJECTS` (10,000) finished RepoboxJobs and
+//!    their Jobs; its own `VmHWM`/`VmRSS` from `/proc`.
+//!
+//! Between phases the bench waits until the built-in controllers (rate limited to 20 requests/s
+//! each, their defaults) have worked off the previous phase's Jobs, so every phase starts on a
+//! quiet apiserver. A Node with a heartbeat (its Lease) is registered at the start, so pods are
+//! bound once and then stay quietly `Pending` (no kubelet runs them, outside phase 4).
+//!
+//! Run: `REPOBOX_K8S_ASSETS=/path/to/kube-binaries cargo bench -p repobox-operator --bench
+//! apiserver`. Without the variable it prints one SKIPPED line and exits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use redis::aio::MultiplexedConnection;
+use repobox_contract::EncryptionKey;
+use repobox_contract::transitions::{self, Finish};
+use repobox_operator::config::{Config, JobConfig};
+use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
+use repobox_operator::names::object_name;
+use repobox_operator::reconcile::FIELD_MANAGER;
+use repobox_testbed::control_plane::{ControlPlane, Options};
+use repobox_testbed::redis_server::RedisServer;
+use repobox_testbed::webapp::{self, NewJob};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "ghp_benchmarkTokenABCDEFGHIJKLMNOP";
+const KEY_HEX: &str = "3b1f2e4d5c6a7980a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
+const REPO: &str = "https://github.com/acme/api.git";
+const USERS: usize = 50;
+/// Requests in flight for the plain client (the limit measurement).
+const IN_FLIGHT: usize = 32;
+const WAIT: Duration = Duration::from_secs(120);
+const MIB: f64 = 1024.0 * 1024.0;
+/// The Node the scheduler binds every runner pod to.
+const NODE: &str = "bench-node";
+/// The operator's ServiceAccount (its writes are told apart by this identity).
+const OPERATOR_SA: &str = "repobox-operator";
+const PLAIN_SA: &str = "plain-client";
+
+/// Every write (any verb that changes state) at `Metadata` level; nothing else.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  - level: None
+"#;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn user(u: usize) -> String {
+    format!("user-{u:02}")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster: control plane, CRD, identities, the Node.
+
+struct Cluster {
+    cp: ControlPlane,
+    admin: Client,
+    system_ns: String,
+    operator_kube: kube::Config,
+    plain_kube: kube::Config,
+    operator_user: String,
+    audit: PathBuf,
+    heartbeat: JoinHandle<()>,
+}
+
+impl Cluster {
+    async fn start() -> Result<Option<Self>> {
+        let options = Options {
+            audit_policy: Some(AUDIT_POLICY.to_owned()),
+        };
+        let Some(cp) = ControlPlane::start_configured(&options).await? else {
+            return Ok(None);
+        };
+        eprintln!("control plane up in {}", ms(cp.started_in()));
+        let admin = cp.client()?;
+        let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+        crds.create(&PostParams::default(), &RepoboxJob::crd())
+            .await?;
+        tokio::time::timeout(
+            WAIT,
+            await_condition(
+                crds,
+                "repoboxjobs.repobox.dev",
+                conditions::is_crd_established(),
+            ),
+        )
+        .await
+        .context("the CRD is not established")??;
+
+        // The operator and the plain client authenticate the same way (ServiceAccount tokens),
+        // so the limit is measured on equal terms; cluster-admin keeps RBAC out of the picture.
+        let system_ns = cp.namespace("bench-system").await?;
+        for sa in [OPERATOR_SA, PLAIN_SA] {
+            Api::<ServiceAccount>::namespaced(admin.clone(), &system_ns)
+                .create(
+                    &PostParams::default(),
+                    &ServiceAccount {
+                        metadata: ObjectMeta {
+                            name: Some(sa.into()),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            Api::<ClusterRoleBinding>::all(admin.clone())
+                .create(
+                    &PostParams::default(),
+                    &ClusterRoleBinding {
+                        metadata: ObjectMeta {
+                            name: Some(format!("bench-{sa}")),
+                            ..Default::default()
+                        },
+                        role_ref: RoleRef {
+                            api_group: "rbac.authorization.k8s.io".into(),
+                            kind: "ClusterRole".into(),
+                            name: "cluster-admin".into(),
+                        },
+                        subjects: Some(vec![Subject {
+                            kind: "ServiceAccount".into(),
+                            name: sa.into(),
+                            namespace: Some(system_ns.clone()),
+                            ..Default::default()
+                        }]),
+                    },
+                )
+                .await?;
+        }
+        let operator_kube = cp.service_account_config(&system_ns, OPERATOR_SA).await?;
+        let plain_kube = cp.service_account_config(&system_ns, PLAIN_SA).await?;
+        let operator_user = format!("system:serviceaccount:{system_ns}:{OPERATOR_SA}");
+        let audit = cp
+            .audit_log_path()
+            .context("the control plane has no audit log")?
+            .to_owned();
+        register_node(&admin).await?;
+        let heartbeat = tokio::spawn(node_heartbeat(admin.clone()));
+        Ok(Some(Self {
+            cp,
+            admin,
+            system_ns,
+            operator_kube,
+            plain_kube,
+            operator_user,
+            audit,
+            heartbeat,
+        }))
+    }
+
+    /// A namespace with what the runner pods reference (their ServiceAccount, the two Secrets).
+    async fn namespace(&self, prefix: &str, redis_url: &str) -> Result<String> {
+        let ns = self.cp.namespace(prefix).await?;
+        Api::<ServiceAccount>::namespaced(self.admin.clone(), &ns)
+            .create(
+                &PostParams::default(),
+                &ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some("repobox-runner".into()),
+                        ..Default::default()
+                    },
+                    automount_service_account_token: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let secrets: Api<Secret> = Api::namespaced(self.admin.clone(), &ns);
+        for (name, key, value) in [
+            ("repobox-redis", "url", redis_url.to_owned()),
+            ("repobox-encryption-key", "key", KEY_HEX.to_owned()),
+        ] {
+            secrets
+                .create(
+                    &PostParams::default(),
+                    &Secret {
+                        metadata: ObjectMeta {
+                            name: Some(name.into()),
+                            ..Default::default()
+                        },
+                        string_data: Some(BTreeMap::from([(key.to_owned(), value)])),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
+        Ok(ns)
+    }
+
+    fn audit_len(&self) -> Result<u64> {
+        Ok(std::fs::metadata(&self.audit)?.len())
+    }
+
+    /// Waits until the built-in controllers have worked off earlier phases: fewer than 10
+    /// writes/s (any client) for two seconds in a row. Bounded; returns the time it took.
+    async fn settle(&self) -> Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(300);
+        let mut quiet = 0;
+        let mut offset = self.audit_len()?;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let written = count_lines(&self.audit, offset)?;
+            offset = self.audit_len()?;
+            if written < 10 {
+                quiet += 1;
+                if quiet >= 2 {
+                    return Ok(started.elapsed());
+                }
+            } else {
+                quiet = 0;
+            }
+        }
+        eprintln!("note: the control plane did not settle within 300 s");
+        Ok(started.elapsed())
+    }
+
+    /// Waits until `user` made no write in `ns` for `quiet` (bounded by 120 s).
+    async fn quiet_for(&self, ns: &str, user: &str, from: u64, quiet: Duration) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last_count = usize::MAX;
+        let mut since = Instant::now();
+        while Instant::now() < deadline {
+            let n = read_audit(&self.audit, from)?
+                .iter()
+                .filter(|e| e.namespace == ns && e.user == user && e.resource != "leases")
+                .count();
+            if n != last_count {
+                last_count = n;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!("note: the operator kept writing in {ns} for 120 s");
+        Ok(())
+    }
+}
+
+async fn register_node(admin: &Client) -> Result<()> {
+    let now = jiff::Timestamp::now().to_string();
+    let resources = json!({
+        "cpu": "100000", "memory": "1000Ti", "pods": "100000", "ephemeral-storage": "10000Ti"
+    });
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": NODE,
+            "labels": {
+                "kubernetes.io/hostname": NODE,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64"
+            }
+        },
+    }))?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    nodes.create(&PostParams::default(), &node).await?;
+    nodes
+        .patch_status(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "status": {
+                    "capacity": resources,
+                    "allocatable": resources,
+                    "conditions": [{
+                        "type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "the benchmark's fake kubelet",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now
+                    }]
+                }
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Renews the Node's Lease every 10 s (what a kubelet does), so the node lifecycle controller
+/// never marks it unreachable and evicts the pods bound to it.
+async fn node_heartbeat(admin: Client) {
+    let leases: Api<Lease> = Api::namespaced(admin, "kube-node-lease");
+    loop {
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": { "name": NODE },
+            "spec": {
+                "holderIdentity": NODE,
+                "leaseDurationSeconds": 40,
+                "renewTime": MicroTime(jiff::Timestamp::now()),
+            }
+        });
+        if let Err(e) = leases
+            .patch(
+                NODE,
+                &PatchParams::apply("bench-kubelet").force(),
+                &Patch::Apply(&lease),
+            )
+            .await
+        {
+            eprintln!("note: node heartbeat failed: {e}");
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit log.
+
+/// One write, as the apiserver logged it.
+#[derive(Debug, Clone)]
+struct Write {
+    user: String,
+    verb: String,
+    resource: String,
+    subresource: String,
+    namespace: String,
+    code: u16,
+}
+
+fn count_lines(path: &Path, from: u64) -> Result<u64> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(from))?;
+    Ok(BufReader::new(f).lines().count() as u64)
+}
+
+/// The completed writes logged from byte offset `from` on.
+fn read_audit(path: &Path, from: u64) -> Result<Vec<Write>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(from))?;
+    let mut out = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue; // a line being written right now
+        };
+        if v["stage"] != "ResponseComplete" {
+            continue;
+        }
+        let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or("").to_owned();
+        out.push(Write {
+            user: s("/user/username"),
+            verb: s("/verb"),
+            resource: s("/objectRef/resource"),
+            subresource: s("/objectRef/subresource"),
+            namespace: s("/objectRef/namespace"),
+            code: v
+                .pointer("/responseStatus/code")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u16,
+        });
+    }
+    Ok(out)
+}
+
+/// The operator's writes in one namespace, by kind.
+struct WriteCount {
+    by_class: BTreeMap<String, usize>,
+    failed: usize,
+    /// Other clients' writes in the namespace (the job controller, the scheduler), by user.
+    others: BTreeMap<String, usize>,
+}
+
+impl WriteCount {
+    fn from(writes: &[Write], ns: &str, operator: &str) -> Self {
+        let mut by_class = BTreeMap::new();
+        let mut others = BTreeMap::new();
+        let mut failed = 0;
+        for w in writes.iter().filter(|w| w.namespace == ns) {
+            if w.user != operator {
+                let who = w.user.rsplit(':').next().unwrap_or(&w.user).to_owned();
+                *others.entry(format!("{who}: {} {}", w.verb, w.path())).or_default() += 1;
+                continue;
+            }
+            *by_class
+                .entry(format!("{} {}", w.verb, w.path()))
+                .or_default() += 1;
+            if w.code >= 300 {
+                failed += 1;
+            }
+        }
+        Self {
+            by_class,
+            failed,
+            others,
+        }
+    }
+
+    fn sum(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.by_class
+            .iter()
+            .filter(|(c, _)| pred(c))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Writes to RepoboxJobs and Jobs (the objects the operator owns).
+    fn objects(&self) -> usize {
+        self.sum(|c| c.contains(" repoboxjobs") || c.contains(" jobs"))
+    }
+
+    fn events(&self) -> usize {
+        self.sum(|c| c.contains(" events"))
+    }
+
+    fn print(&self, jobs: usize) {
+        for (class, n) in &self.by_class {
+            println!(
+                "    {class:<36} {n:>6}  ({:.2} per job)",
+                *n as f64 / jobs as f64
+            );
+        }
+        if self.failed > 0 {
+            println!(
+                "    (of these, {} answered with a non-2xx status)",
+                self.failed
+            );
+        }
+        println!("    other clients in the namespace (not the operator's):");
+        for (class, n) in &self.others {
+            println!(
+                "      {class:<46} {n:>6}  ({:.2} per job)",
+                *n as f64 / jobs as f64
+            );
+        }
+    }
+}
+
+impl Write {
+    fn path(&self) -> String {
+        if self.subresource.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}/{}", self.resource, self.subresource)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// First-seen times, from watchers.
+
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Seen {
+    fn get(&self, name: &str) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    fn insert(&self, name: String, at: Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_insert(at);
+    }
+
+    /// Waits (polling every 5 ms; bounded) until every name has been seen.
+    async fn wait_all(&self, names: &[String], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing = names.iter().filter(|n| self.get(n).is_none()).count();
+            if missing == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{missing} of {} objects never appeared", names.len());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Starts a watcher recording when each object name first appears; returns once the initial
+/// list is done.
+async fn watch_seen<K>(api: Api<K>) -> Result<(Seen, JoinHandle<()>)>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let seen = Seen::default();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let handle = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut tx = Some(tx);
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                let now = Instant::now();
+                match ev {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        seen.insert(o.name_any(), now)
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, rx)
+        .await
+        .context("the watcher's initial list did not finish")??;
+    Ok((seen, handle))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[derive(Clone, Copy)]
+struct Latencies {
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl std::fmt::Display for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {}, p99 {}, max {}",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max)
+        )
+    }
+}
+
+fn latencies(xadd: &[(String, Instant)], seen: &Seen) -> Latencies {
+    let mut v: Vec<Duration> = xadd
+        .iter()
+        .filter_map(|(name, at)| seen.get(name).map(|s| s.saturating_duration_since(*at)))
+        .collect();
+    v.sort();
+    Latencies {
+        p50: percentile(&v, 50.0),
+        p99: percentile(&v, 99.0),
+        max: v.last().copied().unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: the plain client's limit.
+
+struct Limit {
+    jobs: usize,
+    rj_rate: f64,
+    job_rate: f64,
+    pair_rate: f64,
+    pair_latency: Latencies,
+}
+
+fn job_config(redis_url: &str, ns: &str) -> Result<JobConfig> {
+    let cfg = Config::try_parse_from([
+        "repobox-operator",
+        "--redis-url",
+        redis_url,
+        "--jobs-namespace",
+        ns,
+    ])?;
+    Ok(cfg.job_config()?)
+}
+
+/// The RepoboxJob the intake would create for job `i`.
+fn intake_rj(prefix: &str, i: usize) -> RepoboxJob {
+    let id = format!("{prefix}{i:06}-bench");
+    let record = HashMap::from([
+        ("repoUrl".to_owned(), REPO.to_owned()),
+        ("providerId".to_owned(), "gh".to_owned()),
+    ]);
+    let entry = format!("{}-{i}", 1_790_000_000_000u64);
+    repobox_operator::intake::repobox_job(&id, &user(i % USERS), &entry, &record)
+}
+
+fn post() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+async fn limit(cluster: &Cluster, jobs: usize) -> Result<Limit> {
+    let client = Client::try_from(cluster.plain_kube.clone())?;
+    let url = "redis://127.0.0.1:1";
+
+    // RepoboxJobs alone, then their Jobs alone.
+    let ns = cluster.namespace("bench-limit-a", url).await?;
+    let cfg = job_config(url, &ns)?;
+    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
+    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    eprintln!("limit: {jobs} RepoboxJobs, then {jobs} Jobs, {IN_FLIGHT} in flight");
+    let started = Instant::now();
+    let created: Vec<RepoboxJob> = futures::stream::iter(0..jobs)
+        .map(|i| {
+            let rjs = rjs.clone();
+            async move { rjs.create(&post(), &intake_rj("la", i)).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let rj_rate = jobs as f64 / started.elapsed().as_secs_f64();
+    let built: Vec<Job> = created
+        .iter()
+        .map(|rj| repobox_operator::job_builder::job_for(rj, &cfg))
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    futures::stream::iter(built)
+        .map(|job| {
+            let jobs_api = jobs_api.clone();
+            async move { jobs_api.create(&post(), &job).await.map(|_| ()) }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let job_rate = jobs as f64 / started.elapsed().as_secs_f64();
+    eprintln!("limit: settling ({:?})", cluster.settle().await?);
+
+    // Pairs: each Job right after its RepoboxJob.
+    let ns = cluster.namespace("bench-limit-b", url).await?;
+    let cfg = job_config(url, &ns)?;
+    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
+    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    eprintln!("limit: {jobs} RepoboxJob + Job pairs, {IN_FLIGHT} in flight");
+    let started = Instant::now();
+    let mut pair_times: Vec<Duration> = futures::stream::iter(0..jobs)
+        .map(|i| {
+            let (rjs, jobs_api, cfg) = (rjs.clone(), jobs_api.clone(), &cfg);
+            async move {
+                let began = Instant::now();
+                let rj = rjs.create(&post(), &intake_rj("lb", i)).await?;
+                let job = repobox_operator::job_builder::job_for(&rj, cfg)?;
+                jobs_api.create(&post(), &job).await?;
+                Ok::<_, anyhow::Error>(began.elapsed())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let pair_rate = jobs as f64 / started.elapsed().as_secs_f64();
+    pair_times.sort();
+    let pair_latency = Latencies {
+        p50: percentile(&pair_times, 50.0),
+        p99: percentile(&pair_times, 99.0),
+        max: pair_times.last().copied().unwrap_or_default(),
+    };
+    eprintln!("limit: settling ({:?})", cluster.settle().await?);
+    Ok(Limit {
+        jobs,
+        rj_rate,
+        job_rate,
+        pair_rate,
+        pair_latency,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator in-process, and a phase's bed.
+
+struct InProcess {
+    handle: JoinHandle<repobox_operator::Result<()>>,
+    stop: CancellationToken,
+}
+
+impl InProcess {
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .context("the operator did not stop")???;
+        Ok(())
+    }
+}
+
+/// One phase's namespace, redis-server and watchers.
+struct Bed {
+    ns: String,
+    redis: RedisServer,
+    con: MultiplexedConnection,
+    rjs: Seen,
+    jobs: Seen,
+    watches: Vec<JoinHandle<()>>,
+}
+
+impl Bed {
+    async fn new(cluster: &Cluster, prefix: &str) -> Result<Self> {
+        let redis = RedisServer::start().await?;
+        let ns = cluster.namespace(prefix, &redis.url()).await?;
+        let mut con = redis.try_connection().await?;
+        let key = EncryptionKey::parse(KEY_HEX)?;
+        for u in 0..USERS {
+            webapp::create_provider(&mut con, &user(u), "gh", &key, TOKEN, "https://github.com")
+                .await?;
+        }
+        let (rjs, w1) = watch_seen(Api::<RepoboxJob>::namespaced(cluster.admin.clone(), &ns)).await?;
+        let (jobs, w2) = watch_seen(Api::<Job>::namespaced(cluster.admin.clone(), &ns)).await?;
+        Ok(Self {
+            ns,
+            redis,
+            con,
+            rjs,
+            jobs,
+            watches: vec![w1, w2],
+        })
+    }
+
+    fn start_operator(&self, cluster: &Cluster, extra: &[&str]) -> Result<InProcess> {
+        let metrics = format!("127.0.0.1:{}", repobox_testbed::free_port());
+        let mut argv: Vec<String> = [
+            "repobox-operator",
+            "--redis-url",
+            &self.redis.url(),
+            "--jobs-namespace",
+            &self.ns,
+            "--runner-id",
+            "bench-operator",
+            "--metrics-addr",
+            &metrics,
+            "--leader-election",
+            "true",
+            "--max-concurrent-jobs",
+            "100000",
+            "--max-jobs-per-user",
+            "100000",
+            "--max-queued",
+            "100000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let cfg = Config::try_parse_from(argv)?;
+        let client = Client::try_from(cluster.operator_kube.clone())?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            repobox_operator::app::run_with_client(cfg, client, token).await
+        });
+        Ok(InProcess { handle, stop })
+    }
+
+    /// What the web app does on "Run": the job hash, then XADD. Returns the XADD time.
+    async fn submit(&mut self, id: &str, user: &str) -> Result<Instant> {
+        let mut job = NewJob::new(id, user, REPO, &format!("Change for {id}"));
+        job.provider_id = "gh".into();
+        webapp::create_job(&mut self.con, &job).await?;
+        let at = Instant::now();
+        webapp::enqueue(&mut self.con, &job).await?;
+        Ok(at)
+    }
+
+    /// One job through to its Job, so leadership, the consumer group, the caches and the
+    /// client's connections are in place before the clock starts; then the operator's writes
+    /// for it (the debounced `Starting` status) are waited out.
+    async fn warm_up(&mut self, cluster: &Cluster) -> Result<()> {
+        let from = cluster.audit_len()?;
+        self.submit("warmup-0", &user(0)).await?;
+        self.jobs
+            .wait_all(&[object_name("warmup-0")], WAIT)
+            .await
+            .context("warm-up job")?;
+        cluster
+            .quiet_for(&self.ns, &cluster.operator_user, from, Duration::from_secs(3))
+            .await
+    }
+
+    fn stop_watches(&self) {
+        for w in &self.watches {
+            w.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2 and 3: steady and burst.
+
+struct Run {
+    jobs: usize,
+    submit_time: Duration,
+    rj_rate: f64,
+    job_rate: f64,
+    rj_lat: Latencies,
+    job_lat: Latencies,
+    writes: WriteCount,
+}
+
+/// Submits `jobs` jobs (paced at `rate` per second, or as fast as Redis takes them when
+/// `None`) and measures until every Job exists.
+async fn operator_run(cluster: &Cluster, prefix: &str, jobs: usize, rate: Option<f64>) -> Result<Run> {
+    let mut bed = Bed::new(cluster, &format!("bench-{prefix}")).await?;
+    let op = bed.start_operator(cluster, &[])?;
+    bed.warm_up(cluster).await?;
+    let from = cluster.audit_len()?;
+
+    eprintln!(
+        "{prefix}: {jobs} jobs from {USERS} users, {}",
+        rate.map(|r| format!("{r}/s"))
+            .unwrap_or_else(|| "as fast as possible".into())
+    );
+    let mut xadd = Vec::with_capacity(jobs);
+    let mut tick = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
+    let started = Instant::now();
+    for i in 0..jobs {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let id = format!("{prefix}{i:06}-bench");
+        let at = bed.submit(&id, &user(i % USERS)).await?;
+        xadd.push((object_name(&id), at));
+    }
+    let submit_time = started.elapsed();
+    let names: Vec<String> = xadd.iter().map(|(n, _)| n.clone()).collect();
+    let budget = Duration::from_secs(120 + jobs as u64 / 5);
+    bed.rjs.wait_all(&names, budget).await?;
+    bed.jobs.wait_all(&names, budget).await?;
+    let first = xadd.first().map(|(_, t)| *t).context("no jobs")?;
+    let last_of = |seen: &Seen| {
+        names
+            .iter()
+            .filter_map(|n| seen.get(n))
+            .max()
+            .unwrap_or(first)
+    };
+    let rj_span = last_of(&bed.rjs).duration_since(first);
+    let job_span = last_of(&bed.jobs).duration_since(first);
+    let rj_lat = latencies(&xadd, &bed.rjs);
+    let job_lat = latencies(&xadd, &bed.jobs);
+    cluster
+        .quiet_for(&bed.ns, &cluster.operator_user, from, Duration::from_secs(4))
+        .await?;
+    let writes = WriteCount::from(
+        &read_audit(&cluster.audit, from)?,
+        &bed.ns,
+        &cluster.operator_user,
+    );
+    op.stop().await?;
+    bed.stop_watches();
+    Ok(Run {
+        jobs,
+        submit_time,
+        rj_rate: jobs as f64 / rj_span.as_secs_f64(),
+        job_rate: jobs as f64 / job_span.as_secs_f64(),
+        rj_lat,
+        job_lat,
+        writes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 4: the happy path, with a fake kubelet.
+
+struct Happy {
+    jobs: usize,
+    elapsed: Duration,
+    writes: WriteCount,
+    starting: usize,
+}
+
+/// Plays the kubelet for pods bound to [`NODE`] in `ns`: Running (ready), the runner's Redis
+/// record (`running` → `success`), `run_for` later Succeeded.
+async fn fake_kubelet(client: Client, ns: String, con: MultiplexedConnection, run_for: Duration) {
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let mut handled = HashSet::new();
+    let mut stream = watcher(pods.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        let Ok(pod) = ev else { continue };
+        let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NODE);
+        if !bound || !handled.insert(pod.name_any()) {
+            continue;
+        }
+        let (pods, mut con) = (pods.clone(), con.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_pod(&pods, &mut con, &pod, run_for).await {
+                eprintln!("note: the fake kubelet failed on {}: {e:#}", pod.name_any());
+            }
+        });
+    }
+}
+
+async fn run_pod(
+    pods: &Api<Pod>,
+    con: &mut MultiplexedConnection,
+    pod: &Pod,
+    run_for: Duration,
+) -> Result<()> {
+    let name = pod.name_any();
+    let spec = pod.spec.as_ref().context("no pod spec")?;
+    let job_id = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "JOB_ID")
+        .and_then(|e| e.value.clone())
+        .context("no JOB_ID in the pod")?;
+    let started = jiff::Timestamp::now().to_string();
+    let condition = |type_: &str, status: &str| {
+        json!({ "type": type_, "status": status, "lastTransitionTime": started })
+    };
+    let statuses = |state: Value, ready: bool| -> Vec<Value> {
+        spec.containers
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
+                    "ready": ready, "started": ready, "restartCount": 0, "state": state
+                })
+            })
+            .collect()
+    };
+    let running = json!({ "status": {
+        "phase": "Running",
+        "startTime": started,
+        "conditions": [
+            condition("PodScheduled", "True"), condition("Initialized", "True"),
+            condition("ContainersReady", "True"), condition("Ready", "True"),
+        ],
+        "containerStatuses": statuses(json!({ "running": { "startedAt": started } }), true),
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&running))
+        .await?;
+    transitions::start(con, &job_id, &name, &started).await?;
+    tokio::time::sleep(run_for).await; // the agent's work
+    let finished = jiff::Timestamp::now().to_string();
+    let branch = format!("repobox/{}", &job_id[..8.min(job_id.len())]);
+    transitions::finish(
+        con,
+        &job_id,
+        &Finish::success(finished.clone(), Some(branch), Some("0".repeat(40))),
+    )
+    .await?;
+    let done = |type_: &str| {
+        json!({ "type": type_, "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished })
+    };
+    let succeeded = json!({ "status": {
+        "phase": "Succeeded",
+        "conditions": [
+            condition("PodScheduled", "True"), condition("Initialized", "True"),
+            done("ContainersReady"), done("Ready"),
+        ],
+        "containerStatuses": statuses(json!({ "terminated": {
+            "exitCode": 0, "reason": "Completed", "startedAt": started, "finishedAt": finished
+        }}), false),
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&succeeded))
+        .await?;
+    Ok(())
+}
+
+async fn happy(cluster: &Cluster, jobs: usize) -> Result<Happy> {
+    let run_for = Duration::from_secs(env_usize("BENCH_RUN_SECONDS", 3) as u64);
+    let mut bed = Bed::new(cluster, "bench-happy").await?;
+    let kubelet = tokio::spawn(fake_kubelet(
+        cluster.admin.clone(),
+        bed.ns.clone(),
+        bed.redis.try_connection().await?,
+        run_for,
+    ));
+    let op = bed.start_operator(cluster, &[])?;
+    bed.warm_up(cluster).await?;
+    // The warm-up job runs to the end too; its writes stay out of the count.
+    let api = Api::<RepoboxJob>::namespaced(cluster.admin.clone(), &bed.ns);
+    wait_succeeded(&api, &[object_name("warmup-0")]).await?;
+    cluster
+        .quiet_for(&bed.ns, &cluster.operator_user, cluster.audit_len()?, Duration::from_secs(2))
+        .await?;
+    let from = cluster.audit_len()?;
+
+    eprintln!("happy path: {jobs} jobs at 2/s to Succeeded (fake kubelet, {run_for:?} each)");
+    let started = Instant::now();
+    let mut names = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for i in 0..jobs {
+        tick.tick().await;
+        let id = format!("hp{i:06}-bench");
+        bed.submit(&id, &user(i % USERS)).await?;
+        names.push(object_name(&id));
+    }
+    wait_succeeded(&api, &names).await?;
+    let elapsed = started.elapsed();
+    cluster
+        .quiet_for(&bed.ns, &cluster.operator_user, from, Duration::from_secs(4))
+        .await?;
+    let writes = WriteCount::from(
+        &read_audit(&cluster.audit, from)?,
+        &bed.ns,
+        &cluster.operator_user,
+    );
+    // How many went through `Starting` (a pod not running 2 s after its Job was created).
+    let starting = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|rj| names.contains(&rj.name_any()))
+        .filter(|rj| {
+            rj.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| c.reason == "JobCreated")
+            })
+        })
+        .count();
+    op.stop().await?;
+    kubelet.abort();
+    bed.stop_watches();
+    Ok(Happy {
+        jobs,
+        elapsed,
+        writes,
+        starting,
+    })
+}
+
+async fn wait_succeeded(api: &Api<RepoboxJob>, names: &[String]) -> Result<()> {
+    let want: HashSet<&String> = names.iter().collect();
+    let mut done = HashSet::new();
+    let mut stream = watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(rj) = stream.try_next().await? {
+            let name = rj.name_any();
+            if !want.contains(&name) {
+                continue;
+            }
+            match rj.phase() {
+                RepoboxJobPhase::Succeeded => {
+                    done.insert(name);
+                    if done.len() == want.len() {
+                        return Ok(());
+                    }
+                }
+                p if p.is_terminal() => {
+                    bail!("{name} ended {p}: {:?}", rj.status.and_then(|s| s.message))
+                }
+                _ => {}
+            }
+        }
+        bail!("the watch ended")
+    })
+    .await
+    .context("jobs did not all succeed in time")?
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 5: memory of the release binary.
+
+struct Memory {
+    objects: usize,
+    create_time: Duration,
+    baseline_rss: u64,
+    baseline_hwm: u64,
+    loaded_rss: u64,
+    loaded_hwm: u64,
+    cache_time: Duration,
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed status line")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+struct Child {
+    child: tokio::process::Child,
+    pid: u32,
+}
+
+impl Child {
+    fn start(bed: &Bed, kubeconfig: &Path, lease: &str) -> Result<Self> {
+        let exe = env!("CARGO_BIN_EXE_repobox-operator");
+        let metrics = format!("127.0.0.1:{}", repobox_testbed::free_port());
+        let child = tokio::process::Command::new(exe)
+            .args([
+                "--redis-url",
+                &bed.redis.url(),
+                "--jobs-namespace",
+                &bed.ns,
+                "--runner-id",
+                lease,
+                "--metrics-addr",
+                &metrics,
+                "--lease-name",
+                lease,
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn the operator binary")?;
+        let pid = child.id().context("the operator exited at once")?;
+        Ok(Self { child, pid })
+    }
+
+    /// Samples VmRSS for `for_` and returns (max VmRSS, VmHWM).
+    async fn sample(&mut self, for_: Duration) -> Result<(u64, u64)> {
+        let end = Instant::now() + for_;
+        let mut rss = 0;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the operator exited: {status}");
+            }
+            rss = rss.max(proc_status_bytes(self.pid, "VmRSS:")?);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok((rss, proc_status_bytes(self.pid, "VmHWM:")?))
+    }
+}
+
+/// A finished job as the operator leaves it (finalizer, `Succeeded`, completed an hour ago:
+/// kept for the 24 h retention), and the status to write.
+fn finished_rj(i: usize) -> (RepoboxJob, Value) {
+    let rj = intake_rj("mem", i);
+    let id = rj.spec.job_id.clone();
+    let done = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    let started = done - jiff::SignedDuration::from_secs(83);
+    let status = RepoboxJobStatus {
+        phase: Some(RepoboxJobPhase::Succeeded),
+        reason: Some("Succeeded".into()),
+        message: Some(format!("pushed repobox/{}", &id[..8])),
+        conditions: Vec::new(),
+        job_name: Some(rj.name_any()),
+        queued_at: Some(Time(started)),
+        start_time: Some(Time(started)),
+        completion_time: Some(Time(done)),
+        branch: Some(format!("repobox/{}", &id[..8])),
+        commit_sha: Some(format!("{:040x}", i as u128 * 0x9e37_79b9_7f4a_7c15)),
+        duration: Some("1m23s".into()),
+        observed_generation: Some(1),
+    };
+    (rj, json!({ "status": status }))
+}
+
+async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
+    let bed = Bed::new(cluster, "bench-memory").await?;
+    let mut bed = bed;
+    let kubeconfig = cluster
+        .cp
+        .service_account_kubeconfig(&cluster.system_ns, OPERATOR_SA)
+        .await?;
+
+    // Baseline: the binary leading an empty namespace, after one job went through.
+    let mut base = Child::start(&bed, &kubeconfig, "repobox-operator-a")?;
+    bed.submit("probe-a", &user(0)).await?;
+    bed.jobs
+        .wait_all(&[object_name("probe-a")], WAIT)
+        .await
+        .context("baseline probe job")?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the debounced Starting write
+    let (baseline_rss, baseline_hwm) = base.sample(Duration::from_secs(3)).await?;
+    base.child.kill().await?;
+
+    eprintln!("memory: creating {objects} finished RepoboxJobs and their Jobs");
+    let client = Client::try_from(cluster.plain_kube.clone())?;
+    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &bed.ns);
+    let jobs: Api<Job> = Api::namespaced(client, &bed.ns);
+    let cfg = job_config(&bed.redis.url(), &bed.ns)?;
+    let started = Instant::now();
+    futures::stream::iter(0..objects)
+        .map(|i| {
+            let (rjs, jobs, cfg) = (rjs.clone(), jobs.clone(), &cfg);
+            async move {
+                let (rj, status) = finished_rj(i);
+                let created = rjs.create(&post(), &rj).await?;
+                rjs.patch_status(&rj.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+                    .await?;
+                // Suspended: the Job controller creates no pods for them (10,000 pending pods
+                // would keep the controllers busy for many minutes); the object is the same.
+                let mut job = repobox_operator::job_builder::job_for(&created, cfg)?;
+                if let Some(spec) = job.spec.as_mut() {
+                    spec.suspend = Some(true);
+                }
+                jobs.create(&post(), &job).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let create_time = started.elapsed();
+
+    // The loaded instance lists all of them at startup. Admission waits for the complete
+    // initial list, so the probe's Job appearing means the cache is full.
+    let started = Instant::now();
+    let mut loaded = Child::start(&bed, &kubeconfig, "repobox-operator-b")?;
+    bed.submit("probe-b", &user(1)).await?;
+    bed.jobs
+        .wait_all(&[object_name("probe-b")], Duration::from_secs(300))
+        .await
+        .context("loaded probe job")?;
+    let cache_time = started.elapsed();
+    let (loaded_rss, loaded_hwm) = loaded.sample(Duration::from_secs(5)).await?;
+    loaded.child.kill().await?;
+    bed.stop_watches();
+    Ok(Memory {
+        objects,
+        create_time,
+        baseline_rss,
+        baseline_hwm,
+        loaded_rss,
+        loaded_hwm,
+        cache_time,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn print_run(title: &str, r: &Run) {
+    println!("== {title} ==");
+    println!(
+        "  web-app writes (job hash + XADD) took {} ({:.0} entries/s offered)",
+        ms(r.submit_time),
+        r.jobs as f64 / r.submit_time.as_secs_f64()
+    );
+    println!(
+        "  RepoboxJobs: {:.0}/s; Jobs: {:.0}/s (N / first XADD → last seen)",
+        r.rj_rate, r.job_rate
+    );
+    println!("  XADD → RepoboxJob: {}", r.rj_lat);
+    println!("  XADD → Job:        {}", r.job_lat);
+    println!("  the operator's writes (audit log), until it went quiet:");
+    r.writes.print(r.jobs);
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Some(cluster) = Cluster::start().await? else {
+        return Ok(()); // the SKIPPED line is printed
+    };
+    let jobs = env_usize("BENCH_JOBS", 1000);
+    let rate = env_usize("BENCH_RATE", 20).max(1) as f64;
+    let steady_jobs = env_usize("BENCH_STEADY_SECONDS", 10) * rate as usize;
+    let happy_jobs = env_usize("BENCH_HAPPY_JOBS", 20);
+    let memory_objects = env_usize("BENCH_MEMORY_OBJECTS", 10_000);
+    let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "limit,steady,burst,happy,memory".into());
+    let on = |p: &str| phases.split(',').any(|x| x.trim() == p);
+
+    println!("load average at start: {}", loadavg());
+    let limit = if on("limit") {
+        Some(limit(&cluster, jobs).await.context("limit")?)
+    } else {
+        None
+    };
+    let steady = if on("steady") {
+        let r = operator_run(&cluster, "st", steady_jobs, Some(rate))
+            .await
+            .context("steady")?;
+        eprintln!("steady: settling ({:?})", cluster.settle().await?);
+        Some(r)
+    } else {
+        None
+    };
+    let burst = if on("burst") {
+        let r = operator_run(&cluster, "bu", jobs, None)
+            .await
+            .context("burst")?;
+        eprintln!("burst: settling ({:?})", cluster.settle().await?);
+        Some(r)
+    } else {
+        None
+    };
+    let happy = if on("happy") {
+        Some(happy(&cluster, happy_jobs).await.context("happy path")?)
+    } else {
+        None
+    };
+    let memory = if on("memory") {
+        Some(memory(&cluster, memory_objects).await.context("memory")?)
+    } else {
+        None
+    };
+    println!("load average at the end: {}", loadavg());
+
+    println!();
+    if let Some(l) = &limit {
+        println!("== Limit: plain kube-rs client, {IN_FLIGHT} in flight, {} objects ==", l.jobs);
+        println!("  RepoboxJobs alone: {:.0}/s", l.rj_rate);
+        println!("  Jobs alone:        {:.0}/s", l.job_rate);
+        println!(
+            "  RepoboxJob + Job pairs: {:.0}/s (one pair: {})",
+            l.pair_rate, l.pair_latency
+        );
+    }
+    if let Some(r) = &steady {
+        print_run(&format!("Steady: {} jobs at {rate:.0}/s", r.jobs), r);
+    }
+    if let Some(r) = &burst {
+        print_run(&format!("Burst: {} jobs, {USERS} users", r.jobs), r);
+    }
+    if let Some(h) = &happy {
+        println!(
+            "== Happy path: {} jobs to Succeeded in {} ({} went through Starting) ==",
+            h.jobs,
+            ms(h.elapsed),
+            h.starting
+        );
+        h.writes.print(h.jobs);
+    }
+    if let Some(m) = &memory {
+        println!(
+            "== Memory: {} finished RepoboxJobs + their Jobs (created in {}) ==",
+            m.objects,
+            ms(m.create_time)
+        );
+        println!(
+            "  baseline (empty namespace): VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            m.baseline_rss as f64 / MIB,
+            m.baseline_hwm as f64 / MIB
+        );
+        println!(
+            "  loaded: VmRSS {:.1} MiB, VmHWM {:.1} MiB (cache full {} after start)",
+            m.loaded_rss as f64 / MIB,
+            m.loaded_hwm as f64 / MIB,
+            ms(m.cache_time)
+        );
+    }
+
+    println!();
+    println!("| measure | goal | measured | |\n| --- | --- | --- | --- |");
+    let row = |m: &str, g: &str, v: String, ok: bool| {
+        println!("| {m} | {g} | {v} | {} |", verdict(ok));
+    };
+    if let Some(r) = &steady {
+        row(
+            "p99 XADD → Job, steady",
+            "≤ 50 ms",
+            format!("{} (p50 {}; XADD → RepoboxJob p99 {})", ms(r.job_lat.p99), ms(r.job_lat.p50), ms(r.rj_lat.p99)),
+            r.job_lat.p99 <= Duration::from_millis(50),
+        );
+    }
+    if let (Some(r), Some(l)) = (&burst, &limit) {
+        let ratio = r.job_rate / l.pair_rate;
+        row(
+            "burst: Jobs/s vs the plain client's pairs/s",
+            "≥ 80 %",
+            format!("{:.0} %  ({:.0} vs {:.0}/s)", ratio * 100.0, r.job_rate, l.pair_rate),
+            ratio >= 0.8,
+        );
+    }
+    if let Some(h) = &happy {
+        let per = |n: usize| n as f64 / h.jobs as f64;
+        row(
+            "operator object writes per job, happy path",
+            "≤ 4",
+            format!("{:.2} (+ {:.2} Events)", per(h.writes.objects()), per(h.writes.events())),
+            per(h.writes.objects()) <= 4.0,
+        );
+    }
+    if let Some(r) = &burst {
+        let per = |n: usize| n as f64 / r.jobs as f64;
+        row(
+            "operator object writes per job, burst (pods stay pending)",
+            "≤ 4",
+            format!("{:.2} (+ {:.2} Events)", per(r.writes.objects()), per(r.writes.events())),
+            per(r.writes.objects()) <= 4.0,
+        );
+    }
+    if let Some(m) = &memory {
+        row(
+            "operator VmHWM, 10k RepoboxJobs + Jobs",
+            "≤ 64 MiB",
+            format!(
+                "{:.1} MiB (baseline {:.1} MiB)",
+                m.loaded_hwm as f64 / MIB,
+                m.baseline_hwm as f64 / MIB
+            ),
+            m.loaded_hwm as f64 <= 64.0 * MIB,
+        );
+    }
+    cluster.heartbeat.abort();
+    Ok(())
+}
