@@ -525,46 +525,46 @@ async fn start_once(bin: &Binaries, options: &Options) -> Result<ControlPlane> {
         None => None,
     };
     let apiserver_args = [
-            format!("--etcd-servers={etcd_client_url}"),
-            "--bind-address=127.0.0.1".into(),
-            format!("--secure-port={}", ports.apiserver),
-            "--advertise-address=127.0.0.1".into(),
-            // The `kubernetes` Endpoints may not point at a loopback address: without this the
-            // reconciler logs an error every 10 s.
-            "--endpoint-reconciler-type=none".into(),
-            format!("--tls-cert-file={}", p(&files.apiserver_cert)),
-            format!("--tls-private-key-file={}", p(&files.apiserver_key)),
-            format!("--client-ca-file={}", p(&files.ca)),
-            "--authorization-mode=Node,RBAC".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            format!("--service-account-issuer={issuer}"),
-            format!("--api-audiences={issuer}"),
-            format!("--service-account-key-file={}", p(&files.sa_pub)),
-            format!("--service-account-signing-key-file={}", p(&files.sa_key)),
-            // So that a privileged pod meets Pod Security admission, not a blanket refusal.
-            "--allow-privileged=true".into(),
-            // The front-proxy settings silence "missing requestheader-client-ca-file" in the
-            // controller-manager and scheduler, which read them from the apiserver.
-            format!(
-                "--requestheader-client-ca-file={}",
-                p(&files.front_proxy_ca)
-            ),
-            format!(
-                "--requestheader-allowed-names={}",
-                pki::FRONT_PROXY_CLIENT_CN
-            ),
-            "--requestheader-username-headers=X-Remote-User".into(),
-            "--requestheader-group-headers=X-Remote-Group".into(),
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-            format!(
-                "--proxy-client-cert-file={}",
-                p(&files.front_proxy_client_cert)
-            ),
-            format!(
-                "--proxy-client-key-file={}",
-                p(&files.front_proxy_client_key)
-            ),
-            "--profiling=false".into(),
+        format!("--etcd-servers={etcd_client_url}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", ports.apiserver),
+        "--advertise-address=127.0.0.1".into(),
+        // The `kubernetes` Endpoints may not point at a loopback address: without this the
+        // reconciler logs an error every 10 s.
+        "--endpoint-reconciler-type=none".into(),
+        format!("--tls-cert-file={}", p(&files.apiserver_cert)),
+        format!("--tls-private-key-file={}", p(&files.apiserver_key)),
+        format!("--client-ca-file={}", p(&files.ca)),
+        "--authorization-mode=Node,RBAC".into(),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        format!("--service-account-issuer={issuer}"),
+        format!("--api-audiences={issuer}"),
+        format!("--service-account-key-file={}", p(&files.sa_pub)),
+        format!("--service-account-signing-key-file={}", p(&files.sa_key)),
+        // So that a privileged pod meets Pod Security admission, not a blanket refusal.
+        "--allow-privileged=true".into(),
+        // The front-proxy settings silence "missing requestheader-client-ca-file" in the
+        // controller-manager and scheduler, which read them from the apiserver.
+        format!(
+            "--requestheader-client-ca-file={}",
+            p(&files.front_proxy_ca)
+        ),
+        format!(
+            "--requestheader-allowed-names={}",
+            pki::FRONT_PROXY_CLIENT_CN
+        ),
+        "--requestheader-username-headers=X-Remote-User".into(),
+        "--requestheader-group-headers=X-Remote-Group".into(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+        format!(
+            "--proxy-client-cert-file={}",
+            p(&files.front_proxy_client_cert)
+        ),
+        format!(
+            "--proxy-client-key-file={}",
+            p(&files.front_proxy_client_key)
+        ),
+        "--profiling=false".into(),
     ];
     let apiserver_args: Vec<String> = apiserver_args.into_iter().chain(audit_args).collect();
     processes.spawn("kube-apiserver", &bin.apiserver, d, &apiserver_args)?;
