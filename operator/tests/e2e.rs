@@ -42,6 +42,19 @@ async fn xadd_to_pushed_branch_to_succeeded() {
     let entry = bed.submit(&job).await;
 
     let rj = bed.wait_phase(&name, RepoboxJobPhase::Succeeded).await;
+    // The recorder's own watch delivers the same change independently: let it catch up.
+    tokio::time::timeout(WAIT, async {
+        while phases.lock().unwrap().last() != Some(&RepoboxJobPhase::Succeeded) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the recorder never saw Succeeded: {:?}",
+            phases.lock().unwrap()
+        )
+    });
     recorder.abort();
     let seen = phases.lock().unwrap().clone();
     assert!(
