@@ -7,6 +7,9 @@ pub const TREE_SUBDIR: &str = "tree";
 /// The hand-off directory: a subdirectory of the work volume, shared with the agent.
 pub const HANDOFF_SUBDIR: &str = "handoff";
 
+/// Runner setting: the attempt this runner pod is (1 for the first; the operator runs a job
+/// again after an infrastructure disruption).
+pub const ENV_JOB_ATTEMPT: &str = "JOB_ATTEMPT";
 /// Runner setting: the agent runs in a sibling container.
 pub const ENV_AGENT_CONTAINER: &str = "AGENT_CONTAINER";
 /// Runner setting: the runner-only directory (git directory, commit message).

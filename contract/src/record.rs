@@ -45,6 +45,27 @@ impl std::fmt::Display for JobStatus {
     }
 }
 
+/// The `step` field: how far the runner of the current attempt got. The operator runs a job
+/// again after an infrastructure disruption only while nothing can have left the pod yet.
+pub mod step {
+    /// Cloning the repository.
+    pub const CLONING: &str = "cloning";
+    /// The agent is changing the tree.
+    pub const AGENT: &str = "agent";
+    /// Committing the agent's changes (local only).
+    pub const COMMITTING: &str = "committing";
+    /// Pushing the branch: from here on the remote may have changed.
+    pub const PUSHING: &str = "pushing";
+    /// Every step, in order.
+    pub const ALL: [&str; 4] = [CLONING, AGENT, COMMITTING, PUSHING];
+
+    /// Whether a job whose runner was lost at `step` (`None`: it never recorded one) can run
+    /// again without doing anything twice. Unknown steps are not safe.
+    pub fn retry_safe(step: Option<&str>) -> bool {
+        matches!(step, None | Some("" | CLONING | AGENT | COMMITTING))
+    }
+}
+
 /// Why a hash is not a usable record. Names the key and the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -73,6 +94,10 @@ pub struct JobRecord {
     pub commit_sha: Option<String>,
     pub error: Option<String>,
     pub runner_id: Option<String>,
+    /// The attempt the job is at (1 unless the operator retried it).
+    pub attempt: u32,
+    /// The step the current attempt's runner reached ([`step`]).
+    pub step: Option<String>,
 }
 
 fn take(map: &mut HashMap<String, String>, field: &str) -> Option<String> {
@@ -115,6 +140,11 @@ impl JobRecord {
             commit_sha: take(&mut map, "commitSha"),
             error: take(&mut map, "error"),
             runner_id: take(&mut map, "runnerId"),
+            attempt: take(&mut map, "attempt")
+                .and_then(|a| a.parse().ok())
+                .filter(|a| *a >= 1)
+                .unwrap_or(1),
+            step: take(&mut map, "step"),
         })
     }
 }
@@ -207,6 +237,33 @@ mod tests {
         assert_eq!(r.user_id, "u1");
         assert_eq!(r.status, JobStatus::Pending);
         assert_eq!(r.base_branch, None, "empty optional fields read as absent");
+    }
+
+    #[test]
+    fn attempt_and_step_default_to_a_first_attempt_that_recorded_nothing() {
+        let base = [("userId", "u"), ("providerId", "p"), ("repoUrl", "x")];
+        let r = JobRecord::from_hash("j", hash(&base)).unwrap();
+        assert_eq!((r.attempt, r.step), (1, None));
+        for (raw, want) in [("3", 3), ("1", 1), ("0", 1), ("-2", 1), ("two", 1), ("", 1)] {
+            let mut h = hash(&base);
+            h.insert("attempt".into(), raw.into());
+            h.insert("step".into(), "agent".into());
+            let r = JobRecord::from_hash("j", h).unwrap();
+            assert_eq!(r.attempt, want, "attempt {raw:?}");
+            assert_eq!(r.step.as_deref(), Some("agent"));
+        }
+    }
+
+    #[test]
+    fn retry_is_safe_only_before_the_push() {
+        assert!(step::retry_safe(None));
+        assert!(step::retry_safe(Some("")));
+        let safe: Vec<bool> = step::ALL
+            .iter()
+            .map(|s| step::retry_safe(Some(s)))
+            .collect();
+        assert_eq!(safe, [true, true, true, false]);
+        assert!(!step::retry_safe(Some("pull_request")), "unknown steps are unsafe");
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! Each script reads and writes the hash in one step, so two runners can never both
 //! start a job, and a terminal status (`success`, `failed`, `cancelled`) is never
 //! overwritten — whoever writes first wins, everyone later is told what is there.
+//!
+//! A job can run more than once only as numbered attempts (`attempt`, absent = 1): the operator
+//! moves a job whose pod was lost to an infrastructure disruption to the next attempt with
+//! [`retry`], and [`start`] lets exactly one runner of the current attempt take it over, so an
+//! earlier attempt's runner can never start (or continue) it again.
 
 use std::sync::LazyLock;
 
@@ -20,12 +25,50 @@ if not status or status == '' then status = 'pending' end
 if status == 'success' or status == 'failed' or status == 'cancelled' then
   return {'terminal', status}
 end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+if not attempt or attempt == '' then attempt = '1' end
+if status ~= 'running' and status ~= 'pending' then return {'invalid', status} end
+if attempt ~= ARGV[3] then return {'superseded', attempt} end
 if status == 'running' then
-  return {'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}
+  if redis.call('HGET', KEYS[1], 'runnerAttempt') == attempt then
+    return {'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}
+  end
+  redis.call('HSET', KEYS[1], 'runnerId', ARGV[1], 'runnerAttempt', attempt)
+  return {'started'}
 end
-if status ~= 'pending' then return {'invalid', status} end
-redis.call('HSET', KEYS[1], 'status', 'running', 'startedAt', ARGV[2], 'runnerId', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'startedAt', ARGV[2], 'runnerId', ARGV[1],
+  'runnerAttempt', attempt)
 return {'started'}
+",
+    )
+});
+
+static RETRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'success' or status == 'failed' or status == 'cancelled' then
+  return {'terminal', status}
+end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+if not attempt or attempt == '' then attempt = '1' end
+if tonumber(ARGV[1]) <= tonumber(attempt) then return {'current', attempt} end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1])
+redis.call('HDEL', KEYS[1], 'step')
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return {'retrying'}
+",
+    )
+});
+
+static STEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'runnerId') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'step', ARGV[2])
+return 1
 ",
     )
 });
@@ -51,8 +94,10 @@ pub enum StartOutcome {
     Started,
     /// The job had already ended; it must not run again.
     AlreadyTerminal(JobStatus),
-    /// Another runner (or an earlier attempt) already moved it to `running`.
+    /// Another runner of the same attempt already moved it to `running`.
     AlreadyRunning { runner_id: String },
+    /// The job has moved on to a later attempt (`attempt` in the hash): this runner is stale.
+    Superseded { attempt: String },
     /// `job:{jobId}` does not exist.
     Missing,
     /// The status field holds something the contract does not know.
@@ -134,16 +179,22 @@ fn parse_status(reply: &[String]) -> JobStatus {
 }
 
 /// Moves `job:{jobId}` from `pending` to `running` with `startedAt` and `runnerId`.
+///
+/// `attempt` is the runner's attempt number (1 for the first). A `running` job is taken over
+/// only by the first runner of a later attempt that [`retry`] announced; `startedAt` keeps the
+/// first attempt's time.
 pub async fn start<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     runner_id: &str,
+    attempt: u32,
     started_at: &str,
 ) -> redis::RedisResult<StartOutcome> {
     let reply: Vec<String> = START
         .key(crate::keys::job(job_id))
         .arg(runner_id)
         .arg(started_at)
+        .arg(attempt.to_string())
         .invoke_async(con)
         .await?;
     Ok(match reply.first().map(String::as_str) {
@@ -153,8 +204,66 @@ pub async fn start<C: ConnectionLike>(
             runner_id: reply.get(1).cloned().unwrap_or_default(),
         },
         Some("missing") => StartOutcome::Missing,
+        Some("superseded") => StartOutcome::Superseded {
+            attempt: reply.get(1).cloned().unwrap_or_default(),
+        },
         _ => StartOutcome::InvalidStatus(reply.get(1).cloned().unwrap_or_default()),
     })
+}
+
+/// What [`retry`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// `attempt` was raised, `step` cleared and the note appended to the output.
+    Retrying,
+    /// The job had already ended (e.g. the runner recorded its result just before it was
+    /// stopped): adopt that instead of retrying.
+    AlreadyTerminal(JobStatus),
+    /// The hash is at this attempt or a later one already (a repeated call): nothing changed.
+    AlreadyAt(String),
+    Missing,
+}
+
+/// Moves an unfinished job to attempt `attempt` (> the current one) and appends `note` to its
+/// output, in one step. The status stays what it was (`running` once a runner started), so the
+/// user sees the job running on; the next attempt's runner takes it over in [`start`].
+pub async fn retry<C: ConnectionLike>(
+    con: &mut C,
+    job_id: &str,
+    attempt: u32,
+    note: &str,
+) -> redis::RedisResult<RetryOutcome> {
+    let reply: Vec<String> = RETRY
+        .key(crate::keys::job(job_id))
+        .key(crate::keys::job_output(job_id))
+        .arg(attempt.to_string())
+        .arg(note)
+        .invoke_async(con)
+        .await?;
+    Ok(match reply.first().map(String::as_str) {
+        Some("retrying") => RetryOutcome::Retrying,
+        Some("terminal") => RetryOutcome::AlreadyTerminal(parse_status(&reply)),
+        Some("current") => RetryOutcome::AlreadyAt(reply.get(1).cloned().unwrap_or_default()),
+        _ => RetryOutcome::Missing,
+    })
+}
+
+/// Records the step the runner `runner_id` has reached (see [`crate::record::step`]), only while
+/// it holds the job: the operator reads it to know whether running the job again is safe.
+/// Returns whether it was written.
+pub async fn set_step<C: ConnectionLike>(
+    con: &mut C,
+    job_id: &str,
+    runner_id: &str,
+    step: &str,
+) -> redis::RedisResult<bool> {
+    let written: i64 = STEP
+        .key(crate::keys::job(job_id))
+        .arg(runner_id)
+        .arg(step)
+        .invoke_async(con)
+        .await?;
+    Ok(written == 1)
 }
 
 /// Moves `job:{jobId}` to a terminal status unless it already is in one.

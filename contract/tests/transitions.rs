@@ -2,7 +2,7 @@
 
 use redis::AsyncCommands;
 use repobox_contract::JobStatus;
-use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
+use repobox_contract::transitions::{self, Finish, FinishOutcome, RetryOutcome, StartOutcome};
 use repobox_testbed::redis_server::RedisServer;
 
 async fn job(con: &mut redis::aio::MultiplexedConnection, id: &str, status: &str) {
@@ -21,7 +21,7 @@ async fn start_is_exclusive_and_respects_terminal_states() {
     let mut con = redis.connection().await;
 
     assert_eq!(
-        transitions::start(&mut con, "nope", "r1", "t")
+        transitions::start(&mut con, "nope", "r1", 1, "t")
             .await
             .unwrap(),
         StartOutcome::Missing
@@ -29,13 +29,13 @@ async fn start_is_exclusive_and_respects_terminal_states() {
 
     job(&mut con, "a", "pending").await;
     assert_eq!(
-        transitions::start(&mut con, "a", "r1", "2026-01-01T00:00:00.000Z")
+        transitions::start(&mut con, "a", "r1", 1, "2026-01-01T00:00:00.000Z")
             .await
             .unwrap(),
         StartOutcome::Started
     );
     assert_eq!(
-        transitions::start(&mut con, "a", "r2", "t").await.unwrap(),
+        transitions::start(&mut con, "a", "r2", 1, "t").await.unwrap(),
         StartOutcome::AlreadyRunning {
             runner_id: "r1".into()
         }
@@ -49,7 +49,7 @@ async fn start_is_exclusive_and_respects_terminal_states() {
     for s in ["success", "failed", "cancelled"] {
         job(&mut con, s, s).await;
         assert_eq!(
-            transitions::start(&mut con, s, "r1", "t").await.unwrap(),
+            transitions::start(&mut con, s, "r1", 1, "t").await.unwrap(),
             StartOutcome::AlreadyTerminal(JobStatus::parse(s).unwrap())
         );
         let status: String = con.hget(format!("job:{s}"), "status").await.unwrap();
@@ -58,7 +58,7 @@ async fn start_is_exclusive_and_respects_terminal_states() {
 
     job(&mut con, "odd", "queued").await;
     assert_eq!(
-        transitions::start(&mut con, "odd", "r1", "t")
+        transitions::start(&mut con, "odd", "r1", 1, "t")
             .await
             .unwrap(),
         StartOutcome::InvalidStatus("queued".into())
@@ -74,7 +74,7 @@ async fn many_racing_starts_yield_exactly_one_winner() {
     for i in 0..32 {
         let mut c = redis.connection().await;
         tasks.push(tokio::spawn(async move {
-            transitions::start(&mut c, "race", &format!("r{i}"), "t")
+            transitions::start(&mut c, "race", &format!("r{i}"), 1, "t")
                 .await
                 .unwrap()
         }));
@@ -135,5 +135,110 @@ async fn finish_never_overwrites_a_terminal_state() {
     assert_eq!(
         transitions::finish(&mut con, "none", &late).await.unwrap(),
         FinishOutcome::Missing
+    );
+}
+
+#[tokio::test]
+async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt() {
+    let redis = RedisServer::start().await.unwrap();
+    let mut con = redis.connection().await;
+    job(&mut con, "r", "pending").await;
+    assert_eq!(
+        transitions::start(&mut con, "r", "pod-a", 1, "t1")
+            .await
+            .unwrap(),
+        StartOutcome::Started
+    );
+    assert!(
+        transitions::set_step(&mut con, "r", "pod-a", "cloning")
+            .await
+            .unwrap()
+    );
+    // Only the holder records steps.
+    assert!(
+        !transitions::set_step(&mut con, "r", "pod-x", "pushing")
+            .await
+            .unwrap()
+    );
+    // A runner of a later attempt that was not announced is stale-in-advance: refused.
+    assert_eq!(
+        transitions::start(&mut con, "r", "pod-b", 2, "t2")
+            .await
+            .unwrap(),
+        StartOutcome::Superseded {
+            attempt: "1".into()
+        }
+    );
+
+    let note = "==> the runner pod was evicted; running the job again (attempt 2 of 3)";
+    assert_eq!(
+        transitions::retry(&mut con, "r", 2, note).await.unwrap(),
+        RetryOutcome::Retrying
+    );
+    // Repeating the call changes nothing (a reconcile that ran twice).
+    assert_eq!(
+        transitions::retry(&mut con, "r", 2, note).await.unwrap(),
+        RetryOutcome::AlreadyAt("2".into())
+    );
+    let output: Vec<String> = con.lrange("job:r:output", 0, -1).await.unwrap();
+    assert_eq!(output, [note]);
+    let fields: Vec<Option<String>> = con
+        .hmget("job:r", &["status", "attempt", "step", "startedAt"])
+        .await
+        .unwrap();
+    assert_eq!(
+        fields,
+        [
+            Some("running".into()),
+            Some("2".into()),
+            None,
+            Some("t1".into())
+        ]
+    );
+
+    // The first attempt's runner can never take it back; one runner of attempt 2 wins.
+    assert_eq!(
+        transitions::start(&mut con, "r", "pod-a", 1, "t3")
+            .await
+            .unwrap(),
+        StartOutcome::Superseded {
+            attempt: "2".into()
+        }
+    );
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let mut c = redis.connection().await;
+        tasks.push(tokio::spawn(async move {
+            transitions::start(&mut c, "r", &format!("pod-b{i}"), 2, "t4")
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StartOutcome::Started => winners += 1,
+            StartOutcome::AlreadyRunning { runner_id } => assert!(runner_id.starts_with("pod-b")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    // The old runner's late step is ignored.
+    assert!(
+        !transitions::set_step(&mut con, "r", "pod-a", "pushing")
+            .await
+            .unwrap()
+    );
+
+    // A finished job is never retried: the caller adopts its result.
+    let fin = Finish::success("t5".into(), Some("repobox/r".into()), None);
+    transitions::finish(&mut con, "r", &fin).await.unwrap();
+    assert_eq!(
+        transitions::retry(&mut con, "r", 3, note).await.unwrap(),
+        RetryOutcome::AlreadyTerminal(JobStatus::Success)
+    );
+    assert_eq!(
+        transitions::retry(&mut con, "nope", 2, note).await.unwrap(),
+        RetryOutcome::Missing
     );
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub redis_url: String,
     pub encryption_key: EncryptionKey,
     pub runner_id: String,
+    /// Which attempt at the job this runner is (`JOB_ATTEMPT`, from 1).
+    pub attempt: u32,
     pub temp_dir: PathBuf,
     pub cleanup_after_job: bool,
     pub git_author_name: String,
@@ -98,6 +100,7 @@ impl std::fmt::Debug for Config {
             .field("redis_url", &Masker::new().mask(&self.redis_url))
             .field("encryption_key", &self.encryption_key)
             .field("runner_id", &self.runner_id)
+            .field("attempt", &self.attempt)
             .field("temp_dir", &self.temp_dir)
             .field("cleanup_after_job", &self.cleanup_after_job)
             .field("clone_depth", &self.clone_depth)
@@ -197,6 +200,18 @@ impl Config {
             runner_id: get("RUNNER_ID")
                 .or_else(|| get("HOSTNAME"))
                 .unwrap_or_else(|| "runner-1".to_owned()),
+            attempt: match get(repobox_contract::pod::ENV_JOB_ATTEMPT) {
+                Some(v) => match parse_num::<u32>(repobox_contract::pod::ENV_JOB_ATTEMPT, &v)? {
+                    0 => {
+                        return Err(err(
+                            repobox_contract::pod::ENV_JOB_ATTEMPT,
+                            "must be 1 or more",
+                        ));
+                    }
+                    n => n,
+                },
+                None => 1,
+            },
             private_dir: get(repobox_contract::pod::ENV_PRIVATE_DIR)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| temp_dir.clone()),

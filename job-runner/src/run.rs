@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
+use repobox_contract::record::step;
 use repobox_contract::{
     JobRecord, JobStatus, Masker, ProviderRecord, RecordError, Token, keys, time,
 };
@@ -191,7 +192,18 @@ async fn run_job(
         return Ok(Outcome::AlreadyTerminal(record.status));
     }
 
-    match transitions::start(&mut con, &cfg.job_id, &cfg.runner_id, &time::now()).await? {
+    if cfg.attempt > 1 {
+        info!(attempt = cfg.attempt, "running the job again after a disruption");
+    }
+    match transitions::start(
+        &mut con,
+        &cfg.job_id,
+        &cfg.runner_id,
+        cfg.attempt,
+        &time::now(),
+    )
+    .await?
+    {
         StartOutcome::Started => info!("job started"),
         StartOutcome::AlreadyTerminal(s) => {
             info!(status = %s, "job already finished; nothing to do");
@@ -200,6 +212,10 @@ async fn run_job(
         StartOutcome::AlreadyRunning { runner_id } => {
             warn!(holder = %runner_id, "job is already running elsewhere; not starting it twice");
             return Ok(Outcome::AlreadyRunning(runner_id));
+        }
+        StartOutcome::Superseded { attempt } => {
+            warn!(current = %attempt, "the job moved on to another attempt; not running this one");
+            return Ok(Outcome::AlreadyRunning(format!("attempt {attempt}")));
         }
         StartOutcome::Missing => {
             return Err(RecordError::Missing {
@@ -245,6 +261,7 @@ async fn run_job(
                 record: &record,
                 out: out.clone(),
                 masker: masker.clone(),
+                con: con.clone(),
                 cancel: &cancel,
                 git: Git::new(
                     cfg.git_bin.clone(),
@@ -420,6 +437,8 @@ struct Job<'a> {
     record: &'a JobRecord,
     out: OutputHandle,
     masker: Arc<Masker>,
+    /// Records the step reached (`step` in the job hash).
+    con: MultiplexedConnection,
     cancel: &'a CancellationToken,
     git: Git,
     display_url: String,
@@ -455,6 +474,7 @@ impl Job<'_> {
         let tree_id = dir_identity(&tree)
             .map_err(|e| Stop::Failed(format!("cannot inspect the work tree: {e}")))?;
 
+        self.reach(step::CLONING).await?;
         // Clone, bare, into the private directory: the git directory never enters the tree.
         let mut args: Vec<String> = vec!["clone".into(), "--bare".into()];
         if self.cfg.clone_depth > 0 {
@@ -521,6 +541,7 @@ impl Job<'_> {
             .await;
 
         // Agent.
+        self.reach(step::AGENT).await?;
         self.run_agent(&tree).await?;
 
         // The agent had the tree: it must still be the directory the runner made (not a
@@ -532,6 +553,7 @@ impl Job<'_> {
         }
 
         // Commit when the tree changed.
+        self.reach(step::COMMITTING).await?;
         self.git_step(
             &repo,
             &private,
@@ -620,6 +642,9 @@ impl Job<'_> {
             .await;
 
         // Push: the job's URL and the job's branch, named explicitly (no remote, no pushurl).
+        // The step is recorded first: once it says `pushing`, the operator never runs the job
+        // again, so a branch is never pushed by two attempts.
+        self.reach(step::PUSHING).await?;
         self.out
             .note(&format!("Pushing {} to {}", self.branch, self.display_url))
             .await;
@@ -640,6 +665,26 @@ impl Job<'_> {
         )
         .await?;
         Ok(Some((self.branch.clone(), sha)))
+    }
+
+    /// Records that the job reached `name` before the step starts. The write must succeed: the
+    /// operator decides from it whether a job whose pod was lost can run again.
+    async fn reach(&mut self, name: &'static str) -> std::result::Result<(), Stop> {
+        if self.cancel.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        match transitions::set_step(&mut self.con, &self.cfg.job_id, &self.cfg.runner_id, name)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Stop::Failed(
+                "the job is no longer held by this runner (it ended or moved to another attempt)"
+                    .into(),
+            )),
+            Err(e) => Err(Stop::Failed(format!(
+                "cannot record the {name} step in Redis: {e}"
+            ))),
+        }
     }
 
     async fn git_step(
