@@ -82,15 +82,22 @@ const NODE: &str = "bench-node";
 const OPERATOR_SA: &str = "repobox-operator";
 const PLAIN_SA: &str = "plain-client";
 
-/// Every write (any verb that changes state) at `Metadata` level; nothing else.
+/// Every write (any verb that changes state) at `Metadata` level, and the reads (get, list) of
+/// ServiceAccounts (the operator, the controllers); not watches.
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
   - level: Metadata
     verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  - level: Metadata
+    verbs: ["get", "list"]
+    userGroups: ["system:serviceaccounts"]
   - level: None
 "#;
+
+/// Verbs that change state.
+const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -281,7 +288,12 @@ impl Cluster {
         while Instant::now() < deadline {
             let n = read_audit(&self.audit, from)?
                 .iter()
-                .filter(|e| e.namespace == ns && e.user == user && e.resource != "leases")
+                .filter(|e| {
+                    e.namespace == ns
+                        && e.user == user
+                        && e.resource != "leases"
+                        && WRITE_VERBS.contains(&e.verb.as_str())
+                })
                 .count();
             if n != last_count {
                 last_count = n;
@@ -365,6 +377,68 @@ async fn node_heartbeat(admin: Client) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CPU time, from /proc (clock ticks of 10 ms: Linux's USER_HZ).
+
+/// User + system CPU time of a process.
+fn cpu_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU used by the apiserver + etcd, and by this process (the plain client or the in-process
+/// operator, plus the bench's watchers).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    server: Duration,
+    bench: Duration,
+}
+
+impl Cpu {
+    fn now(cluster: &Cluster) -> Self {
+        let server = cluster
+            .cp
+            .pids()
+            .iter()
+            .filter(|(name, _)| *name == "kube-apiserver" || *name == "etcd")
+            .map(|(_, pid)| cpu_of(*pid))
+            .sum();
+        Self {
+            server,
+            bench: cpu_of(std::process::id()),
+        }
+    }
+
+    fn since(self, start: Cpu) -> Cpu {
+        Cpu {
+            server: self.server.saturating_sub(start.server),
+            bench: self.bench.saturating_sub(start.bench),
+        }
+    }
+
+    fn per_job(&self, jobs: usize) -> String {
+        format!(
+            "apiserver+etcd {:.2} ms CPU per job, this process {:.2} ms",
+            self.server.as_secs_f64() * 1000.0 / jobs as f64,
+            self.bench.as_secs_f64() * 1000.0 / jobs as f64
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The audit log.
 
 /// One write, as the apiserver logged it.
@@ -375,7 +449,12 @@ struct Write {
     resource: String,
     subresource: String,
     namespace: String,
+    name: String,
     code: u16,
+    /// When the apiserver received the request.
+    received: Option<jiff::Timestamp>,
+    /// Received → response complete, inside the apiserver.
+    server_time: Duration,
 }
 
 fn count_lines(path: &Path, from: u64) -> Result<u64> {
@@ -403,12 +482,21 @@ fn read_audit(path: &Path, from: u64) -> Result<Vec<Write>> {
                 .unwrap_or("")
                 .to_owned()
         };
+        let time = |p: &str| s(p).parse::<jiff::Timestamp>().ok();
+        let received = time("/requestReceivedTimestamp");
+        let server_time = match (received, time("/stageTimestamp")) {
+            (Some(a), Some(b)) => b.duration_since(a).unsigned_abs(),
+            _ => Duration::ZERO,
+        };
         out.push(Write {
             user: s("/user/username"),
             verb: s("/verb"),
             resource: s("/objectRef/resource"),
             subresource: s("/objectRef/subresource"),
             namespace: s("/objectRef/namespace"),
+            name: s("/objectRef/name"),
+            received,
+            server_time,
             code: v
                 .pointer("/responseStatus/code")
                 .and_then(Value::as_u64)
@@ -463,11 +551,16 @@ impl WriteCount {
 
     /// Writes to RepoboxJobs and Jobs (the objects the operator owns).
     fn objects(&self) -> usize {
-        self.sum(|c| c.contains(" repoboxjobs") || c.contains(" jobs"))
+        self.sum(|c| is_write(c) && (c.contains(" repoboxjobs") || c.contains(" jobs")))
     }
 
     fn events(&self) -> usize {
-        self.sum(|c| c.contains(" events"))
+        self.sum(|c| is_write(c) && c.contains(" events"))
+    }
+
+    /// GETs and LISTs.
+    fn reads(&self) -> usize {
+        self.sum(|c| !is_write(c))
     }
 
     fn print(&self, jobs: usize) {
@@ -491,6 +584,14 @@ impl WriteCount {
             );
         }
     }
+}
+
+/// Whether a class ("verb resource") is a write.
+fn is_write(class: &str) -> bool {
+    class
+        .split(' ')
+        .next()
+        .is_some_and(|verb| WRITE_VERBS.contains(&verb))
 }
 
 impl Write {
@@ -636,6 +737,10 @@ struct Limit {
     job_rate: f64,
     pair_rate: f64,
     pair_latency: Latencies,
+    pair_cpu: Cpu,
+    /// Pairs started at the steady phase's rate: the latency floor of two creates in a row.
+    paced: usize,
+    paced_latency: Latencies,
 }
 
 fn job_config(redis_url: &str, ns: &str) -> Result<JobConfig> {
@@ -667,18 +772,94 @@ fn post() -> PostParams {
     }
 }
 
-async fn limit(cluster: &Cluster, jobs: usize) -> Result<Limit> {
+async fn bench_watches(cluster: &Cluster, ns: &str) -> Result<[JoinHandle<()>; 2]> {
+    let (_, rjs) = watch_seen(Api::<RepoboxJob>::namespaced(cluster.admin.clone(), ns)).await?;
+    let (_, jobs) = watch_seen(Api::<Job>::namespaced(cluster.admin.clone(), ns)).await?;
+    Ok([rjs, jobs])
+}
+
+/// Creates `n` RepoboxJob + Job pairs (each Job right after its RepoboxJob) in a fresh
+/// namespace: `IN_FLIGHT` pairs at a time, or started at `rate` per second. Returns the rate,
+/// the pair latencies and the CPU used.
+async fn pairs(
+    cluster: &Cluster,
+    client: &Client,
+    prefix: &str,
+    n: usize,
+    rate: Option<f64>,
+) -> Result<(f64, Latencies, Cpu)> {
+    let url = "redis://127.0.0.1:1";
+    let ns = cluster.namespace(&format!("bench-{prefix}"), url).await?;
+    // The same watchers as in the operator's phases (their fan-out costs the apiserver too).
+    let watches = bench_watches(cluster, &ns).await?;
+    let cfg = job_config(url, &ns)?;
+    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
+    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let pair = |i: usize| {
+        let (rjs, jobs_api, cfg, prefix) = (
+            rjs.clone(),
+            jobs_api.clone(),
+            cfg.clone(),
+            prefix.to_owned(),
+        );
+        async move {
+            let began = Instant::now();
+            let rj = rjs.create(&post(), &intake_rj(&prefix, i)).await?;
+            let job = repobox_operator::job_builder::job_for(&rj, &cfg)?;
+            jobs_api.create(&post(), &job).await?;
+            Ok::<_, anyhow::Error>(began.elapsed())
+        }
+    };
+    // Warm-up, as the operator gets one: the client's connections and the apiserver's
+    // handlers for both kinds exist before the clock starts.
+    futures::stream::iter(1_000_000..1_000_000 + IN_FLIGHT)
+        .map(&pair)
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let cpu_start = Cpu::now(cluster);
+    let started = Instant::now();
+    let times: Vec<Duration> = match rate {
+        None => {
+            futures::stream::iter(0..n)
+                .map(&pair)
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect()
+                .await?
+        }
+        Some(rate) => {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut tasks = Vec::with_capacity(n);
+            for i in 0..n {
+                tick.tick().await;
+                tasks.push(tokio::spawn(pair(i)));
+            }
+            let mut times = Vec::with_capacity(n);
+            for t in tasks {
+                times.push(t.await??);
+            }
+            times
+        }
+    };
+    let elapsed = started.elapsed();
+    let cpu = Cpu::now(cluster).since(cpu_start);
+    for w in watches {
+        w.abort();
+    }
+    Ok((n as f64 / elapsed.as_secs_f64(), latencies_of(times), cpu))
+}
+
+async fn limit(cluster: &Cluster, jobs: usize, rate: f64, paced: usize) -> Result<Limit> {
     let client = Client::try_from(cluster.plain_kube.clone())?;
     let url = "redis://127.0.0.1:1";
 
     // RepoboxJobs alone, then their Jobs alone.
     let ns = cluster.namespace("bench-limit-a", url).await?;
+    let watches = bench_watches(cluster, &ns).await?;
     let cfg = job_config(url, &ns)?;
     let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
     let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
-    // Warm-up, as the operator gets one: the client's connections and the apiserver's
-    // handlers for both kinds exist before the clock starts.
-    futures::stream::iter(0..2 * IN_FLIGHT)
+    futures::stream::iter(1_000_000..1_000_000 + IN_FLIGHT)
         .map(|i| {
             let (rjs, jobs_api, cfg) = (rjs.clone(), jobs_api.clone(), &cfg);
             async move {
@@ -716,37 +897,17 @@ async fn limit(cluster: &Cluster, jobs: usize) -> Result<Limit> {
         .try_collect::<Vec<()>>()
         .await?;
     let job_rate = jobs as f64 / started.elapsed().as_secs_f64();
+    for w in watches {
+        w.abort();
+    }
     eprintln!("limit: settling ({:?})", cluster.settle().await?);
 
-    // Pairs: each Job right after its RepoboxJob.
-    let ns = cluster.namespace("bench-limit-b", url).await?;
-    let cfg = job_config(url, &ns)?;
-    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
-    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
-    rjs.create(&post(), &intake_rj("lw", 0)).await?; // this namespace's first write
     eprintln!("limit: {jobs} RepoboxJob + Job pairs, {IN_FLIGHT} in flight");
-    let started = Instant::now();
-    let mut pair_times: Vec<Duration> = futures::stream::iter(0..jobs)
-        .map(|i| {
-            let (rjs, jobs_api, cfg) = (rjs.clone(), jobs_api.clone(), &cfg);
-            async move {
-                let began = Instant::now();
-                let rj = rjs.create(&post(), &intake_rj("lb", i)).await?;
-                let job = repobox_operator::job_builder::job_for(&rj, cfg)?;
-                jobs_api.create(&post(), &job).await?;
-                Ok::<_, anyhow::Error>(began.elapsed())
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .try_collect()
-        .await?;
-    let pair_rate = jobs as f64 / started.elapsed().as_secs_f64();
-    pair_times.sort();
-    let pair_latency = Latencies {
-        p50: percentile(&pair_times, 50.0),
-        p99: percentile(&pair_times, 99.0),
-        max: pair_times.last().copied().unwrap_or_default(),
-    };
+    let (pair_rate, pair_latency, pair_cpu) =
+        pairs(cluster, &client, "limit-b", jobs, None).await?;
+    eprintln!("limit: settling ({:?})", cluster.settle().await?);
+    eprintln!("limit: {paced} pairs started at {rate}/s");
+    let (_, paced_latency, _) = pairs(cluster, &client, "limit-c", paced, Some(rate)).await?;
     eprintln!("limit: settling ({:?})", cluster.settle().await?);
     Ok(Limit {
         jobs,
@@ -754,6 +915,9 @@ async fn limit(cluster: &Cluster, jobs: usize) -> Result<Limit> {
         job_rate,
         pair_rate,
         pair_latency,
+        pair_cpu,
+        paced,
+        paced_latency,
     })
 }
 
@@ -891,6 +1055,72 @@ struct Run {
     rj_lat: Latencies,
     job_lat: Latencies,
     writes: WriteCount,
+    /// CPU from the first XADD until every Job exists.
+    cpu: Cpu,
+    breakdown: Breakdown,
+}
+
+/// Where a job's XADD → Job time goes, from the audit log's timestamps: XADD → the apiserver
+/// receives the RepoboxJob create (the intake), the create inside the apiserver, its response →
+/// the Job create received (watch delivery + admission), the Job create inside the apiserver.
+struct Breakdown {
+    intake: Latencies,
+    rj_server: Latencies,
+    admission: Latencies,
+    job_server: Latencies,
+}
+
+fn latencies_of(mut v: Vec<Duration>) -> Latencies {
+    v.sort();
+    Latencies {
+        p50: percentile(&v, 50.0),
+        p99: percentile(&v, 99.0),
+        max: v.last().copied().unwrap_or_default(),
+    }
+}
+
+fn breakdown(
+    writes: &[Write],
+    ns: &str,
+    user: &str,
+    xadd: &HashMap<String, jiff::Timestamp>,
+) -> Breakdown {
+    let creates = |resource: &str| -> HashMap<&str, &Write> {
+        writes
+            .iter()
+            .filter(|w| {
+                w.namespace == ns
+                    && w.user == user
+                    && w.verb == "create"
+                    && w.resource == resource
+                    && w.code < 300
+            })
+            .map(|w| (w.name.as_str(), w))
+            .collect()
+    };
+    let (rjs, jobs) = (creates("repoboxjobs"), creates("jobs"));
+    let (mut intake, mut rj_server, mut admission, mut job_server) =
+        (vec![], vec![], vec![], vec![]);
+    let span = |a: jiff::Timestamp, b: jiff::Timestamp| b.duration_since(a).unsigned_abs();
+    for (name, at) in xadd {
+        let (Some(rj), Some(job)) = (rjs.get(name.as_str()), jobs.get(name.as_str())) else {
+            continue;
+        };
+        let (Some(r1), Some(r2)) = (rj.received, job.received) else {
+            continue;
+        };
+        let rj_done = r1 + rj.server_time;
+        intake.push(span(*at, r1));
+        rj_server.push(rj.server_time);
+        admission.push(span(rj_done, r2));
+        job_server.push(job.server_time);
+    }
+    Breakdown {
+        intake: latencies_of(intake),
+        rj_server: latencies_of(rj_server),
+        admission: latencies_of(admission),
+        job_server: latencies_of(job_server),
+    }
 }
 
 /// Submits `jobs` jobs (paced at `rate` per second, or as fast as Redis takes them when
@@ -912,21 +1142,26 @@ async fn operator_run(
             .unwrap_or_else(|| "as fast as possible".into())
     );
     let mut xadd = Vec::with_capacity(jobs);
+    let mut xadd_wall = HashMap::with_capacity(jobs);
     let mut tick = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
+    let cpu_start = Cpu::now(cluster);
     let started = Instant::now();
     for i in 0..jobs {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
         let id = format!("{prefix}{i:06}-bench");
+        let wall = jiff::Timestamp::now();
         let at = bed.submit(&id, &user(i % USERS)).await?;
         xadd.push((object_name(&id), at));
+        xadd_wall.insert(object_name(&id), wall);
     }
     let submit_time = started.elapsed();
     let names: Vec<String> = xadd.iter().map(|(n, _)| n.clone()).collect();
     let budget = Duration::from_secs(120 + jobs as u64 / 5);
     bed.rjs.wait_all(&names, budget).await?;
     bed.jobs.wait_all(&names, budget).await?;
+    let cpu = Cpu::now(cluster).since(cpu_start);
     let first = xadd.first().map(|(_, t)| *t).context("no jobs")?;
     let last_of = |seen: &Seen| {
         names
@@ -947,14 +1182,14 @@ async fn operator_run(
             Duration::from_secs(4),
         )
         .await?;
-    let writes = WriteCount::from(
-        &read_audit(&cluster.audit, from)?,
-        &bed.ns,
-        &cluster.operator_user,
-    );
+    let audit = read_audit(&cluster.audit, from)?;
+    let writes = WriteCount::from(&audit, &bed.ns, &cluster.operator_user);
+    let breakdown = breakdown(&audit, &bed.ns, &cluster.operator_user, &xadd_wall);
     op.stop().await?;
     bed.stop_watches();
     Ok(Run {
+        cpu,
+        breakdown,
         jobs,
         submit_time,
         rj_rate: jobs as f64 / rj_span.as_secs_f64(),
@@ -1038,7 +1273,7 @@ async fn run_pod(
     }});
     pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&running))
         .await?;
-    transitions::start(con, &job_id, &name, &started).await?;
+    transitions::start(con, &job_id, &name, 1, &started).await?;
     tokio::time::sleep(run_for).await; // the agent's work
     let finished = jiff::Timestamp::now().to_string();
     let branch = format!("repobox/{}", &job_id[..8.min(job_id.len())]);
@@ -1215,10 +1450,20 @@ struct Child {
 }
 
 impl Child {
-    fn start(bed: &Bed, kubeconfig: &Path, lease: &str) -> Result<Self> {
-        let exe = env!("CARGO_BIN_EXE_repobox-operator");
+    fn start(bed: &Bed, kubeconfig: &Path, lease: &str, wrapped: bool) -> Result<Self> {
+        // Diagnostics: another build of the binary (e.g. with symbols) and, for the loaded
+        // instance, a wrapper such as `heaptrack -o /tmp/op` (VmHWM is then the wrapper's).
+        let exe = std::env::var("BENCH_OPERATOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_repobox-operator").to_owned());
+        let wrapper = std::env::var("BENCH_OPERATOR_WRAPPER")
+            .ok()
+            .filter(|_| wrapped)
+            .unwrap_or_default();
+        let mut argv: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        argv.push(exe);
         let metrics = format!("127.0.0.1:{}", repobox_testbed::free_port());
-        let child = tokio::process::Command::new(exe)
+        let child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .args([
                 "--redis-url",
                 &bed.redis.url(),
@@ -1237,10 +1482,29 @@ impl Child {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .context("spawn the operator binary")?;
         let pid = child.id().context("the operator exited at once")?;
         Ok(Self { child, pid })
+    }
+
+    /// Stops the process group (a wrapper's child too): SIGTERM, SIGKILL after 15 s.
+    async fn kill(mut self) -> Result<()> {
+        let signal = |sig: &str| {
+            let _ = std::process::Command::new("kill")
+                .args([sig, "--", &format!("-{}", self.pid)])
+                .status();
+        };
+        signal("-TERM");
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            signal("-KILL");
+            self.child.wait().await?;
+        }
+        Ok(())
     }
 
     /// Samples VmRSS for `for_` and returns (max VmRSS, VmHWM).
@@ -1291,7 +1555,7 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
         .await?;
 
     // Baseline: the binary leading an empty namespace, after one job went through.
-    let mut base = Child::start(&bed, &kubeconfig, "repobox-operator-a")?;
+    let mut base = Child::start(&bed, &kubeconfig, "repobox-operator-a", false)?;
     bed.submit("probe-a", &user(0)).await?;
     bed.jobs
         .wait_all(&[object_name("probe-a")], WAIT)
@@ -1299,7 +1563,7 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
         .context("baseline probe job")?;
     tokio::time::sleep(Duration::from_secs(3)).await; // past the debounced Starting write
     let (baseline_rss, baseline_hwm) = base.sample(Duration::from_secs(3)).await?;
-    base.child.kill().await?;
+    base.kill().await?;
 
     eprintln!("memory: creating {objects} finished RepoboxJobs and their Jobs");
     let client = Client::try_from(cluster.plain_kube.clone())?;
@@ -1337,7 +1601,7 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
     // The loaded instance lists all of them at startup. Admission waits for the complete
     // initial list, so the probe's Job appearing means the cache is full.
     let started = Instant::now();
-    let mut loaded = Child::start(&bed, &kubeconfig, "repobox-operator-b")?;
+    let mut loaded = Child::start(&bed, &kubeconfig, "repobox-operator-b", true)?;
     bed.submit("probe-b", &user(1)).await?;
     bed.jobs
         .wait_all(&[object_name("probe-b")], Duration::from_secs(300))
@@ -1345,7 +1609,7 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
         .context("loaded probe job")?;
     let cache_time = started.elapsed();
     let (loaded_rss, loaded_hwm) = loaded.sample(Duration::from_secs(5)).await?;
-    loaded.child.kill().await?;
+    loaded.kill().await?;
     bed.stop_watches();
     Ok(Memory {
         objects,
@@ -1377,7 +1641,32 @@ fn print_run(title: &str, r: &Run) {
     );
     println!("  XADD → RepoboxJob: {}", r.rj_lat);
     println!("  XADD → Job:        {}", r.job_lat);
-    println!("  the operator's writes (audit log), until it went quiet:");
+    let b = &r.breakdown;
+    println!("  where it goes (audit timestamps):");
+    println!(
+        "    XADD → RepoboxJob create received (intake): {}",
+        b.intake
+    );
+    println!(
+        "    RepoboxJob create inside the apiserver:      {}",
+        b.rj_server
+    );
+    println!(
+        "    its response → Job create received:          {}",
+        b.admission
+    );
+    println!(
+        "    Job create inside the apiserver:             {}",
+        b.job_server
+    );
+    println!("  CPU until every Job existed: {}", r.cpu.per_job(r.jobs));
+    println!(
+        "  the operator's requests (audit log), until it went quiet: {:.2} object writes, \
+         {:.2} Events, {:.2} reads per job",
+        r.writes.objects() as f64 / r.jobs as f64,
+        r.writes.events() as f64 / r.jobs as f64,
+        r.writes.reads() as f64 / r.jobs as f64,
+    );
     r.writes.print(r.jobs);
 }
 
@@ -1397,7 +1686,11 @@ async fn main() -> Result<()> {
 
     println!("load average at start: {}", loadavg());
     let limit = if on("limit") {
-        Some(limit(&cluster, jobs).await.context("limit")?)
+        Some(
+            limit(&cluster, jobs, rate, steady_jobs)
+                .await
+                .context("limit")?,
+        )
     } else {
         None
     };
@@ -1442,6 +1735,11 @@ async fn main() -> Result<()> {
         println!(
             "  RepoboxJob + Job pairs: {:.0}/s (one pair: {})",
             l.pair_rate, l.pair_latency
+        );
+        println!("    CPU: {}", l.pair_cpu.per_job(l.jobs));
+        println!(
+            "  {} pairs started at {rate:.0}/s: one pair {}",
+            l.paced, l.paced_latency
         );
     }
     if let Some(r) = &steady {

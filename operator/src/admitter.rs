@@ -7,17 +7,24 @@
 //! others. Counts come from the cluster's state, never from a counter that could leak; a restart
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
 //! an overlay, so a lagging cache can never admit a job twice or exceed a limit.
+//!
+//! A pass only decides: the admitted enter the overlay at once and their Jobs are created by
+//! background tasks (bounded), so the next pass can admit jobs that arrived meanwhile instead
+//! of waiting for the slowest create of a batch. The `Admitted` Event is published after the
+//! Job exists, outside the create slots, at a lower concurrency.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::events::{Event, EventType};
-use tokio::sync::{Mutex, Notify};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -29,8 +36,13 @@ use crate::{Error, Result};
 
 /// How often a pass runs even without a poke (a safety net, not the mechanism).
 const IDLE_PASS: Duration = Duration::from_secs(15);
-/// Jobs created concurrently in one pass.
-const CREATE_CONCURRENCY: usize = 16;
+/// Job creates in flight (the concurrency of a well-tuned client; more only queues at the
+/// API server).
+const CREATE_CONCURRENCY: usize = 32;
+/// `Admitted` Events in flight: informational, so they yield to the creates in a burst.
+const EVENT_CONCURRENCY: usize = 4;
+/// How long shutdown waits for the Job creates in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct State {
@@ -44,10 +56,25 @@ struct State {
     swept: bool,
 }
 
-#[derive(Default)]
 pub struct Admitter {
     notify: Notify,
     state: Mutex<State>,
+    creates: Semaphore,
+    events: Semaphore,
+    /// Set on shutdown: creates not started yet are dropped (the next leader re-derives them).
+    stopping: AtomicBool,
+}
+
+impl Default for Admitter {
+    fn default() -> Self {
+        Self {
+            notify: Notify::new(),
+            state: Mutex::default(),
+            creates: Semaphore::new(CREATE_CONCURRENCY),
+            events: Semaphore::new(EVENT_CONCURRENCY),
+            stopping: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Admitter {
@@ -64,7 +91,7 @@ impl Admitter {
         }
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return self.drain().await,
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(IDLE_PASS) => {}
             }
@@ -81,21 +108,31 @@ impl Admitter {
 
     async fn seed(&self, ctx: &Context) -> Result<()> {
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-        let list = jobs
-            .list(&ListParams::default().labels(MANAGED_BY_SELECTOR))
-            .await?;
-        let mut state = self.state.lock().await;
-        for job in list {
-            // The user comes from the RepoboxJob's spec in the pass: the `repobox.dev/user`
-            // label is a hash for ids such as `user@example.com`, and counting by it would give
-            // that user extra slots.
-            state.overlay.insert(slot_holder(&job), String::new());
+        // Metadata only, in pages: with thousands of Jobs a full list would be the operator's
+        // peak memory.
+        let mut params = ListParams::default()
+            .labels(MANAGED_BY_SELECTOR)
+            .limit(crate::reconcile::LIST_PAGE);
+        loop {
+            let page = jobs.list_metadata(&params).await?;
+            let mut state = self.state.lock().await;
+            for job in &page.items {
+                // The user comes from the RepoboxJob's spec in the pass: the `repobox.dev/user`
+                // label is a hash for ids such as `user@example.com`, and counting by it would
+                // give that user extra slots.
+                state
+                    .overlay
+                    .insert(slot_holder(&job.metadata), String::new());
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     /// One admission decision over the whole cache.
-    pub async fn pass(&self, ctx: &Context) -> Result<()> {
+    pub async fn pass(&self, ctx: &Arc<Context>) -> Result<()> {
         let mut state = self.state.lock().await;
         let all = ctx.store.state();
         tracing::debug!(
@@ -130,41 +167,15 @@ impl Admitter {
         let limits = ctx.cfg.limits();
         let decision = admission::decide(&queued, &running, limits);
 
-        // Create the Jobs of the admitted, a few at a time.
-        let admitted: Vec<Arc<RepoboxJob>> = decision
-            .admit
-            .iter()
-            .filter_map(|n| by_name.get(n).map(|rj| Arc::clone(rj)))
-            .collect();
-        let results: Vec<(Arc<RepoboxJob>, Result<()>)> = futures::stream::iter(admitted)
-            .map(|rj| async move {
-                let r = create_job(ctx, &rj).await;
-                (rj, r)
-            })
-            .buffer_unordered(CREATE_CONCURRENCY)
-            .collect()
-            .await;
-        for (rj, result) in results {
-            match result {
-                Ok(()) => {
-                    state.overlay.insert(rj.name_any(), rj.spec.user_id.clone());
-                    running.push(Running::new(rj.name_any(), rj.spec.user_id.clone()));
-                }
-                Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
-                    // Permanent: this RepoboxJob can never become a Job.
-                    ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
-                        .await;
-                }
-                Err(e) => {
-                    warn!(job = %rj.name_any(), error = %e, "creating the Job failed; retrying");
-                    ctx.metrics.reconcile_failed(e.metric_label());
-                    let admitter = ctx.admitter.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        admitter.poke();
-                    });
-                }
-            }
+        // The admitted hold their slots from now on (the overlay); their Jobs are created in
+        // the background, in admission order (the semaphore is fair).
+        for name in &decision.admit {
+            let Some(rj) = by_name.get(name) else {
+                continue;
+            };
+            state.overlay.insert(name.clone(), rj.spec.user_id.clone());
+            running.push(Running::new(name.clone(), rj.spec.user_id.clone()));
+            tokio::spawn(admit(Arc::clone(ctx), Arc::clone(rj)));
         }
 
         // Tell the waiting why they wait (only when that changed).
@@ -230,12 +241,90 @@ impl Admitter {
 
 /// The RepoboxJob a Job holds a slot for: its controller owner, else the RepoboxJob of the
 /// same name (the builder names the Job after it).
-fn slot_holder(job: &Job) -> String {
-    job.owner_references()
+fn slot_holder(job: &ObjectMeta) -> String {
+    job.owner_references
         .iter()
+        .flatten()
         .find(|o| o.controller == Some(true) && o.kind == "RepoboxJob")
         .map(|o| o.name.clone())
-        .unwrap_or_else(|| job.name_any())
+        .or_else(|| job.name.clone())
+        .unwrap_or_default()
+}
+
+impl Admitter {
+    /// Takes a job whose Job could not be created out of the overlay, so a pass decides on it
+    /// again.
+    async fn forget(&self, name: &str) {
+        self.state.lock().await.overlay.remove(name);
+    }
+
+    /// On shutdown: waits (bounded) for the creates in flight, so no Job is created after the
+    /// operator stopped; creates still waiting for a slot are dropped.
+    async fn drain(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let all = CREATE_CONCURRENCY as u32;
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.creates.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!("Job creates still in flight at shutdown");
+        }
+    }
+}
+
+/// Creates the Job of an admitted RepoboxJob, then publishes the `Admitted` Event. A transient
+/// failure frees the slot and retries through a later pass; an invalid spec fails the job.
+async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
+    let name = rj.name_any();
+    let result = {
+        let Ok(_slot) = ctx.admitter.creates.acquire().await else {
+            return; // never closed
+        };
+        if ctx.admitter.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        // Deleted or cancelled while waiting for a slot: the reconciler has handled it.
+        let current = ctx.store.get(&ObjectRef::from_obj(rj.as_ref()));
+        if current
+            .is_none_or(|c| c.metadata.deletion_timestamp.is_some() || c.spec.cancel_requested())
+        {
+            ctx.admitter.forget(&name).await;
+            ctx.admitter.poke();
+            return;
+        }
+        create_job(&ctx, &rj).await
+    };
+    match result {
+        Ok(()) => {
+            let Ok(_slot) = ctx.admitter.events.acquire().await else {
+                return;
+            };
+            ctx.publish(
+                &rj,
+                Event {
+                    type_: EventType::Normal,
+                    reason: reasons::ADMITTED.into(),
+                    note: Some(format!("quota slot granted; Job {name} created")),
+                    action: "Admit".into(),
+                    secondary: None,
+                },
+            )
+            .await;
+        }
+        Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
+            // Permanent: this RepoboxJob can never become a Job.
+            ctx.admitter.forget(&name).await;
+            ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
+                .await;
+        }
+        Err(e) => {
+            warn!(job = %name, error = %e, "creating the Job failed; retrying");
+            ctx.metrics.reconcile_failed(e.metric_label());
+            ctx.admitter.forget(&name).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ctx.admitter.poke();
+        }
+    }
 }
 
 /// Creates the Job of an admitted RepoboxJob (idempotent: AlreadyExists is success).
@@ -264,17 +353,6 @@ async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
         .unwrap_or_default();
     ctx.metrics.job_admitted(waited);
     info!(job = %rj.name_any(), user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
-    ctx.publish(
-        rj,
-        Event {
-            type_: EventType::Normal,
-            reason: reasons::ADMITTED.into(),
-            note: Some(format!("quota slot granted; Job {} created", rj.name_any())),
-            action: "Admit".into(),
-            secondary: None,
-        },
-    )
-    .await;
     Ok(())
 }
 
@@ -311,8 +389,8 @@ mod tests {
                 owner("RepoboxJob", "rbj-1", true),
             ],
         );
-        assert_eq!(slot_holder(&j), "rbj-1");
-        assert_eq!(slot_holder(&job("rbj-2", vec![])), "rbj-2");
+        assert_eq!(slot_holder(&j.metadata), "rbj-1");
+        assert_eq!(slot_holder(&job("rbj-2", vec![]).metadata), "rbj-2");
     }
 
     #[test]
@@ -330,7 +408,7 @@ mod tests {
         rj.metadata.namespace = Some("jobs".into());
         let cfg = crate::config::tests::test_job_config(&[]);
         let built = job_builder::job_for(&rj, &cfg).unwrap();
-        assert_eq!(slot_holder(&built), rj.name_any());
+        assert_eq!(slot_holder(&built.metadata), rj.name_any());
         // The label is not the user id: counting by it was the bug.
         assert_ne!(built.labels()[job_builder::LABEL_USER], rj.spec.user_id);
     }

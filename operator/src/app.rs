@@ -102,6 +102,7 @@ pub async fn run_with_client(
     }
 
     let (store, writer) = reflector::store();
+    let (jobs, job_writer) = reflector::store();
     let admitter = Arc::new(Admitter::default());
     let recorder = Recorder::new(
         client.clone(),
@@ -116,6 +117,7 @@ pub async fn run_with_client(
         job_cfg,
         outcomes.clone(),
         store.clone(),
+        jobs,
         admitter.clone(),
         metrics.clone(),
         recorder,
@@ -142,7 +144,12 @@ pub async fn run_with_client(
 
     // The controller runs until `work` is cancelled; it then finishes in-flight reconciles.
     let controller_stop = CancellationToken::new();
-    let controller = tokio::spawn(reconcile::run(ctx.clone(), writer, controller_stop.clone()));
+    let controller = tokio::spawn(reconcile::run(
+        ctx.clone(),
+        writer,
+        job_writer,
+        controller_stop.clone(),
+    ));
     work.cancelled().await;
     health.set_shutting_down();
     info!("stopping: intake first, then the controller");

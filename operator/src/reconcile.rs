@@ -1,24 +1,27 @@
 //! The controller: RepoboxJob (+ owned Jobs) → status, outcome, cancellation and retention.
 //!
 //! Queued → (admission, see [`crate::admitter`]) → Starting → Running → Succeeded | Failed;
-//! Cancelled from any non-terminal phase. The reconciler is idempotent and reads the Job fresh
-//! from the API each time; status is written with a named field manager and only when it
-//! differs from what is there.
+//! Cancelled from any non-terminal phase. The reconciler is idempotent; it reads the Job from
+//! the controller's Job cache (the watch that triggers it), and from the API only when the cache
+//! lacks the Job of an admitted job, so a lagging cache never reads as "the Job is gone". Status
+//! is written with a named field manager and only when it differs from what is there.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -45,6 +48,10 @@ const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// Reconciles running at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
+/// Objects per page of the caches' initial lists (the default is 500): a page is held, as text
+/// and decoded with its managed fields, until its objects are trimmed and cached, so smaller
+/// pages lower the startup peak with thousands of objects.
+pub const LIST_PAGE: u32 = 100;
 
 /// The finalizer that lets the operator record `cancelled` in Redis before a RepoboxJob goes.
 pub const FINALIZER: &str = "repobox.dev/cancel-in-redis";
@@ -57,6 +64,8 @@ pub struct Context {
     pub namespace: String,
     pub outcomes: Outcomes,
     pub store: Store<RepoboxJob>,
+    /// The operator's Jobs, metadata and status only.
+    pub jobs: Store<CachedJob>,
     pub admitter: Arc<Admitter>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -74,6 +83,7 @@ impl Context {
         job_cfg: JobConfig,
         outcomes: Outcomes,
         store: Store<RepoboxJob>,
+        jobs: Store<CachedJob>,
         admitter: Arc<Admitter>,
         metrics: Arc<Metrics>,
         recorder: Recorder,
@@ -87,6 +97,7 @@ impl Context {
             namespace,
             outcomes,
             store,
+            jobs,
             admitter,
             metrics,
             recorder,
@@ -106,6 +117,10 @@ impl Context {
     }
 
     fn job_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn cached_job_api(&self) -> Api<CachedJob> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
@@ -262,7 +277,15 @@ async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
             .await
             .map(|_| Action::requeue(ctx.cfg.retention()));
     }
-    let job = ctx.job_api().get_opt(&rj.name_any()).await?;
+    let name = rj.name_any();
+    let job = match ctx.jobs.get(&ObjectRef::new(&name).within(&ctx.namespace)) {
+        Some(job) => Some(job),
+        // Whether a queued job's Job exists is the admission loop's business (its overlay and
+        // AlreadyExists cover a lagging cache): nothing to ask the API.
+        None if phase == RepoboxJobPhase::Queued => None,
+        // An admitted job: confirm with the API before calling its Job gone.
+        None => ctx.cached_job_api().get_opt(&name).await?.map(Arc::new),
+    };
     match (phase, job) {
         (RepoboxJobPhase::Queued, None) => {
             ctx.admitter.poke();
@@ -274,14 +297,14 @@ async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
 }
 
 /// Follows the Job of an admitted RepoboxJob.
-async fn observe(rj: &RepoboxJob, job: &Job, ctx: &Context) -> Result<Action> {
+async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Action> {
     let name = rj.name_any();
     let extras = || Extras {
         job_name: Some(name.clone()),
         start_time: job.metadata.creation_timestamp.clone(),
         ..Default::default()
     };
-    match status::job_state(job) {
+    match status::job_state_of(job.status.as_ref()) {
         // Phases never go backwards (see `status::progress_phase`).
         ref state @ (JobState::Pending | JobState::Running)
             if status::progress_phase(rj.phase(), state).is_none() =>
@@ -571,6 +594,45 @@ async fn first_pod(ctx: &Context, job_name: &str) -> Result<Option<Pod>> {
     Ok(list.items.into_iter().next())
 }
 
+/// A Job as the Job cache keeps it: metadata and status. The reconciler never reads a Job's
+/// spec, and `k8s_openapi`'s `Job` takes 2.5 KiB before anything is filled in (the pod template
+/// is inline), so the cache decodes only these two parts. Read the `Job` from the API when more
+/// is needed.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct CachedJob {
+    pub metadata: ObjectMeta,
+    pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
+}
+
+impl Resource for CachedJob {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Job::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        Job::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        Job::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Job::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Transient errors requeue with per-object exponential backoff (1 s … 5 min); the failure is
 /// counted and logged.
 pub fn error_policy(rj: Arc<RepoboxJob>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -593,6 +655,7 @@ pub fn error_policy(rj: Arc<RepoboxJob>, err: &Error, ctx: Arc<Context>) -> Acti
 pub async fn run(
     ctx: Arc<Context>,
     writer: reflector::store::Writer<RepoboxJob>,
+    job_writer: reflector::store::Writer<CachedJob>,
     shutdown: CancellationToken,
 ) {
     let rj_api = ctx.rj_api();
@@ -601,18 +664,27 @@ pub async fn run(
     let on_init = ctx.clone();
     let deletion: fn(&RepoboxJob) -> Option<u64> =
         |rj| rj.metadata.deletion_timestamp.as_ref().map(|_| 1u64);
-    let stream = watcher(rj_api, watcher::Config::default())
+    let stream = watcher(rj_api, watcher::Config::default().page_size(LIST_PAGE))
         .default_backoff()
         // The cache holds every RepoboxJob (finished ones for the retention period):
         // managedFields are never read, so they are not kept.
         .modify(|rj| rj.managed_fields_mut().clear())
         .reflect(writer)
-        .inspect(move |ev| {
-            if let Ok(watcher::Event::InitDone) = ev {
+        .inspect(move |ev| match ev {
+            Ok(watcher::Event::InitDone) => {
                 on_init.synced.store(true, Ordering::Relaxed);
                 on_init.health.set_cache_synced(true);
                 on_init.admitter.poke();
             }
+            // A new queued job wakes admission straight from the watch, not after its turn in
+            // the reconcile queue (which a burst makes long).
+            Ok(watcher::Event::Apply(rj))
+                if rj.phase() == RepoboxJobPhase::Queued
+                    && rj.metadata.deletion_timestamp.is_none() =>
+            {
+                on_init.admitter.poke();
+            }
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(
@@ -621,13 +693,27 @@ pub async fn run(
                 .combine(predicates::finalizers as fn(&RepoboxJob) -> Option<u64>),
             Default::default(),
         );
-    let jobs = ctx.job_api();
+    // The Jobs' watch fills the Job cache before it triggers their owners' reconciles, so a
+    // reconcile sees at least the change that triggered it.
+    let jobs = watcher(
+        ctx.cached_job_api(),
+        watcher::Config::default()
+            .labels(MANAGED_BY_SELECTOR)
+            .page_size(LIST_PAGE),
+    )
+    .default_backoff()
+    .modify(|job| {
+        job.metadata.managed_fields = None;
+        job.metadata.annotations = None;
+    })
+    .reflect(job_writer)
+    .touched_objects();
     let stop = shutdown.clone();
     // Bounded concurrency: a restart with thousands of cached jobs must not start thousands
     // of reconciles (and API calls) at once.
     Controller::for_stream(stream, ctx.store.clone())
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
-        .owns(jobs, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
+        .owns_stream(jobs)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {

@@ -4,7 +4,7 @@
 //! Timestamps come in as arguments and are only used for *new* transitions, so computing the
 //! same status twice gives the same object and the controller never writes status in a loop.
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -30,7 +30,11 @@ pub enum JobState {
 /// the 1.31+ interim conditions `SuccessCriteriaMet`/`FailureTarget` are ignored so the pod
 /// has terminated when we act) and otherwise its `ready` count.
 pub fn job_state(job: &Job) -> JobState {
-    let status = job.status.as_ref();
+    job_state_of(job.status.as_ref())
+}
+
+/// [`job_state`] from the Job's status alone.
+pub fn job_state_of(status: Option<&JobStatus>) -> JobState {
     let conditions = status.and_then(|s| s.conditions.as_deref()).unwrap_or(&[]);
     for c in conditions {
         if c.status != "True" {
