@@ -263,7 +263,10 @@ mod tests {
             .map(|s| step::retry_safe(Some(s)))
             .collect();
         assert_eq!(safe, [true, true, true, false]);
-        assert!(!step::retry_safe(Some("pull_request")), "unknown steps are unsafe");
+        assert!(
+            !step::retry_safe(Some("pull_request")),
+            "unknown steps are unsafe"
+        );
     }
 
     #[test]

@@ -35,7 +35,9 @@ async fn start_is_exclusive_and_respects_terminal_states() {
         StartOutcome::Started
     );
     assert_eq!(
-        transitions::start(&mut con, "a", "r2", 1, "t").await.unwrap(),
+        transitions::start(&mut con, "a", "r2", 1, "t")
+            .await
+            .unwrap(),
         StartOutcome::AlreadyRunning {
             runner_id: "r1".into()
         }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
-use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
 use repobox_contract::record::step;
+use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
 use repobox_contract::{
     JobRecord, JobStatus, Masker, ProviderRecord, RecordError, Token, keys, time,
 };
@@ -193,7 +193,10 @@ async fn run_job(
     }
 
     if cfg.attempt > 1 {
-        info!(attempt = cfg.attempt, "running the job again after a disruption");
+        info!(
+            attempt = cfg.attempt,
+            "running the job again after a disruption"
+        );
     }
     match transitions::start(
         &mut con,

@@ -715,6 +715,7 @@ fn terminal_rj(i: usize) -> (RepoboxJob, serde_json::Value) {
         commit_sha: Some(format!("{:040x}", i as u128 * 0x9e37_79b9_7f4a_7c15)),
         duration: Some("1m23s".into()),
         observed_generation: Some(1),
+        ..RepoboxJobStatus::default()
     };
     (rj, json!({ "status": status }))
 }

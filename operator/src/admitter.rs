@@ -296,6 +296,14 @@ async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
     };
     match result {
         Ok(()) => {
+            let waited = rj
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            ctx.metrics.job_admitted(waited);
+            info!(job = %name, user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
             let Ok(_slot) = ctx.admitter.events.acquire().await else {
                 return;
             };
@@ -327,8 +335,8 @@ async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
     }
 }
 
-/// Creates the Job of an admitted RepoboxJob (idempotent: AlreadyExists is success).
-async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
+/// Creates the Job of the current attempt at `rj` (idempotent: AlreadyExists is success).
+pub(crate) async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
     let job = job_builder::job_for(rj, &ctx.job_cfg)?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     match jobs
@@ -345,14 +353,6 @@ async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    let waited = rj
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
-        .unwrap_or_default();
-    ctx.metrics.job_admitted(waited);
-    info!(job = %rj.name_any(), user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
     Ok(())
 }
 

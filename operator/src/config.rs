@@ -269,6 +269,39 @@ pub struct Config {
     #[arg(long, env = "RUNNER_MEMORY_LIMIT", default_value = "1Gi")]
     pub runner_memory_limit: String,
 
+    /// `ephemeral-storage` request of the runner container: the git directory, `/tmp` and the
+    /// work tree's share, so an autoscaler plans a node with the disk a job needs (empty: none).
+    #[arg(long, env = "RUNNER_EPHEMERAL_STORAGE_REQUEST", default_value = "2Gi")]
+    pub runner_ephemeral_storage_request: String,
+
+    /// `ephemeral-storage` limit of the runner container (empty: none; the volumes' size
+    /// limits still apply).
+    #[arg(long, env = "RUNNER_EPHEMERAL_STORAGE_LIMIT", default_value = "")]
+    pub runner_ephemeral_storage_limit: String,
+
+    /// Put `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"` and
+    /// `karpenter.sh/do-not-disrupt: "true"` on runner pods, so scale-in never stops a job.
+    #[arg(long, env = "RUNNER_DO_NOT_DISRUPT", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub runner_do_not_disrupt: bool,
+
+    /// Extra runner pod annotations, as a JSON object of strings.
+    #[arg(long, env = "RUNNER_POD_ANNOTATIONS")]
+    pub runner_pod_annotations: Option<String>,
+
+    /// A runner pod the cluster autoscaler says no node group can ever fit fails the job after
+    /// this long (the autoscaler may change its mind when node groups change).
+    #[arg(long, env = "UNSCHEDULABLE_GRACE_SECONDS", default_value_t = 60)]
+    pub unschedulable_grace_seconds: u64,
+
+    /// How many times a job whose pod was lost to an infrastructure disruption (eviction,
+    /// preemption, node drain or shutdown) before its push started runs again.
+    #[arg(long, env = "MAX_DISRUPTION_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub max_disruption_retries: u32,
+
+    /// Wait before the first retry after a disruption; doubled for each further one.
+    #[arg(long, env = "DISRUPTION_RETRY_BACKOFF_SECONDS", default_value_t = 10)]
+    pub disruption_retry_backoff_seconds: u64,
+
     /// The agent container's image (default: the runner image). Any image with `/bin/sh`
     /// works: the init container copies the agent wrapper into it.
     #[arg(long, env = "AGENT_IMAGE")]
@@ -294,6 +327,15 @@ pub struct Config {
     /// Memory limit of the agent container (empty: none).
     #[arg(long, env = "AGENT_MEMORY_LIMIT", default_value = "2Gi")]
     pub agent_memory_limit: String,
+
+    /// `ephemeral-storage` request of the agent container (its `/tmp` and what it writes to the
+    /// tree; empty: none).
+    #[arg(long, env = "AGENT_EPHEMERAL_STORAGE_REQUEST", default_value = "1Gi")]
+    pub agent_ephemeral_storage_request: String,
+
+    /// `ephemeral-storage` limit of the agent container (empty: none).
+    #[arg(long, env = "AGENT_EPHEMERAL_STORAGE_LIMIT", default_value = "")]
+    pub agent_ephemeral_storage_limit: String,
 
     /// Plain environment of the agent container, as a JSON object of strings (e.g.
     /// `{"MODEL":"large"}`); credentials belong in `RUNNER_ENV_FROM_SECRETS`.
@@ -425,6 +467,10 @@ pub struct RunnerResources {
     pub memory_request: Option<Quantity>,
     /// Memory limit.
     pub memory_limit: Option<Quantity>,
+    /// `ephemeral-storage` request.
+    pub ephemeral_storage_request: Option<Quantity>,
+    /// `ephemeral-storage` limit.
+    pub ephemeral_storage_limit: Option<Quantity>,
 }
 
 /// The validated, typed settings [`crate::job_builder::job_for`] needs: everything about a runner
@@ -455,6 +501,9 @@ pub struct JobConfig {
     pub affinity: Option<Affinity>,
     /// `priorityClassName`.
     pub priority_class_name: Option<String>,
+    /// Runner pod annotations: the do-not-disrupt pair (`RUNNER_DO_NOT_DISRUPT`) and
+    /// `RUNNER_POD_ANNOTATIONS`.
+    pub pod_annotations: BTreeMap<String, String>,
     /// `activeDeadlineSeconds` when the RepoboxJob does not override it.
     pub default_timeout_seconds: i64,
     /// `ttlSecondsAfterFinished`.
@@ -512,6 +561,29 @@ pub struct AgentConfig {
 /// Treats an empty or all-blank optional setting as unset.
 fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// The annotations that keep autoscalers from scaling in a node under a running job.
+pub const DO_NOT_DISRUPT: [(&str, &str); 2] = [
+    ("cluster-autoscaler.kubernetes.io/safe-to-evict", "false"),
+    ("karpenter.sh/do-not-disrupt", "true"),
+];
+
+/// A Kubernetes qualified name (annotation and label keys): an optional DNS subdomain prefix
+/// and `/`, then 1–63 characters of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let b = name.as_bytes();
+    prefix.is_none_or(is_dns1123_subdomain)
+        && !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> Error {
@@ -592,6 +664,19 @@ impl Config {
     /// `PENDING_TIMEOUT_SECONDS` as a duration.
     pub fn pending_timeout(&self) -> Duration {
         Duration::from_secs(self.pending_timeout_seconds)
+    }
+
+    /// `UNSCHEDULABLE_GRACE_SECONDS` as a duration.
+    pub fn unschedulable_grace(&self) -> Duration {
+        Duration::from_secs(self.unschedulable_grace_seconds)
+    }
+
+    /// The retry policy for infrastructure disruptions.
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            max_retries: self.max_disruption_retries,
+            backoff: Duration::from_secs(self.disruption_retry_backoff_seconds),
+        }
     }
 
     /// `LEASE_DURATION_SECONDS` as a duration.
@@ -687,12 +772,16 @@ impl Config {
                 "RUNNER_CPU_LIMIT",
                 "RUNNER_MEMORY_REQUEST",
                 "RUNNER_MEMORY_LIMIT",
+                "RUNNER_EPHEMERAL_STORAGE_REQUEST",
+                "RUNNER_EPHEMERAL_STORAGE_LIMIT",
             ],
             [
                 &self.runner_cpu_request,
                 &self.runner_cpu_limit,
                 &self.runner_memory_request,
                 &self.runner_memory_limit,
+                &self.runner_ephemeral_storage_request,
+                &self.runner_ephemeral_storage_limit,
             ],
         )?;
         let agent = match non_empty(&self.agent_command) {
@@ -721,6 +810,21 @@ impl Config {
         let tolerations: Option<Vec<Toleration>> =
             json_setting("RUNNER_TOLERATIONS", &self.runner_tolerations)?;
         let affinity: Option<Affinity> = json_setting("RUNNER_AFFINITY", &self.runner_affinity)?;
+
+        let mut pod_annotations: BTreeMap<String, String> =
+            json_setting("RUNNER_POD_ANNOTATIONS", &self.runner_pod_annotations)?
+                .unwrap_or_default();
+        if let Some(bad) = pod_annotations.keys().find(|k| !is_qualified_name(k)) {
+            return Err(invalid(
+                "RUNNER_POD_ANNOTATIONS",
+                format!("{bad:?} is not a valid annotation key"),
+            ));
+        }
+        if self.runner_do_not_disrupt {
+            for (k, v) in DO_NOT_DISRUPT {
+                pod_annotations.insert(k.to_owned(), v.to_owned());
+            }
+        }
 
         let priority_class_name = non_empty(&self.runner_priority_class).map(str::to_owned);
         if let Some(pc) = &priority_class_name
@@ -779,6 +883,7 @@ impl Config {
             tolerations,
             affinity,
             priority_class_name,
+            pod_annotations,
             default_timeout_seconds: i64::from(self.job_timeout),
             ttl_seconds_after_finished: self.job_ttl_seconds,
             termination_grace_period_seconds: self.runner_termination_grace_seconds,
@@ -851,12 +956,16 @@ impl Config {
                     "AGENT_CPU_LIMIT",
                     "AGENT_MEMORY_REQUEST",
                     "AGENT_MEMORY_LIMIT",
+                    "AGENT_EPHEMERAL_STORAGE_REQUEST",
+                    "AGENT_EPHEMERAL_STORAGE_LIMIT",
                 ],
                 [
                     &self.agent_cpu_request,
                     &self.agent_cpu_limit,
                     &self.agent_memory_request,
                     &self.agent_memory_limit,
+                    &self.agent_ephemeral_storage_request,
+                    &self.agent_ephemeral_storage_limit,
                 ],
             )?,
             extra_env,
@@ -867,15 +976,23 @@ impl Config {
 
 /// Requests and limits from four settings (cpu request, cpu limit, memory request, memory
 /// limit), each request within its limit.
-fn resources(settings: [&'static str; 4], values: [&str; 4]) -> Result<RunnerResources> {
+fn resources(settings: [&'static str; 6], values: [&str; 6]) -> Result<RunnerResources> {
     let r = RunnerResources {
         cpu_request: quantity(settings[0], values[0])?,
         cpu_limit: quantity(settings[1], values[1])?,
         memory_request: quantity(settings[2], values[2])?,
         memory_limit: quantity(settings[3], values[3])?,
+        ephemeral_storage_request: quantity(settings[4], values[4])?,
+        ephemeral_storage_limit: quantity(settings[5], values[5])?,
     };
     request_within_limit(settings[0], &r.cpu_request, settings[1], &r.cpu_limit)?;
     request_within_limit(settings[2], &r.memory_request, settings[3], &r.memory_limit)?;
+    request_within_limit(
+        settings[4],
+        &r.ephemeral_storage_request,
+        settings[5],
+        &r.ephemeral_storage_limit,
+    )?;
     Ok(r)
 }
 
@@ -1232,6 +1349,8 @@ pub(crate) mod tests {
                     cpu_limit: Some(Quantity("1".into())),
                     memory_request: Some(Quantity("256Mi".into())),
                     memory_limit: Some(Quantity("1Gi".into())),
+                    ephemeral_storage_request: Some(Quantity("2Gi".into())),
+                    ephemeral_storage_limit: None,
                 },
                 agent: None,
                 work_size_limit: Some(Quantity("10Gi".into())),
@@ -1240,6 +1359,13 @@ pub(crate) mod tests {
                 tolerations: None,
                 affinity: None,
                 priority_class_name: None,
+                pod_annotations: BTreeMap::from([
+                    (
+                        "cluster-autoscaler.kubernetes.io/safe-to-evict".into(),
+                        "false".into()
+                    ),
+                    ("karpenter.sh/do-not-disrupt".into(), "true".into()),
+                ]),
                 default_timeout_seconds: 3600,
                 ttl_seconds_after_finished: 3600,
                 termination_grace_period_seconds: 30,
@@ -1264,6 +1390,122 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn autoscaling_settings() {
+        let j = test_job_config(&[
+            ("RUNNER_EPHEMERAL_STORAGE_REQUEST", "5Gi"),
+            ("RUNNER_EPHEMERAL_STORAGE_LIMIT", "20Gi"),
+            ("RUNNER_DO_NOT_DISRUPT", "false"),
+            (
+                "RUNNER_POD_ANNOTATIONS",
+                r#"{"example.com/team":"repobox","sidecar.istio.io/inject":"false"}"#,
+            ),
+        ]);
+        assert_eq!(
+            j.resources.ephemeral_storage_request,
+            Some(Quantity("5Gi".into()))
+        );
+        assert_eq!(
+            j.resources.ephemeral_storage_limit,
+            Some(Quantity("20Gi".into()))
+        );
+        assert_eq!(
+            j.pod_annotations,
+            BTreeMap::from([
+                ("example.com/team".into(), "repobox".into()),
+                ("sidecar.istio.io/inject".into(), "false".into()),
+            ]),
+            "without do-not-disrupt only the extra annotations"
+        );
+        let j = test_job_config(&[
+            ("RUNNER_EPHEMERAL_STORAGE_REQUEST", ""),
+            (
+                "RUNNER_POD_ANNOTATIONS",
+                r#"{"karpenter.sh/do-not-disrupt":"false"}"#,
+            ),
+        ]);
+        assert_eq!(j.resources.ephemeral_storage_request, None);
+        assert_eq!(
+            j.pod_annotations["karpenter.sh/do-not-disrupt"], "true",
+            "RUNNER_DO_NOT_DISRUPT wins over an extra annotation"
+        );
+
+        for (env, setting) in [
+            (
+                vec![("RUNNER_EPHEMERAL_STORAGE_REQUEST", "lots")],
+                "RUNNER_EPHEMERAL_STORAGE_REQUEST",
+            ),
+            (
+                vec![
+                    ("RUNNER_EPHEMERAL_STORAGE_REQUEST", "4Gi"),
+                    ("RUNNER_EPHEMERAL_STORAGE_LIMIT", "1Gi"),
+                ],
+                "RUNNER_EPHEMERAL_STORAGE_REQUEST",
+            ),
+            (
+                vec![
+                    ("AGENT_COMMAND", "a"),
+                    ("AGENT_EPHEMERAL_STORAGE_LIMIT", "1x"),
+                ],
+                "AGENT_EPHEMERAL_STORAGE_LIMIT",
+            ),
+            (
+                vec![("RUNNER_POD_ANNOTATIONS", r#"{"bad key!":"x"}"#)],
+                "RUNNER_POD_ANNOTATIONS",
+            ),
+            (
+                vec![("RUNNER_POD_ANNOTATIONS", r#"["not","an","object"]"#)],
+                "RUNNER_POD_ANNOTATIONS",
+            ),
+        ] {
+            let err = test_config(&env).job_config().unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidConfig { setting: s, .. } if *s == setting),
+                "{env:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn qualified_names() {
+        for ok in ["a", "example.com/x", "a.b-c_d", "x/Y9", &"a".repeat(63)] {
+            assert!(is_qualified_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/x",
+            "x/",
+            "-a",
+            "a-",
+            "bad key",
+            "UPPER.example/x",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_qualified_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_and_unschedulable_settings() {
+        let c = test_config(&[]);
+        assert_eq!(c.unschedulable_grace(), Duration::from_secs(60));
+        assert_eq!(
+            c.retry_policy(),
+            crate::retry::RetryPolicy {
+                max_retries: 2,
+                backoff: Duration::from_secs(10)
+            }
+        );
+        let c = test_config(&[
+            ("UNSCHEDULABLE_GRACE_SECONDS", "5"),
+            ("MAX_DISRUPTION_RETRIES", "0"),
+            ("DISRUPTION_RETRY_BACKOFF_SECONDS", "1"),
+        ]);
+        assert_eq!(c.unschedulable_grace(), Duration::from_secs(5));
+        assert_eq!(c.retry_policy().max_retries, 0);
+        assert_eq!(c.retry_policy().backoff, Duration::from_secs(1));
+    }
+
+    #[test]
     fn agent_container_settings() {
         let j = test_job_config(&[("AGENT_COMMAND", "agent --fast")]);
         let a = j.agent.expect("an agent command gives an agent container");
@@ -1277,6 +1519,8 @@ pub(crate) mod tests {
                 cpu_limit: Some(Quantity("2".into())),
                 memory_request: Some(Quantity("512Mi".into())),
                 memory_limit: Some(Quantity("2Gi".into())),
+                ephemeral_storage_request: Some(Quantity("1Gi".into())),
+                ephemeral_storage_limit: None,
             }
         );
         assert!(a.extra_env.is_empty() && a.env_from_secrets.is_empty());
@@ -1385,6 +1629,13 @@ pub(crate) mod tests {
             ("RUNNER_CPU_LIMIT", "4"),
             ("RUNNER_MEMORY_REQUEST", "1Gi"),
             ("RUNNER_MEMORY_LIMIT", "4Gi"),
+            ("RUNNER_EPHEMERAL_STORAGE_REQUEST", "3Gi"),
+            ("RUNNER_EPHEMERAL_STORAGE_LIMIT", "30Gi"),
+            ("RUNNER_DO_NOT_DISRUPT", "false"),
+            ("RUNNER_POD_ANNOTATIONS", r#"{"a.example/b":"c"}"#),
+            ("UNSCHEDULABLE_GRACE_SECONDS", "30"),
+            ("MAX_DISRUPTION_RETRIES", "1"),
+            ("DISRUPTION_RETRY_BACKOFF_SECONDS", "2"),
             ("RUNNER_EPHEMERAL_STORAGE", "20Gi"),
             ("RUNNER_TMP_SIZE_LIMIT", "2Gi"),
             ("RUNNER_NODE_SELECTOR", r#"{"pool":"jobs"}"#),
@@ -1416,6 +1667,8 @@ pub(crate) mod tests {
             ("AGENT_CPU_LIMIT", "3"),
             ("AGENT_MEMORY_REQUEST", "128Mi"),
             ("AGENT_MEMORY_LIMIT", "3Gi"),
+            ("AGENT_EPHEMERAL_STORAGE_REQUEST", "512Mi"),
+            ("AGENT_EPHEMERAL_STORAGE_LIMIT", "4Gi"),
             ("AGENT_EXTRA_ENV", r#"{"MODEL":"m"}"#),
             ("ALLOW_INSECURE_HTTP", "true"),
             ("GIT_CA_CONFIGMAP", "git-ca"),
@@ -1760,6 +2013,7 @@ pub(crate) mod tests {
             ("RUNNER_CPU_LIMIT", ""),
             ("RUNNER_MEMORY_REQUEST", ""),
             ("RUNNER_MEMORY_LIMIT", ""),
+            ("RUNNER_EPHEMERAL_STORAGE_REQUEST", ""),
             ("RUNNER_EPHEMERAL_STORAGE", ""),
             ("RUNNER_TMP_SIZE_LIMIT", ""),
             ("RUNNER_PRIORITY_CLASS", ""),

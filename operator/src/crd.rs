@@ -45,6 +45,12 @@ use crate::error::{Error, Result};
         json_path = ".metadata.creationTimestamp"
     ),
     printcolumn(
+        name = "Attempt",
+        type_ = "integer",
+        json_path = ".status.attempt",
+        priority = 1
+    ),
+    printcolumn(
         name = "Job-ID",
         type_ = "string",
         json_path = ".spec.jobId",
@@ -189,9 +195,20 @@ pub struct RepoboxJobStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 
-    /// The name of the owned batch/v1 Job, once created.
+    /// The name of the owned batch/v1 Job of the current attempt, once created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
+
+    /// The attempt at the job (absent: the first). A job whose pod was lost to an
+    /// infrastructure disruption before its push started runs again as the next attempt, in a
+    /// Job of its own, keeping its quota slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub attempt: Option<u32>,
+
+    /// When the Job of the next attempt is created (set once, when the retry is decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
 
     /// When the operator first saw the job queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,8 +288,13 @@ pub mod reasons {
     pub const OOM_KILLED: &str = "OOMKilled";
     /// The job was cancelled.
     pub const CANCELLED: &str = "Cancelled";
-    /// The pod could not be scheduled.
+    /// The pod cannot be scheduled and no node is coming for it (the scheduler's or the cluster
+    /// autoscaler's message says why).
     pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// The pod waits for a node the cluster autoscaler is adding (`TriggeredScaleUp`).
+    pub const WAITING_FOR_NODE: &str = "WaitingForNode";
+    /// The pod was lost to an infrastructure disruption before the push; the job runs again.
+    pub const RETRYING: &str = "Retrying";
     /// The pod stayed pending longer than `PENDING_TIMEOUT_SECONDS`.
     pub const PENDING_TOO_LONG: &str = "PendingTooLong";
     /// The owned Job disappeared before the job finished.
@@ -493,6 +515,8 @@ mod tests {
                 ts(100),
             )],
             job_name: Some("j1".into()),
+            attempt: Some(2),
+            next_attempt_time: Some(ts(3)),
             queued_at: Some(ts(1)),
             start_time: Some(ts(2)),
             completion_time: Some(ts(85)),
@@ -734,6 +758,8 @@ mod tests {
             reasons::OOM_KILLED,
             reasons::CANCELLED,
             reasons::UNSCHEDULABLE,
+            reasons::WAITING_FOR_NODE,
+            reasons::RETRYING,
             reasons::PENDING_TOO_LONG,
             reasons::JOB_MISSING,
             reasons::INVALID_SPEC,
@@ -790,6 +816,7 @@ mod tests {
             ("Branch", "string", ".status.branch"),
             ("Duration", "string", ".status.duration"),
             ("Age", "date", ".metadata.creationTimestamp"),
+            ("Attempt", "integer", ".status.attempt"),
             ("Job-ID", "string", ".spec.jobId"),
             ("Message", "string", ".status.message"),
         ];

@@ -74,9 +74,6 @@ pub const LABEL_USER: &str = "repobox.dev/user";
 /// uses, so it never caches unrelated Jobs of the namespace.
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=repobox-operator";
 
-/// The pod annotation that keeps the cluster autoscaler from evicting a running job's node.
-pub const SAFE_TO_EVICT_ANNOTATION: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
-
 /// The runner container's name (referenced by the pod failure policy's exit-code rule).
 pub const CONTAINER_NAME: &str = "runner";
 /// The agent container's name.
@@ -181,7 +178,31 @@ fn instance_label(name: &str) -> String {
     }
 }
 
+/// The attempt at `rj` the next Job runs: `status.attempt`, 1 for the first.
+pub fn attempt(rj: &RepoboxJob) -> u32 {
+    rj.status
+        .as_ref()
+        .and_then(|s| s.attempt)
+        .filter(|a| *a >= 1)
+        .unwrap_or(1)
+}
+
+/// The Job of attempt `attempt` at the RepoboxJob `name`: the RepoboxJob's own name first
+/// (so `kubectl get job <name>` finds it), then `<name>-r<attempt>`, the name shortened to keep
+/// within 63 characters. Attempts have their own Jobs, so a new attempt never waits for the
+/// old Job to go and the old one stays to be inspected until its TTL.
+pub fn job_name(name: &str, attempt: u32) -> String {
+    if attempt <= 1 {
+        return name.to_owned();
+    }
+    let suffix = format!("-r{attempt}");
+    let keep = name.len().min(crate::names::MAX_LABEL_LEN - suffix.len());
+    let stem = name[..keep].trim_end_matches('-');
+    format!("{stem}{suffix}")
+}
+
 /// The effective timeout (`activeDeadlineSeconds`): the RepoboxJob's override or the default.
+/// Every attempt has all of it: time lost to a disruption is not the user's.
 pub fn timeout_seconds(rj: &RepoboxJob, cfg: &JobConfig) -> i64 {
     rj.spec
         .timeout_seconds
@@ -242,12 +263,11 @@ pub fn job_for(rj: &RepoboxJob, cfg: &JobConfig) -> Result<Job> {
     }
 
     let labels = labels(rj);
-    let pod_annotations =
-        BTreeMap::from([(SAFE_TO_EVICT_ANNOTATION.to_owned(), "false".to_owned())]);
+    let attempt = attempt(rj);
 
     Ok(Job {
         metadata: ObjectMeta {
-            name: Some(name),
+            name: Some(job_name(&name, attempt)),
             namespace: Some(namespace),
             labels: Some(labels.clone()),
             owner_references: Some(vec![owner]),
@@ -261,7 +281,8 @@ pub fn job_for(rj: &RepoboxJob, cfg: &JobConfig) -> Result<Job> {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
-                    annotations: Some(pod_annotations),
+                    annotations: (!cfg.pod_annotations.is_empty())
+                        .then(|| cfg.pod_annotations.clone()),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(rj, cfg, timeout)),
@@ -438,14 +459,22 @@ fn mount(volume: &str, path: impl Into<String>, read_only: bool) -> VolumeMount 
 }
 
 fn resource_requirements(r: &RunnerResources) -> Option<ResourceRequirements> {
-    let quantities = |pairs: [(&str, &Option<Quantity>); 2]| -> BTreeMap<String, Quantity> {
+    let quantities = |pairs: [(&str, &Option<Quantity>); 3]| -> BTreeMap<String, Quantity> {
         pairs
             .into_iter()
             .filter_map(|(k, q)| q.clone().map(|q| (k.to_owned(), q)))
             .collect()
     };
-    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
-    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
+    let requests = quantities([
+        ("cpu", &r.cpu_request),
+        ("memory", &r.memory_request),
+        ("ephemeral-storage", &r.ephemeral_storage_request),
+    ]);
+    let limits = quantities([
+        ("cpu", &r.cpu_limit),
+        ("memory", &r.memory_limit),
+        ("ephemeral-storage", &r.ephemeral_storage_limit),
+    ]);
     (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
         requests: (!requests.is_empty()).then_some(requests),
         limits: (!limits.is_empty()).then_some(limits),
@@ -478,6 +507,10 @@ fn work_subdir(cfg: &JobConfig, sub: &str) -> String {
 fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
     let mut env_vars = vec![
         env("JOB_ID", rj.spec.job_id.clone()),
+        env(
+            repobox_contract::pod::ENV_JOB_ATTEMPT,
+            attempt(rj).to_string(),
+        ),
         env_from(
             "RUNNER_ID",
             EnvVarSource {
@@ -793,11 +826,99 @@ mod tests {
         let tmpl = spec.template.metadata.as_ref().unwrap();
         assert_eq!(
             tmpl.annotations,
+            Some(BTreeMap::from([
+                (
+                    "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
+                    "false".to_owned()
+                ),
+                ("karpenter.sh/do-not-disrupt".to_owned(), "true".to_owned())
+            ]))
+        );
+    }
+
+    #[test]
+    fn disruption_annotations_and_disk_requests_follow_the_settings() {
+        let job = build(
+            &rj("job-1", "u"),
+            &[
+                ("RUNNER_DO_NOT_DISRUPT", "false"),
+                ("RUNNER_POD_ANNOTATIONS", r#"{"example.com/owner":"ci"}"#),
+                ("RUNNER_EPHEMERAL_STORAGE_REQUEST", "3Gi"),
+                ("RUNNER_EPHEMERAL_STORAGE_LIMIT", "12Gi"),
+                ("AGENT_COMMAND", "agent"),
+                ("AGENT_EPHEMERAL_STORAGE_REQUEST", "4Gi"),
+                ("AGENT_EPHEMERAL_STORAGE_LIMIT", "8Gi"),
+            ],
+        );
+        let tmpl = job
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            tmpl.annotations,
             Some(BTreeMap::from([(
-                "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
-                "false".to_owned()
+                "example.com/owner".to_owned(),
+                "ci".to_owned()
             )]))
         );
+        let p = pod(&job);
+        let disk = |name: &str| {
+            let c = p.containers.iter().find(|c| c.name == name).unwrap();
+            let r = c.resources.as_ref().unwrap();
+            (
+                r.requests.as_ref().unwrap()["ephemeral-storage"].0.clone(),
+                r.limits.as_ref().unwrap()["ephemeral-storage"].0.clone(),
+            )
+        };
+        assert_eq!(disk("runner"), ("3Gi".to_owned(), "12Gi".to_owned()));
+        assert_eq!(disk("agent"), ("4Gi".to_owned(), "8Gi".to_owned()));
+
+        // Neither annotation at all: no annotations map.
+        let job = build(&rj("job-1", "u"), &[("RUNNER_DO_NOT_DISRUPT", "false")]);
+        let tmpl = job
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap();
+        assert_eq!(tmpl.annotations, None);
+    }
+
+    #[test]
+    fn each_attempt_has_its_own_job_and_knows_its_number() {
+        assert_eq!(job_name("rbj-1", 0), "rbj-1");
+        assert_eq!(job_name("rbj-1", 1), "rbj-1");
+        assert_eq!(job_name("rbj-1", 2), "rbj-1-r2");
+        assert_eq!(job_name("rbj-1", 10), "rbj-1-r10");
+        let long = format!("{}-x", "a".repeat(60));
+        let n = job_name(&long, 3);
+        assert_eq!(n, format!("{}-r3", "a".repeat(60)));
+        assert!(
+            is_dns1123_label(&n),
+            "a trailing '-' is trimmed before the suffix"
+        );
+        for attempt in 2..=11 {
+            let n = job_name(&"b".repeat(63), attempt);
+            assert!(n.len() <= 63 && is_dns1123_label(&n), "{n}");
+        }
+
+        let mut r = rj("job-1", "u");
+        assert_eq!(attempt(&r), 1);
+        r.status = Some(crate::crd::RepoboxJobStatus {
+            attempt: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(attempt(&r), 3);
+        let job = build(&r, &[]);
+        assert_eq!(job.metadata.name.as_deref(), Some("job-1-r3"));
+        let env = env_map(&job);
+        assert!(env.contains(&("JOB_ATTEMPT".to_owned(), json!("3"))));
     }
 
     #[test]
@@ -876,7 +997,7 @@ mod tests {
         assert_eq!(c.ports, None);
         assert_eq!(
             serde_json::to_value(c.resources.as_ref().unwrap()).unwrap(),
-            json!({"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
+            json!({"requests": {"cpu": "250m", "memory": "256Mi", "ephemeral-storage": "2Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
         );
         assert_eq!(
             serde_json::to_value(c.volume_mounts.as_ref().unwrap()).unwrap(),
@@ -899,6 +1020,7 @@ mod tests {
         let job = build(&rj("job-1", "u"), &[]);
         let want: Vec<(String, Value)> = [
             ("JOB_ID", json!("job-1")),
+            ("JOB_ATTEMPT", json!("1")),
             (
                 "RUNNER_ID",
                 json!({"fieldRef": {"fieldPath": "metadata.name"}}),
@@ -1011,7 +1133,7 @@ mod tests {
         assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
         assert_eq!(
             serde_json::to_value(c.resources.as_ref().unwrap()).unwrap(),
-            json!({"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}})
+            json!({"requests": {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "2Gi"}, "limits": {"memory": "1Gi"}})
         );
         // Agent credentials go to the agent container only.
         assert_eq!(c.env_from, None);
@@ -1082,7 +1204,7 @@ mod tests {
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["repobox-job-runner", "install", "/repobox/bin", "/work/tree", "/work/handoff"],
                 "env": [{"name": "LOG_FORMAT", "value": "json"}],
-                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                "resources": {"requests": {"cpu": "250m", "memory": "256Mi", "ephemeral-storage": "2Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
                 "volumeMounts": [
                     {"name": "tools", "mountPath": "/repobox/bin"},
                     {"name": "work", "mountPath": "/work"}
@@ -1109,7 +1231,7 @@ mod tests {
                     {"name": "MODEL", "value": "large"}
                 ],
                 "envFrom": [{"secretRef": {"name": "agent-keys", "optional": false}}],
-                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
                 "volumeMounts": [
                     {"name": "work", "mountPath": "/work/tree", "subPath": "tree"},
                     {"name": "work", "mountPath": "/work/handoff", "subPath": "handoff"},
@@ -1236,6 +1358,7 @@ mod tests {
             ("RUNNER_CPU_LIMIT", ""),
             ("RUNNER_MEMORY_REQUEST", ""),
             ("RUNNER_MEMORY_LIMIT", ""),
+            ("RUNNER_EPHEMERAL_STORAGE_REQUEST", ""),
         ];
         let job = build(&rj("job-1", "u"), &env);
         assert_eq!(runner(&job).resources, None);

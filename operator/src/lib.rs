@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod names;
 pub mod outcome;
 pub mod reconcile;
+pub mod retry;
+pub mod scheduling;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -22,6 +22,9 @@ use prometheus_client::registry::{Registry, Unit};
 /// The `outcome` label values of `repobox_jobs_finished_total`; anything else is `other`.
 pub const OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
+/// The `reason` label values of `repobox_job_retries_total` (see `retry::kind`).
+pub const RETRY_REASONS: [&str; 4] = ["eviction", "preemption", "node_shutdown", "other"];
+
 /// The `reason` label values of `repobox_bad_entries_total`; anything else is `other`.
 pub const BAD_ENTRY_REASONS: [&str; 6] = [
     "no_job_id",
@@ -64,6 +67,7 @@ pub struct Metrics {
     jobs_admitted: Counter,
     jobs_finished: Family<Label, Counter>,
     bad_entries: Family<Label, Counter>,
+    job_retries: Family<Label, Counter>,
     reconcile_errors: Family<Label, Counter>,
     reconciliations: Counter,
     redis_reconnects: Counter,
@@ -100,6 +104,7 @@ impl Metrics {
             jobs_admitted: Counter::default(),
             jobs_finished: Family::default(),
             bad_entries: Family::default(),
+            job_retries: Family::default(),
             reconcile_errors: Family::default(),
             reconciliations: Counter::default(),
             redis_reconnects: Counter::default(),
@@ -116,6 +121,9 @@ impl Metrics {
         }
         for reason in BAD_ENTRY_REASONS {
             let _ = m.bad_entries.get_or_create(&[("reason", reason)]);
+        }
+        for reason in RETRY_REASONS {
+            let _ = m.job_retries.get_or_create(&[("reason", reason)]);
         }
 
         // Counters get their `_total` suffix and histograms their `_seconds` unit suffix from
@@ -140,6 +148,11 @@ impl Metrics {
             "bad_entries",
             "Stream entries not turned into a RepoboxJob, by reason",
             m.bad_entries.clone(),
+        );
+        registry.register(
+            "job_retries",
+            "Jobs run again after an infrastructure disruption of their pod, by kind",
+            m.job_retries.clone(),
         );
         registry.register(
             "reconcile_errors",
@@ -233,6 +246,13 @@ impl Metrics {
     pub fn bad_entry(&self, reason: &str) {
         self.bad_entries
             .get_or_create(&[("reason", fixed(&BAD_ENTRY_REASONS, reason))])
+            .inc();
+    }
+
+    /// A job runs again after a disruption of `reason` (one of [`RETRY_REASONS`]).
+    pub fn job_retried(&self, reason: &str) {
+        self.job_retries
+            .get_or_create(&[("reason", fixed(&RETRY_REASONS, reason))])
             .inc();
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
-use repobox_contract::transitions::{self, Finish, FinishOutcome};
+use repobox_contract::transitions::{self, Finish, FinishOutcome, RetryOutcome};
 use repobox_contract::{JobRecord, RecordError, keys, time};
 
 use crate::Result;
@@ -74,6 +74,13 @@ impl Outcomes {
     pub async fn fail(&self, job_id: &str, error: &str) -> Result<FinishOutcome> {
         let mut con = self.con.clone();
         Ok(transitions::finish(&mut con, job_id, &Finish::failed(time::now(), error)).await?)
+    }
+
+    /// Moves an unfinished job to attempt `attempt` and appends `note` to its output (see
+    /// [`transitions::retry`]).
+    pub async fn retry(&self, job_id: &str, attempt: u32, note: &str) -> Result<RetryOutcome> {
+        let mut con = self.con.clone();
+        Ok(transitions::retry(&mut con, job_id, attempt, note).await?)
     }
 
     /// Marks the job `cancelled` unless it already ended.

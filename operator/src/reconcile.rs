@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{self, Action, Controller};
@@ -37,14 +37,20 @@ use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::job_builder::{self, MANAGED_BY_SELECTOR};
 use crate::metrics::Metrics;
 use crate::outcome::Outcomes;
+use crate::retry::{self, AfterDisruption};
+use crate::scheduling::{self, PodEvent, Waiting};
 use crate::server::Health;
 use crate::status::{self, Explained, Extras, JobState};
 use crate::{Error, Result};
+use repobox_contract::transitions::RetryOutcome;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "repobox-operator";
 /// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
 const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// How often a pod waiting for a node is looked at again.
+const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Reconciles running at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
@@ -277,7 +283,7 @@ async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
             .await
             .map(|_| Action::requeue(ctx.cfg.retention()));
     }
-    let name = rj.name_any();
+    let name = current_job_name(rj);
     let job = match ctx.jobs.get(&ObjectRef::new(&name).within(&ctx.namespace)) {
         Some(job) => Some(job),
         // Whether a queued job's Job exists is the admission loop's business (its overlay and
@@ -292,13 +298,49 @@ async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         (_, Some(job)) => observe(rj, &job, ctx).await,
+        (_, None) if awaits_next_attempt(rj) => start_next_attempt(rj, ctx).await,
         (_, None) => job_missing(rj, ctx).await,
     }
 }
 
+/// The Job of the attempt the RepoboxJob is at.
+fn current_job_name(rj: &RepoboxJob) -> String {
+    job_builder::job_name(&rj.name_any(), job_builder::attempt(rj))
+}
+
+/// A retry was decided and its Job is not created yet.
+fn awaits_next_attempt(rj: &RepoboxJob) -> bool {
+    rj.status
+        .as_ref()
+        .is_some_and(|s| s.reason.as_deref() == Some(reasons::RETRYING))
+        && job_builder::attempt(rj) > 1
+}
+
+/// Creates the next attempt's Job once its wait is over. The job keeps its quota slot all the
+/// while: its phase stays `Starting`.
+async fn start_next_attempt(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
+    let due = rj
+        .status
+        .as_ref()
+        .and_then(|s| s.next_attempt_time.as_ref())
+        .map(|t| t.0);
+    let wait = due
+        .map(|due| due.duration_since(jiff::Timestamp::now()))
+        .filter(|d| d.is_positive())
+        .map(|d| d.unsigned_abs())
+        .unwrap_or_default();
+    if !wait.is_zero() {
+        return Ok(Action::requeue(wait));
+    }
+    crate::admitter::create_job(ctx, rj).await?;
+    info!(job = %rj.name_any(), attempt = job_builder::attempt(rj), "next attempt's Job created");
+    // Its watch event brings the next reconcile; the requeue is a safety net.
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
 /// Follows the Job of an admitted RepoboxJob.
 async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Action> {
-    let name = rj.name_any();
+    let name = job.name_any();
     let extras = || Extras {
         job_name: Some(name.clone()),
         start_time: job.metadata.creation_timestamp.clone(),
@@ -323,19 +365,52 @@ async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Acti
             if rj.phase() == RepoboxJobPhase::Queued && pending < STARTING_DEBOUNCE {
                 return Ok(Action::requeue(STARTING_DEBOUNCE - pending));
             }
+            // Why the pod is not running: waiting for a node the autoscaler adds, or for none.
+            let pod = first_pod(ctx, &name).await?;
+            let facts = pod.as_ref().map(status::pod_facts);
+            let waiting = match (
+                &pod,
+                facts.as_ref().and_then(|f| f.unschedulable.as_deref()),
+            ) {
+                (Some(pod), Some(unschedulable)) => {
+                    let events = pod_events(ctx, pod).await;
+                    scheduling::waiting(Some(unschedulable), &events)
+                }
+                _ => Waiting::NotForNode,
+            };
+            if let Some(error) =
+                waiting.give_up(jiff::Timestamp::now(), ctx.cfg.unschedulable_grace())
+            {
+                delete_job(ctx, &name).await?;
+                return ctx
+                    .finish(
+                        rj,
+                        RepoboxJobPhase::Failed,
+                        reasons::UNSCHEDULABLE,
+                        &error,
+                        extras(),
+                        Some(&error),
+                    )
+                    .await;
+            }
+            let (reason, message) = match (waiting.reason(), waiting.message()) {
+                (Some(reason), Some(message)) => (reason, message),
+                _ => (reasons::JOB_CREATED, "waiting for the runner pod to start"),
+            };
             let desired = status::with_phase(
                 rj,
                 RepoboxJobPhase::Starting,
-                reasons::JOB_CREATED,
-                "waiting for the runner pod to start",
+                reason,
+                message,
                 extras(),
                 &now(),
             );
-            ctx.write_status(rj, desired).await?;
+            if ctx.write_status(rj, desired).await? && waiting.reason().is_some() {
+                ctx.publish(rj, event(EventType::Normal, reason, message, "Schedule"))
+                    .await;
+            }
             let limit = ctx.cfg.pending_timeout();
             if pending >= limit {
-                let pod = first_pod(ctx, &name).await?;
-                let facts = pod.as_ref().map(status::pod_facts);
                 let Explained { reason, error } =
                     status::explain_pending(limit.as_secs(), facts.as_ref());
                 delete_job(ctx, &name).await?;
@@ -350,9 +425,13 @@ async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Acti
                     )
                     .await;
             }
-            Ok(Action::requeue(
-                (limit - pending).min(Duration::from_secs(60)),
-            ))
+            // A pod waiting for a node is looked at again soon: the autoscaler's word changes.
+            let recheck = if waiting == Waiting::NotForNode {
+                Duration::from_secs(60)
+            } else {
+                WAITING_RECHECK
+            };
+            Ok(Action::requeue((limit - pending).min(recheck)))
         }
         JobState::Running => {
             let desired = status::with_phase(
@@ -390,8 +469,9 @@ async fn adopt_record(
     ctx: &Context,
     job_failure: Option<(String, String)>,
 ) -> Result<Action> {
-    let name = rj.name_any();
+    let name = current_job_name(rj);
     let record = ctx.outcomes.record(&rj.spec.job_id).await?;
+    let recorded_step = record.as_ref().and_then(|r| r.step.clone());
     let mut extras = Extras {
         job_name: Some(name.clone()),
         ..Default::default()
@@ -462,7 +542,36 @@ async fn adopt_record(
                     let pod = first_pod(ctx, &name).await?;
                     let facts = pod.as_ref().map(status::pod_facts);
                     let timeout = job_builder::timeout_seconds(rj, &ctx.job_cfg);
-                    status::explain_job_failure(job_reason, job_message, timeout, facts.as_ref())
+                    let explained = status::explain_job_failure(
+                        job_reason,
+                        job_message,
+                        timeout,
+                        facts.as_ref(),
+                    );
+                    if explained.reason != reasons::EVICTED {
+                        explained
+                    } else {
+                        // An infrastructure disruption: run again if that is safe.
+                        let disruption = facts.as_ref().and_then(|f| f.disruption.as_deref());
+                        let what = retry::describe(disruption);
+                        match retry::after_disruption(
+                            job_builder::attempt(rj),
+                            ctx.cfg.retry_policy(),
+                            recorded_step.as_deref(),
+                            &what,
+                        ) {
+                            AfterDisruption::Fail(e) => e,
+                            AfterDisruption::Retry {
+                                attempt,
+                                delay,
+                                message,
+                            } => {
+                                let kind = retry::kind(disruption);
+                                return schedule_retry(rj, ctx, attempt, delay, &message, kind)
+                                    .await;
+                            }
+                        }
+                    }
                 }
                 None => Explained {
                     reason: reasons::JOB_FAILED,
@@ -481,6 +590,53 @@ async fn adopt_record(
             }
         }
     }
+}
+
+/// Moves the job to its next attempt: Redis first (the attempt a runner may start, the note in
+/// the output), then the status with the time the new Job is due. Repeating it is harmless.
+async fn schedule_retry(
+    rj: &RepoboxJob,
+    ctx: &Context,
+    attempt: u32,
+    delay: Duration,
+    message: &str,
+    kind: &'static str,
+) -> Result<Action> {
+    let note = format!("==> {message}");
+    match ctx.outcomes.retry(&rj.spec.job_id, attempt, &note).await? {
+        RetryOutcome::Retrying | RetryOutcome::AlreadyAt(_) => {}
+        // The runner recorded its result before it was stopped (or the record went): that
+        // decides, as for any ended Job.
+        RetryOutcome::AlreadyTerminal(_) | RetryOutcome::Missing => {
+            return Box::pin(adopt_record(rj, ctx, None)).await;
+        }
+    }
+    let due = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::try_from(delay).unwrap_or_default())
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    let desired = status::with_phase(
+        rj,
+        RepoboxJobPhase::Starting,
+        reasons::RETRYING,
+        message,
+        Extras {
+            job_name: Some(job_builder::job_name(&rj.name_any(), attempt)),
+            attempt: Some(attempt),
+            next_attempt_time: Some(Time(due)),
+            ..Default::default()
+        },
+        &now(),
+    );
+    if ctx.write_status(rj, desired).await? {
+        ctx.metrics.job_retried(kind);
+        warn!(job = %rj.name_any(), attempt, kind, "runner pod disrupted; running the job again");
+        ctx.publish(
+            rj,
+            event(EventType::Warning, reasons::RETRYING, message, "Retry"),
+        )
+        .await;
+    }
+    Ok(Action::requeue(delay))
 }
 
 /// An admitted RepoboxJob whose Job is gone (deleted by hand, or by TTL before we saw it end).
@@ -513,7 +669,7 @@ async fn job_missing(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
 
 /// Stops the job and records `cancelled` (status, Redis, event); frees the slot at once.
 async fn cancel(rj: &RepoboxJob, ctx: &Context, why: &str) -> Result<Action> {
-    delete_job(ctx, &rj.name_any()).await?;
+    delete_job(ctx, &current_job_name(rj)).await?;
     ctx.finish(
         rj,
         RepoboxJobPhase::Cancelled,
@@ -529,7 +685,7 @@ async fn cancel(rj: &RepoboxJob, ctx: &Context, why: &str) -> Result<Action> {
 async fn cleanup(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
     if !rj.phase().is_terminal() {
         let why = "cancelled: the RepoboxJob was deleted";
-        delete_job(ctx, &rj.name_any()).await?;
+        delete_job(ctx, &current_job_name(rj)).await?;
         ctx.outcomes.cancel(&rj.spec.job_id, why).await?;
         ctx.outcomes.expire_output(&rj.spec.job_id).await;
         ctx.metrics.job_finished("cancelled");
@@ -582,6 +738,27 @@ async fn delete_job(ctx: &Context, name: &str) -> Result<()> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The Events on a pod (the scheduler's and the cluster autoscaler's), to explain a long wait.
+/// Reading them is best effort: without them (e.g. RBAC without `list` on events) the pod's
+/// condition still explains the wait, and the pending timeout still applies.
+async fn pod_events(ctx: &Context, pod: &Pod) -> Vec<PodEvent> {
+    let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut selector = format!(
+        "involvedObject.kind=Pod,involvedObject.name={}",
+        pod.name_any()
+    );
+    if let Some(uid) = pod.uid() {
+        selector.push_str(&format!(",involvedObject.uid={uid}"));
+    }
+    match events.list(&ListParams::default().fields(&selector)).await {
+        Ok(list) => list.items.iter().map(PodEvent::from_event).collect(),
+        Err(e) => {
+            warn!(pod = %pod.name_any(), error = %e, "reading the pod's events failed");
+            Vec::new()
+        }
     }
 }
 

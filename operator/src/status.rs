@@ -239,6 +239,10 @@ pub struct Extras {
     pub start_time: Option<Time>,
     pub branch: Option<String>,
     pub commit_sha: Option<String>,
+    /// A new attempt (see [`crate::retry`]).
+    pub attempt: Option<u32>,
+    /// When the new attempt's Job is created.
+    pub next_attempt_time: Option<Time>,
 }
 
 /// The status a RepoboxJob should have in `phase`, built from its current status so that
@@ -273,6 +277,12 @@ pub fn with_phase(
     }
     if extras.commit_sha.is_some() {
         s.commit_sha = extras.commit_sha;
+    }
+    if extras.attempt.is_some() {
+        s.attempt = extras.attempt;
+    }
+    if extras.next_attempt_time.is_some() {
+        s.next_attempt_time = extras.next_attempt_time;
     }
 
     let cond = |type_: &str, status: bool, reason: &str, message: &str| {

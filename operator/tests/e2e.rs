@@ -661,11 +661,15 @@ async fn killed_and_stuck_pods_are_explained_in_redis() {
         sim.image_pull_error = Some("broken-image".into())
     })
     .await;
+    // Retries after a disruption are proved on the real control plane (e2e_real); here an
+    // eviction with retries off must fail the job and say why.
     bed.start_operator(&[
         "--agent-command",
         "sleep 60",
         "--pending-timeout-seconds",
         "2",
+        "--max-disruption-retries",
+        "0",
     ]);
 
     // OOM: the simulator kills the runner like the kernel would.

@@ -628,3 +628,174 @@ async fn the_operator_account_cannot_read_secrets_or_touch_other_namespaces() {
     }
     bed.finish().await;
 }
+
+/// Waits until the runner recorded `want` as its step (Redis has no event for a hash field, so
+/// this polls).
+async fn wait_step(bed: &mut RealBed, job_id: &str, want: &str) {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rec = bed.record(job_id).await;
+        if rec.get("step").map(String::as_str) == Some(want) {
+            return;
+        }
+        if tokio::time::Instant::now() > until {
+            bed.diagnose();
+            panic!("the runner of {job_id} never reached the {want} step: {rec:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Evicts the (one) pod of the Job `job` through the Eviction API, as `kubectl drain` and the
+/// cluster autoscaler do; the real API server marks it `DisruptionTarget`.
+async fn evict_pod_of(bed: &RealBed, job: &str) -> String {
+    let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"));
+    let pod = bed.pods().list(&lp).await.expect("list pods").items;
+    let pod = pod.first().expect("a pod of the job").name_any();
+    bed.pods()
+        .evict(&pod, &kube::api::EvictParams::default())
+        .await
+        .expect("evict");
+    pod
+}
+
+fn pushes_to(bed: &RealBed, repo: &str) -> usize {
+    bed.git
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "POST" && r.path == format!("/{repo}.git/git-receive-pack") && r.authorized
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_pod_evicted_before_the_push_runs_again_and_pushes_once() {
+    let gate = HostGate::new();
+    let agent = gate.agent("echo \"second attempt\" > RETRY.md");
+    let values = json!({"runner": {"agentCommand": agent}});
+    let Some(mut bed) = RealBed::new("retry", values).await else {
+        return;
+    };
+    bed.start_operator(&[("--disruption-retry-backoff-seconds", "1")]);
+    let job = bed.job("retry001-evict", "gina");
+    bed.submit(&job).await;
+    let name = object_name(&job.id);
+    wait_step(&mut bed, &job.id, "agent").await;
+    let first_pod = evict_pod_of(&bed, &name).await;
+
+    // The real Job controller fails the Job through rule 0 of its pod failure policy; the
+    // operator runs the job again as attempt 2, in a Job of its own, keeping the user's slot.
+    let rj = bed
+        .wait_rj(&name, "at attempt 2", |rj| {
+            rj.status.as_ref().and_then(|s| s.attempt) == Some(2)
+        })
+        .await;
+    let s = rj.status.expect("status");
+    assert_eq!(s.phase, Some(RepoboxJobPhase::Starting), "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some(reasons::RETRYING), "{s:?}");
+    let message = s.message.clone().unwrap_or_default();
+    assert!(
+        // The condition's reason when the pod is still there to read, else its type.
+        (message.contains("EvictionByEvictionAPI") || message.contains("DisruptionTarget"))
+            && message.contains("during the agent step")
+            && message.contains("attempt 2 of 3"),
+        "{message}"
+    );
+    assert_eq!(s.job_name.as_deref(), Some(format!("{name}-r2").as_str()));
+    let old = bed.wait_job_condition(&name, "Failed").await;
+    let failed = old
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed condition");
+    assert_eq!(failed.reason.as_deref(), Some("PodFailurePolicy"));
+    // Redis shows the job running on, with the reason in its output.
+    let rec = bed.record(&job.id).await;
+    assert_eq!(rec["status"], "running", "{rec:?}");
+    assert_eq!(rec["attempt"], "2", "{rec:?}");
+    let output: Vec<String> = bed
+        .con
+        .lrange(format!("job:{}:output", job.id), 0, -1)
+        .await
+        .expect("output");
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("running the job again (attempt 2 of 3)")),
+        "{output:?}"
+    );
+    // The first attempt's pod is gone before the agent may go on.
+    bed.wait_no_pods(&name).await;
+    gate.open();
+
+    let rj = bed.wait_phase(&name, RepoboxJobPhase::Succeeded).await;
+    let s = rj.status.expect("status");
+    assert_eq!(s.attempt, Some(2));
+    let branch = s.branch.expect("branch");
+    assert_eq!(
+        bed.git.file_at("acme/api", &branch, "RETRY.md").as_deref(),
+        Some("second attempt\n")
+    );
+    assert_eq!(pushes_to(&bed, "acme/api"), 1, "pushed exactly once");
+    let rec = bed.record(&job.id).await;
+    assert_eq!(rec["status"], "success", "{rec:?}");
+    assert_eq!(rec["runnerAttempt"], "2", "{rec:?}");
+    assert_ne!(
+        rec["runnerId"], first_pod,
+        "the second attempt's pod finished it"
+    );
+    bed.eventually_counter("gina", "0").await;
+    bed.finish().await;
+}
+
+#[tokio::test]
+async fn a_pod_evicted_while_pushing_fails_and_is_not_run_again() {
+    let values = json!({"runner": {"agentCommand": "echo change > PUSHED.md"}});
+    let Some(mut bed) = RealBed::new("pushing", values).await else {
+        return;
+    };
+    bed.git.hold_pushes("acme/api").expect("hold pushes");
+    bed.start_operator(&[("--disruption-retry-backoff-seconds", "1")]);
+    let job = bed.job("push0001-evict", "hank");
+    bed.submit(&job).await;
+    let name = object_name(&job.id);
+    wait_step(&mut bed, &job.id, "pushing").await;
+    let until = tokio::time::Instant::now() + WAIT;
+    while !bed.git.push_held("acme/api") {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the push never reached the host"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    evict_pod_of(&bed, &name).await;
+
+    let rj = bed.wait_phase(&name, RepoboxJobPhase::Failed).await;
+    let s = rj.status.expect("status");
+    assert_eq!(s.reason.as_deref(), Some(reasons::EVICTED), "{s:?}");
+    let message = s.message.unwrap_or_default();
+    assert!(
+        message.contains("during the pushing step") && message.contains("avoid pushing twice"),
+        "{message}"
+    );
+    assert_eq!(s.attempt, None, "never run again");
+    let rec = bed.record(&job.id).await;
+    assert_eq!(rec["status"], "failed", "{rec:?}");
+    assert_eq!(rec["error"], message);
+    assert!(!rec.contains_key("attempt"), "{rec:?}");
+    assert!(
+        bed.jobs()
+            .get_opt(&format!("{name}-r2"))
+            .await
+            .expect("get")
+            .is_none(),
+        "no second attempt"
+    );
+    bed.git.release_pushes("acme/api").expect("release");
+    assert!(pushes_to(&bed, "acme/api") <= 1, "never pushed twice");
+    bed.eventually_counter("hank", "0").await;
+    bed.finish().await;
+}

@@ -380,6 +380,41 @@ impl GitHost {
         make_executable(&hook)
     }
 
+    /// Installs a `pre-receive` hook in `name` that holds every push (before any ref moves)
+    /// until [`GitHost::release_pushes`], so a test can stop a runner in the middle of its push.
+    /// [`GitHost::push_held`] tells when a push reached the hook.
+    pub fn hold_pushes(&self, name: &str) -> anyhow::Result<()> {
+        let repo = self.existing_repo(name)?;
+        let hooks = repo.join("hooks");
+        std::fs::create_dir_all(&hooks).context("create the hooks directory")?;
+        std::fs::write(hooks.join("hold"), "").context("write the hold file")?;
+        let _ = std::fs::remove_file(hooks.join("held"));
+        let hook = hooks.join("pre-receive");
+        std::fs::write(
+            &hook,
+            "#!/bin/sh\nd=\"$(dirname \"$0\")\"\ntouch \"$d/held\"\n\
+             while [ -e \"$d/hold\" ]; do sleep 0.05; done\ncat >/dev/null\nexit 0\n",
+        )
+        .context("write the pre-receive hook")?;
+        make_executable(&hook)
+    }
+
+    /// Whether a push to `name` is being held by [`GitHost::hold_pushes`] (or was).
+    pub fn push_held(&self, name: &str) -> bool {
+        self.existing_repo(name)
+            .is_ok_and(|r| r.join("hooks").join("held").exists())
+    }
+
+    /// Lets held pushes (and later ones) through.
+    pub fn release_pushes(&self, name: &str) -> anyhow::Result<()> {
+        let hooks = self.existing_repo(name)?.join("hooks");
+        match std::fs::remove_file(hooks.join("hold")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context("remove the hold file"),
+        }
+    }
+
     /// Removes the hook installed by [`GitHost::reject_pushes`].
     pub fn accept_pushes(&self, name: &str) -> anyhow::Result<()> {
         let hook = self.existing_repo(name)?.join("hooks").join("pre-receive");
