@@ -719,12 +719,13 @@ mod tests {
     #[test]
     fn user_series_changes_cases() {
         // (previous users, snapshot, users set, users removed)
-        let cases: Vec<(
+        type Case = (
             BTreeSet<String>,
             BTreeMap<String, UserJobs>,
-            Vec<&str>,
-            Vec<&str>,
-        )> = vec![
+            Vec<&'static str>,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (names(&[]), users(&[]), vec![], vec![]),
             (names(&["alice"]), users(&[]), vec![], vec!["alice"]),
             (
