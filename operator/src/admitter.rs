@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::admission::{self, Running, WaitReason};
 use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::job_builder::{self, MANAGED_BY_SELECTOR};
+use crate::metrics::UserJobs;
 use crate::reconcile::Context;
 use crate::{Error, Result};
 
@@ -207,6 +208,32 @@ impl Admitter {
         }
         ctx.metrics
             .set_queue(decision.waiting.len() as i64, running.len() as i64);
+        let mut depth: BTreeMap<String, UserJobs> = BTreeMap::new();
+        for (user, n) in &per_user {
+            depth.entry(user.clone()).or_default().running = *n as i64;
+        }
+        for w in &decision.waiting {
+            if let Some(rj) = by_name.get(&w.name) {
+                depth.entry(rj.spec.user_id.clone()).or_default().queued += 1;
+            }
+        }
+        ctx.metrics.set_user_jobs(&depth);
+        // Runner pods waiting for a node, as their RepoboxJobs say (see `scheduling`).
+        let waiting_for_node = all
+            .iter()
+            .filter(|rj| {
+                rj.phase() == RepoboxJobPhase::Starting
+                    && rj
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.reason.as_deref())
+                        .is_some_and(|r| {
+                            r == reasons::WAITING_FOR_NODE || r == reasons::UNSCHEDULABLE
+                        })
+            })
+            .count();
+        ctx.metrics
+            .set_pods_waiting_for_node(waiting_for_node as i64);
         if !state.swept {
             // Keys another leader published (or this one before a restart) are corrected too:
             // every user with a key and nothing admitted is set to 0.

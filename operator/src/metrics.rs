@@ -1,15 +1,20 @@
 //! Prometheus metrics of the operator (OpenMetrics text via `prometheus-client`).
 //!
-//! All names start with `repobox_`. No metric carries a user, job or object label: the label
-//! values are small fixed sets (outcomes, bad-entry reasons, error variants), so the series count
-//! stays bounded however many users and jobs pass through. Per-job detail belongs in logs and in
-//! the RepoboxJob status, not in Prometheus.
+//! All names start with `repobox_`. No metric carries a job or object label, and all label values
+//! but one are small fixed sets (outcomes, bad-entry and retry reasons, error variants), so the
+//! series count stays bounded however many jobs pass through. The exception is
+//! `repobox_user_jobs{user,state}`, the queue depth per user: it holds series only for users with
+//! a queued or running job (at most `MAX_QUEUED` + `MAX_CONCURRENT_JOBS` users) and drops a user's
+//! series when the user has none left. Per-job detail belongs in logs and in the RepoboxJob
+//! status, not in Prometheus.
 //!
 //! One [`Metrics`] is created at start-up and shared as `Arc<Metrics>`; every recording method
 //! takes `&self` (the metric handles are atomics), and [`Metrics::encode`] renders the whole
 //! registry for `/metrics`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
@@ -22,9 +27,6 @@ use prometheus_client::registry::{Registry, Unit};
 /// The `outcome` label values of `repobox_jobs_finished_total`; anything else is `other`.
 pub const OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
-/// The `reason` label values of `repobox_job_retries_total` (see `retry::kind`).
-pub const RETRY_REASONS: [&str; 4] = ["eviction", "preemption", "node_shutdown", "other"];
-
 /// The `reason` label values of `repobox_bad_entries_total`; anything else is `other`.
 pub const BAD_ENTRY_REASONS: [&str; 6] = [
     "no_job_id",
@@ -34,6 +36,13 @@ pub const BAD_ENTRY_REASONS: [&str; 6] = [
     "dead_letter",
     "invalid",
 ];
+
+/// The `reason` label values of `repobox_job_retries_total`: why a runner pod was lost and its job
+/// run again; anything else is `other`.
+pub const RETRY_REASONS: [&str; 3] = ["eviction", "preemption", "node_shutdown"];
+
+/// The `state` label values of `repobox_user_jobs`.
+pub const USER_JOB_STATES: [&str; 2] = ["queued", "running"];
 
 /// The label value used for an outcome or reason outside the fixed sets, so a caller's typo or a
 /// new case cannot grow the series count without bound (it shows up as `other` instead).
@@ -57,8 +66,35 @@ const RECONCILE_DURATION_BUCKETS: [f64; 13] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Pod scheduling (admitted → runner pod bound to a node): under a second on a node with room;
+/// the cluster autoscaler or Karpenter adding a node takes one to several minutes; the last
+/// buckets reach `PENDING_TIMEOUT_SECONDS` (600 s by default).
+const POD_SCHEDULING_BUCKETS: [f64; 17] = [
+    0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0,
+    450.0, 600.0,
+];
+
+/// Pod start-up (scheduled → runner running): image pulls and the init container; seconds on a
+/// warm node, a minute or more for a large image on a new one.
+const POD_STARTUP_BUCKETS: [f64; 15] = [
+    0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// A one-label label set; values are `'static` because they always come from a fixed set.
 type Label = [(&'static str, &'static str); 1];
+
+/// The `{user, state}` label set of `repobox_user_jobs`: the user id is data, so it is owned (and
+/// escaped, see [`escape_label_value`]).
+type UserLabel = [(&'static str, String); 2];
+
+/// One user's jobs, the value of the map given to [`Metrics::set_user_jobs`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserJobs {
+    /// RepoboxJobs of the user waiting for admission.
+    pub queued: i64,
+    /// RepoboxJobs of the user admitted and not finished.
+    pub running: i64,
+}
 
 /// The operator's metrics and the registry that renders them.
 pub struct Metrics {
@@ -67,7 +103,6 @@ pub struct Metrics {
     jobs_admitted: Counter,
     jobs_finished: Family<Label, Counter>,
     bad_entries: Family<Label, Counter>,
-    job_retries: Family<Label, Counter>,
     reconcile_errors: Family<Label, Counter>,
     reconciliations: Counter,
     redis_reconnects: Counter,
@@ -78,6 +113,14 @@ pub struct Metrics {
     admission_wait: Histogram,
     intake_latency: Histogram,
     reconcile_duration: Histogram,
+    pod_scheduling: Histogram,
+    pod_startup: Histogram,
+    pods_waiting_for_node: Gauge,
+    job_retries: Family<Label, Counter>,
+    user_jobs: Family<UserLabel, Gauge>,
+    /// The (escaped) users `user_jobs` has series for, so the next snapshot can drop the ones
+    /// that left.
+    users_with_series: Mutex<BTreeSet<String>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -104,7 +147,6 @@ impl Metrics {
             jobs_admitted: Counter::default(),
             jobs_finished: Family::default(),
             bad_entries: Family::default(),
-            job_retries: Family::default(),
             reconcile_errors: Family::default(),
             reconciliations: Counter::default(),
             redis_reconnects: Counter::default(),
@@ -115,6 +157,12 @@ impl Metrics {
             admission_wait: Histogram::new(ADMISSION_WAIT_BUCKETS),
             intake_latency: Histogram::new(INTAKE_LATENCY_BUCKETS),
             reconcile_duration: Histogram::new(RECONCILE_DURATION_BUCKETS),
+            pod_scheduling: Histogram::new(POD_SCHEDULING_BUCKETS),
+            pod_startup: Histogram::new(POD_STARTUP_BUCKETS),
+            pods_waiting_for_node: Gauge::default(),
+            job_retries: Family::default(),
+            user_jobs: Family::default(),
+            users_with_series: Mutex::new(BTreeSet::new()),
         };
         for outcome in OUTCOMES {
             let _ = m.jobs_finished.get_or_create(&[("outcome", outcome)]);
@@ -122,7 +170,7 @@ impl Metrics {
         for reason in BAD_ENTRY_REASONS {
             let _ = m.bad_entries.get_or_create(&[("reason", reason)]);
         }
-        for reason in RETRY_REASONS {
+        for reason in RETRY_REASONS.into_iter().chain([OTHER]) {
             let _ = m.job_retries.get_or_create(&[("reason", reason)]);
         }
 
@@ -148,11 +196,6 @@ impl Metrics {
             "bad_entries",
             "Stream entries not turned into a RepoboxJob, by reason",
             m.bad_entries.clone(),
-        );
-        registry.register(
-            "job_retries",
-            "Jobs run again after an infrastructure disruption of their pod, by kind",
-            m.job_retries.clone(),
         );
         registry.register(
             "reconcile_errors",
@@ -207,6 +250,33 @@ impl Metrics {
             Unit::Seconds,
             m.reconcile_duration.clone(),
         );
+        registry.register_with_unit(
+            "pod_scheduling",
+            "Time from RepoboxJob admitted to its runner pod scheduled on a node",
+            Unit::Seconds,
+            m.pod_scheduling.clone(),
+        );
+        registry.register_with_unit(
+            "pod_startup",
+            "Time from runner pod scheduled to the runner running",
+            Unit::Seconds,
+            m.pod_startup.clone(),
+        );
+        registry.register(
+            "pods_waiting_for_node",
+            "Runner pods pending because no node fits them (waiting for the autoscaler)",
+            m.pods_waiting_for_node.clone(),
+        );
+        registry.register(
+            "job_retries",
+            "Jobs run again after their runner pod was lost, by reason",
+            m.job_retries.clone(),
+        );
+        registry.register(
+            "user_jobs",
+            "RepoboxJobs per user and state (queued or running); users without jobs have no series",
+            m.user_jobs.clone(),
+        );
         m
     }
 
@@ -246,13 +316,6 @@ impl Metrics {
     pub fn bad_entry(&self, reason: &str) {
         self.bad_entries
             .get_or_create(&[("reason", fixed(&BAD_ENTRY_REASONS, reason))])
-            .inc();
-    }
-
-    /// A job runs again after a disruption of `reason` (one of [`RETRY_REASONS`]).
-    pub fn job_retried(&self, reason: &str) {
-        self.job_retries
-            .get_or_create(&[("reason", fixed(&RETRY_REASONS, reason))])
             .inc();
     }
 
@@ -296,6 +359,93 @@ impl Metrics {
     pub fn redis_reconnected(&self) {
         self.redis_reconnects.inc();
     }
+
+    /// A runner pod was bound to a node `wait` after its RepoboxJob was admitted.
+    pub fn pod_scheduled(&self, wait: Duration) {
+        self.pod_scheduling.observe(wait.as_secs_f64());
+    }
+
+    /// A runner reached Running `startup` after its pod was scheduled.
+    pub fn pod_started(&self, startup: Duration) {
+        self.pod_startup.observe(startup.as_secs_f64());
+    }
+
+    /// How many runner pods are pending because no node fits them. A snapshot, like
+    /// [`Metrics::set_queue`].
+    pub fn set_pods_waiting_for_node(&self, pods: i64) {
+        self.pods_waiting_for_node.set(pods);
+    }
+
+    /// A job is run again after its runner pod was lost; `reason` is one of [`RETRY_REASONS`]
+    /// (anything else counts as `other`).
+    pub fn job_retried(&self, reason: &str) {
+        self.job_retries
+            .get_or_create(&[("reason", fixed(&RETRY_REASONS, reason))])
+            .inc();
+    }
+
+    /// Replaces the per-user queue depth with this snapshot (user id → jobs). Users in the map
+    /// get both `state` series; users no longer in it, or with no job in either state, lose
+    /// theirs, so departed users do not linger as zero series.
+    pub fn set_user_jobs(&self, per_user: &BTreeMap<String, UserJobs>) {
+        // One snapshot at a time: two interleaved callers could otherwise remove each other's
+        // users. A poisoned lock only means an earlier caller panicked; the set is still usable.
+        let mut known = self
+            .users_with_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (set, remove) = user_series_changes(&known, per_user);
+        for (user, jobs) in &set {
+            for (state, value) in [("queued", jobs.queued), ("running", jobs.running)] {
+                self.user_jobs
+                    .get_or_create(&[("user", user.clone()), ("state", state.to_owned())])
+                    .set(value);
+            }
+        }
+        for user in &remove {
+            for state in USER_JOB_STATES {
+                self.user_jobs
+                    .remove(&[("user", user.clone()), ("state", state.to_owned())]);
+            }
+        }
+        *known = set.into_keys().collect();
+    }
+}
+
+/// What [`Metrics::set_user_jobs`] changes: the (escaped) users whose series are set, with their
+/// counts, and the previously known users whose series are removed. A user with nothing queued
+/// or running counts as absent.
+fn user_series_changes(
+    previous: &BTreeSet<String>,
+    current: &BTreeMap<String, UserJobs>,
+) -> (BTreeMap<String, UserJobs>, BTreeSet<String>) {
+    let set: BTreeMap<String, UserJobs> = current
+        .iter()
+        .filter(|(_, jobs)| jobs.queued != 0 || jobs.running != 0)
+        .map(|(user, jobs)| (escape_label_value(user), *jobs))
+        .collect();
+    let remove = previous
+        .iter()
+        .filter(|user| !set.contains_key(*user))
+        .cloned()
+        .collect();
+    (set, remove)
+}
+
+/// A label value in the OpenMetrics text format's escaped form (`\\`, `\"`, `\n`).
+/// prometheus-client writes label values verbatim, and a user id is arbitrary text from the web
+/// app: unescaped, a quote or newline in it would corrupt the scrape or forge series.
+fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `value` if it is one of `known`, else `other`: keeps label values a fixed, `'static` set.
@@ -363,6 +513,10 @@ mod tests {
             ("repobox_admission_wait_seconds", "histogram"),
             ("repobox_intake_latency_seconds", "histogram"),
             ("repobox_reconcile_duration_seconds", "histogram"),
+            ("repobox_pod_scheduling_seconds", "histogram"),
+            ("repobox_pod_startup_seconds", "histogram"),
+            ("repobox_pods_waiting_for_node", "gauge"),
+            ("repobox_job_retries", "counter"),
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
@@ -382,6 +536,13 @@ mod tests {
             let series = format!("repobox_bad_entries_total{{reason=\"{reason}\"}}");
             assert_eq!(sample(&text, &series), Some(0.0), "{series}");
         }
+        for reason in RETRY_REASONS.into_iter().chain(["other"]) {
+            let series = format!("repobox_job_retries_total{{reason=\"{reason}\"}}");
+            assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+        }
+        assert_eq!(sample(&text, "repobox_pods_waiting_for_node"), Some(0.0));
+        // No user has a job yet, so the per-user family has no series and is not encoded.
+        assert!(!text.contains("repobox_user_jobs"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
@@ -472,5 +633,252 @@ mod tests {
             sample(&text, "repobox_reconcile_duration_seconds_count"),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn scheduling_startup_waiting_and_retries_show_up_in_the_encoding() {
+        let m = Metrics::new();
+        m.pod_scheduled(Duration::from_millis(300));
+        m.pod_scheduled(Duration::from_secs(95));
+        m.pod_started(Duration::from_secs(4));
+        m.set_pods_waiting_for_node(3);
+        m.job_retried("eviction");
+        m.job_retried("eviction");
+        m.job_retried("preemption");
+        m.job_retried("node_shutdown");
+        m.job_retried("cosmic_ray");
+        let text = m.encode();
+        let s = |series: &str| sample(&text, series);
+
+        assert_eq!(s("repobox_pod_scheduling_seconds_count"), Some(2.0));
+        assert_eq!(
+            s("repobox_pod_scheduling_seconds_bucket{le=\"0.5\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            s("repobox_pod_scheduling_seconds_bucket{le=\"90.0\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            s("repobox_pod_scheduling_seconds_bucket{le=\"120.0\"}"),
+            Some(2.0)
+        );
+        assert_eq!(s("repobox_pod_startup_seconds_count"), Some(1.0));
+        assert_eq!(
+            s("repobox_pod_startup_seconds_bucket{le=\"3.0\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            s("repobox_pod_startup_seconds_bucket{le=\"5.0\"}"),
+            Some(1.0)
+        );
+        assert_eq!(s("repobox_pods_waiting_for_node"), Some(3.0));
+        assert_eq!(
+            s("repobox_job_retries_total{reason=\"eviction\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            s("repobox_job_retries_total{reason=\"preemption\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            s("repobox_job_retries_total{reason=\"node_shutdown\"}"),
+            Some(1.0)
+        );
+        assert_eq!(s("repobox_job_retries_total{reason=\"other\"}"), Some(1.0));
+        assert!(!text.contains("cosmic_ray"), "fixed reasons only");
+
+        m.set_pods_waiting_for_node(0);
+        assert_eq!(
+            sample(&m.encode(), "repobox_pods_waiting_for_node"),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn buckets_are_strictly_increasing_and_end_at_the_pending_timeout() {
+        for buckets in [&POD_SCHEDULING_BUCKETS[..], &POD_STARTUP_BUCKETS[..]] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{buckets:?}");
+            // PENDING_TIMEOUT_SECONDS' default: a pod waiting longer fails its job.
+            assert_eq!(buckets.last(), Some(&600.0));
+        }
+    }
+
+    fn jobs(queued: i64, running: i64) -> UserJobs {
+        UserJobs { queued, running }
+    }
+
+    fn users(list: &[(&str, UserJobs)]) -> BTreeMap<String, UserJobs> {
+        list.iter().map(|(u, j)| ((*u).to_owned(), *j)).collect()
+    }
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|u| (*u).to_owned()).collect()
+    }
+
+    #[test]
+    fn user_series_changes_cases() {
+        // (previous users, snapshot, users set, users removed)
+        type Case = (
+            BTreeSet<String>,
+            BTreeMap<String, UserJobs>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (names(&[]), users(&[]), vec![], vec![]),
+            (names(&["alice"]), users(&[]), vec![], vec!["alice"]),
+            (
+                names(&[]),
+                users(&[("alice", jobs(2, 1)), ("bob", jobs(0, 3))]),
+                vec!["alice", "bob"],
+                vec![],
+            ),
+            (
+                names(&["alice", "bob"]),
+                users(&[("bob", jobs(1, 0))]),
+                vec!["bob"],
+                vec!["alice"],
+            ),
+            // Nothing queued or running: the same as absent.
+            (
+                names(&["alice"]),
+                users(&[("alice", jobs(0, 0)), ("bob", jobs(0, 0))]),
+                vec![],
+                vec!["alice"],
+            ),
+            (names(&[]), users(&[("carol", jobs(0, 0))]), vec![], vec![]),
+            // A user who comes back is simply set again.
+            (
+                names(&["alice"]),
+                users(&[("alice", jobs(1, 1))]),
+                vec!["alice"],
+                vec![],
+            ),
+            // Keys are compared in their escaped form, the form the registry holds.
+            (
+                names(&["a\\\"b"]),
+                users(&[("a\"b", jobs(1, 0))]),
+                vec!["a\\\"b"],
+                vec![],
+            ),
+            (
+                names(&["a\"b"]),
+                users(&[("a\"b", jobs(1, 0))]),
+                vec!["a\\\"b"],
+                vec!["a\"b"],
+            ),
+        ];
+        for (previous, current, want_set, want_remove) in cases {
+            let (set, remove) = user_series_changes(&previous, &current);
+            assert_eq!(
+                set.keys().map(String::as_str).collect::<Vec<_>>(),
+                want_set,
+                "{previous:?} {current:?}"
+            );
+            assert_eq!(
+                remove.iter().map(String::as_str).collect::<Vec<_>>(),
+                want_remove,
+                "{previous:?} {current:?}"
+            );
+            for (user, counts) in &current {
+                if let Some(got) = set.get(&escape_label_value(user)) {
+                    assert_eq!(got, counts);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn escape_label_value_cases() {
+        for (raw, escaped) in [
+            ("", ""),
+            ("alice", "alice"),
+            ("user@example.com", "user@example.com"),
+            ("ünï cødé ✓", "ünï cødé ✓"),
+            ("a\"b", "a\\\"b"),
+            ("a\\b", "a\\\\b"),
+            ("a\nb", "a\\nb"),
+            ("\\\"\n", "\\\\\\\"\\n"),
+            ("a\rb\tc", "a\rb\tc"),
+        ] {
+            assert_eq!(escape_label_value(raw), escaped, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn user_jobs_follow_each_snapshot() {
+        let m = Metrics::new();
+        m.set_user_jobs(&users(&[
+            ("alice", jobs(2, 1)),
+            ("bob", jobs(0, 3)),
+            ("carol", jobs(0, 0)),
+        ]));
+        let text = m.encode();
+        assert!(text.contains("# TYPE repobox_user_jobs gauge\n"), "{text}");
+        let s = |series: &str| sample(&text, series);
+        assert_eq!(
+            s("repobox_user_jobs{user=\"alice\",state=\"queued\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            s("repobox_user_jobs{user=\"alice\",state=\"running\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            s("repobox_user_jobs{user=\"bob\",state=\"queued\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            s("repobox_user_jobs{user=\"bob\",state=\"running\"}"),
+            Some(3.0)
+        );
+        assert!(!text.contains("carol"), "{text}");
+
+        // alice's jobs ended: her series go, bob's are updated.
+        m.set_user_jobs(&users(&[("bob", jobs(1, 2))]));
+        let text = m.encode();
+        assert!(!text.contains("alice"), "{text}");
+        assert_eq!(
+            sample(&text, "repobox_user_jobs{user=\"bob\",state=\"queued\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "repobox_user_jobs{user=\"bob\",state=\"running\"}"),
+            Some(2.0)
+        );
+
+        m.set_user_jobs(&BTreeMap::new());
+        assert!(!m.encode().contains("repobox_user_jobs{"));
+    }
+
+    #[test]
+    fn a_hostile_user_id_cannot_forge_series() {
+        let m = Metrics::new();
+        let evil = "x\",state=\"running\"} 99\nrepobox_leader 1\n#";
+        m.set_user_jobs(&users(&[(evil, jobs(1, 0))]));
+        let text = m.encode();
+        // Still exactly one leader sample, at 0, and every user_jobs line is one series.
+        let leader: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("repobox_leader"))
+            .collect();
+        assert_eq!(leader, ["repobox_leader 0"], "{text}");
+        let mut series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("repobox_user_jobs{"))
+            .collect();
+        series.sort_unstable();
+        assert_eq!(
+            series,
+            [
+                "repobox_user_jobs{user=\"x\\\",state=\\\"running\\\"} 99\\nrepobox_leader 1\\n#\",state=\"queued\"} 1",
+                "repobox_user_jobs{user=\"x\\\",state=\\\"running\\\"} 99\\nrepobox_leader 1\\n#\",state=\"running\"} 0",
+            ],
+            "{text}"
+        );
+        // And it can be removed again.
+        m.set_user_jobs(&BTreeMap::new());
+        assert!(!m.encode().contains("repobox_user_jobs{"));
     }
 }

@@ -453,6 +453,18 @@ async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Acti
                     ),
                 )
                 .await;
+                // Once per attempt: how long the pod waited for a node, then to start.
+                if let Some(pod) = first_pod(ctx, &name).await? {
+                    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                    let (scheduling, startup) =
+                        status::start_times(&pod, created, jiff::Timestamp::now());
+                    if let Some(d) = scheduling {
+                        ctx.metrics.pod_scheduled(d);
+                    }
+                    if let Some(d) = startup {
+                        ctx.metrics.pod_started(d);
+                    }
+                }
             }
             Ok(Action::await_change())
         }

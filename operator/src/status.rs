@@ -139,6 +139,33 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
     facts
 }
 
+/// How long a pod waited for a node after its Job was created (`PodScheduled` turning true),
+/// and from then until `now`, when it is seen running. `None` where a time is unknown or the
+/// clocks disagree.
+pub fn start_times(
+    pod: &Pod,
+    job_created: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+) -> (Option<std::time::Duration>, Option<std::time::Duration>) {
+    let scheduled = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or(&[])
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "True")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    let between = |from: Option<jiff::Timestamp>, to: Option<jiff::Timestamp>| {
+        let d = to?.duration_since(from?);
+        (!d.is_negative()).then(|| d.unsigned_abs())
+    };
+    (
+        between(job_created, scheduled),
+        between(scheduled, Some(now)),
+    )
+}
+
 /// A failure the executor could not record itself: the RepoboxJob reason and the one-line
 /// `error` for the job record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -465,6 +492,45 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn start_times_from_the_scheduled_condition() {
+        let at = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let pod = |cond: Option<(&str, i64)>| Pod {
+            status: Some(PodStatus {
+                conditions: cond.map(|(status, t)| {
+                    vec![PodCondition {
+                        type_: "PodScheduled".into(),
+                        status: status.into(),
+                        last_transition_time: Some(Time(at(t))),
+                        ..PodCondition::default()
+                    }]
+                }),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let second = std::time::Duration::from_secs;
+        assert_eq!(
+            start_times(&pod(Some(("True", 30))), Some(at(0)), at(35)),
+            (Some(second(30)), Some(second(5)))
+        );
+        // Not scheduled, or no condition: nothing to measure.
+        assert_eq!(
+            start_times(&pod(Some(("False", 30))), Some(at(0)), at(35)),
+            (None, None)
+        );
+        assert_eq!(start_times(&pod(None), Some(at(0)), at(35)), (None, None));
+        // Unknown creation; skewed clocks give no negative figures.
+        assert_eq!(
+            start_times(&pod(Some(("True", 30))), None, at(20)),
+            (None, None)
+        );
+        assert_eq!(
+            start_times(&pod(Some(("True", 30))), Some(at(40)), at(50)),
+            (None, Some(second(20)))
+        );
     }
 
     #[test]

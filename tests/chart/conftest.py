@@ -129,6 +129,31 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                   "tls": {"caSecret": "redis-ca", "caSecretKey": "ca.pem"}},
         "networkPolicy": {"redis": {"namespace": "redis"}},
     }),
+    # Autoscaling-friendly runners, priorities, warm capacity, alerts and the dashboard, runners
+    # in their own namespace and node pool.
+    "autoscaling": merge(REQUIRED, {
+        "jobsNamespace": "repobox-jobs",
+        "priorityClasses": {"create": True},
+        "warmCapacity": {"enabled": True, "replicas": 3},
+        "runner": {
+            "nodeSelector": RUNNER_NODE_SELECTOR,
+            "tolerations": RUNNER_TOLERATIONS,
+            "affinity": RUNNER_AFFINITY,
+            "agentCommand": "agent --non-interactive",
+            "ephemeralStorageRequest": "4Gi",
+            "ephemeralStorageLimit": "12Gi",
+            "doNotDisrupt": False,
+            "podAnnotations": {"example.com/cost-center": "repobox", "sidecar.istio.io/inject": "false"},
+            "unschedulableGraceSeconds": 120,
+            "disruptionRetries": 0,
+            "disruptionRetryBackoffSeconds": 30,
+        },
+        "agent": {"ephemeralStorageRequest": "3Gi", "ephemeralStorageLimit": "8Gi"},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"},
+                           "alertLabels": {"team": "platform"}},
+        "grafanaDashboard": {"enabled": True, "folder": "Repobox", "namespace": "monitoring"},
+    }),
     "servicemonitor": merge(REQUIRED, {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "networkPolicy": {
@@ -170,8 +195,16 @@ def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+def operator_deployment(objs: list[dict]) -> dict:
+    """The operator's Deployment (warm capacity adds another one)."""
+    found = [o for o in of_kind(objs, "Deployment")
+             if o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+    assert len(found) == 1, f"expected one operator Deployment, found {len(found)}"
+    return found[0]
+
+
 def operator_container(objs: list[dict]) -> dict:
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     return dep["spec"]["template"]["spec"]["containers"][0]
 
 

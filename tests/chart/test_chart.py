@@ -18,11 +18,15 @@ from conftest import (
     REQUIRED, RUNNER_AFFINITY, RUNNER_NODE_SELECTOR, RUNNER_REDIS_URL, RUNNER_TOLERATIONS,
     SECRET_STRINGS, VALUE_SETS,
     config_defaults, config_env_names, env_of, env_values, json_env, merge, of_kind, one,
-    operator_container, render, render_raw, rust_int_const, rust_str_const,
+    operator_container, operator_deployment, render, render_raw, rust_int_const, rust_str_const,
 )
 
 # Kinds kubernetes-validate cannot know (CRD-defined elsewhere): skipped explicitly.
-UNKNOWN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+UNKNOWN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                 ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+# Kinds without a namespace.
+CLUSTER_SCOPED_KINDS = {"PriorityClass"}
 
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "ReplicaSet"}
 
@@ -169,7 +173,7 @@ def test_every_pod_has_the_restricted_security_context(rendered):
 
 def test_operator_probes_ports_and_downward_api(rendered):
     name, objs = rendered
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     spec = dep["spec"]["template"]["spec"]
     c = spec["containers"][0]
     assert c["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
@@ -277,7 +281,7 @@ def test_runner_redis_existing_secret_is_referenced_not_created():
 
 def test_redis_ca_is_mounted_into_the_operator_and_named_for_runners():
     objs = render(VALUE_SETS["redis-users"])
-    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    spec = operator_deployment(objs)["spec"]["template"]["spec"]
     c = spec["containers"][0]
     values = env_values(c)
     vol = [v for v in spec["volumes"] if v["name"] == "redis-ca"][0]
@@ -288,7 +292,7 @@ def test_redis_ca_is_mounted_into_the_operator_and_named_for_runners():
     assert (values["REDIS_CA_SECRET_NAME"], values["REDIS_CA_SECRET_KEY"]) == ("redis-ca", "ca.pem")
     # Without a CA nothing is mounted and the operator uses the system roots.
     objs = render(VALUE_SETS["defaults"])
-    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    spec = operator_deployment(objs)["spec"]["template"]["spec"]
     assert [v["name"] for v in spec["volumes"]] == ["tmp"]
     assert env_values(spec["containers"][0])["REDIS_CA_FILE"] == ""
     assert env_values(spec["containers"][0])["REDIS_CA_SECRET_NAME"] == ""
@@ -340,7 +344,8 @@ EXPECTED_RULES = {
     ("repobox.dev", "repoboxjobs/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch", "list"},
+    # list/watch: the autoscaler's and the scheduler's events on runner pods.
+    ("", "events"): {"create", "patch", "list", "watch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 EXPECTED_LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
@@ -378,7 +383,7 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
     all_rules = rules_by_resource(roles)
     assert not any(r in ("secrets", "configmaps") for _, r in all_rules)
     # Every Role is bound to the operator's ServiceAccount only.
-    sa = one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    sa = operator_deployment(objs)["spec"]["template"]["spec"]["serviceAccountName"]
     bindings = of_kind(objs, "RoleBinding")
     assert sorted(b["roleRef"]["name"] for b in bindings) == sorted(r["metadata"]["name"] for r in roles)
     for b in bindings:
@@ -396,7 +401,7 @@ def test_runner_service_account_has_no_token_and_no_binding(rendered):
     assert runner_sa["metadata"]["namespace"] == c["JOBS_NAMESPACE"]
     for b in of_kind(objs, "RoleBinding"):
         assert all(s["name"] != runner_sa["metadata"]["name"] for s in b["subjects"])
-    op_sa = one(objs, "ServiceAccount", one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"])
+    op_sa = one(objs, "ServiceAccount", operator_deployment(objs)["spec"]["template"]["spec"]["serviceAccountName"])
     assert op_sa["metadata"]["name"] != runner_sa["metadata"]["name"]
 
 
@@ -404,13 +409,13 @@ def test_runner_service_account_has_no_token_and_no_binding(rendered):
 
 def test_single_replica_has_no_pdb():
     objs = render(VALUE_SETS["defaults"])
-    assert one(objs, "Deployment")["spec"]["replicas"] == 1
+    assert operator_deployment(objs)["spec"]["replicas"] == 1
     assert not of_kind(objs, "PodDisruptionBudget")
 
 
 def test_two_replicas_have_a_pdb_and_leader_election():
     objs = render(VALUE_SETS["two-replicas"])
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     assert dep["spec"]["replicas"] == 2
     pdb = one(objs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -592,7 +597,7 @@ def test_networkpolicy_operator(rendered):
     name, objs = rendered
     if name == "networkpolicy-off":
         return
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     pols = [p for p in of_kind(objs, "NetworkPolicy")
             if p["spec"]["podSelector"].get("matchLabels") == dep["spec"]["selector"]["matchLabels"]]
     assert len(pols) == 1
@@ -614,7 +619,7 @@ def test_metrics_service_and_servicemonitor():
     assert not of_kind(objs, "ServiceMonitor")
     objs = render(VALUE_SETS["servicemonitor"])
     svc = one(objs, "Service")
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     sm = one(objs, "ServiceMonitor")
@@ -637,7 +642,7 @@ def test_standard_labels_on_every_object(rendered):
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/part-of"] == "repobox"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-    dep = one(objs, "Deployment")
+    dep = operator_deployment(objs)
     tmpl = dep["spec"]["template"]["metadata"]["labels"]
     for key in STANDARD_LABELS:
         assert tmpl.get(key)
@@ -646,6 +651,9 @@ def test_standard_labels_on_every_object(rendered):
 def test_every_namespaced_object_has_an_explicit_namespace(rendered):
     name, objs = rendered
     for obj in objs:
+        if obj["kind"] in CLUSTER_SCOPED_KINDS:
+            assert "namespace" not in obj["metadata"], f"{obj['kind']}/{obj['metadata']['name']}"
+            continue
         assert obj["metadata"].get("namespace"), f"{obj['kind']}/{obj['metadata']['name']}"
 
 

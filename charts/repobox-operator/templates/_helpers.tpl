@@ -72,6 +72,42 @@ app.kubernetes.io/managed-by: repobox-operator
 {{- default (printf "%s-runner" (include "repobox.fullname" .)) .Values.runner.serviceAccount.name -}}
 {{- end -}}
 
+{{/*
+Priority classes: the one given, else the chart's when priorityClasses.create is on, else none.
+*/}}
+{{- define "repobox.operatorPriorityClassName" -}}
+{{- if .Values.priorityClassName -}}
+{{- .Values.priorityClassName -}}
+{{- else if .Values.priorityClasses.create -}}
+{{- default (printf "%s-operator" (include "repobox.fullname" .)) .Values.priorityClasses.operator.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.runnerPriorityClassName" -}}
+{{- if .Values.runner.priorityClassName -}}
+{{- .Values.runner.priorityClassName -}}
+{{- else if .Values.priorityClasses.create -}}
+{{- default (printf "%s-runner" (include "repobox.fullname" .)) .Values.priorityClasses.runner.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "repobox.warmCapacityPriorityClassName" -}}
+{{- printf "%s-warm-capacity" (include "repobox.fullname" .) -}}
+{{- end -}}
+
+{{/*
+A Kubernetes quantity value as a string: "" (and 0, null) stay "" (unset), numbers keep all
+their digits (a large whole number would otherwise print as 2.147483648e+09, not a quantity).
+*/}}
+{{- define "repobox.quantity" -}}
+{{- if not . -}}
+{{- else if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Images. */}}
 {{- define "repobox.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
