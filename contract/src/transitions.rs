@@ -3,45 +3,62 @@
 //! Each script reads and writes the hash in one step, so two runners can never both
 //! start a job, and a terminal status (`success`, `failed`, `cancelled`) is never
 //! overwritten — whoever writes first wins, everyone later is told what is there.
+//! A script that changes the hash also publishes the status event of the change
+//! ([`crate::events`]) in that same step, so only a write that happened is announced, and
+//! its `seq` counts exactly the output lines written before it.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 use redis::aio::ConnectionLike;
 
+use crate::events::{PUBLISH_LUA, status_body, warn_unpublished};
+use crate::keys;
 use crate::record::JobStatus;
 
 static START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == '' then status = 'pending' end
 if status == 'success' or status == 'failed' or status == 'cancelled' then
-  return {'terminal', status}
+  return {{'terminal', status}}
 end
 if status == 'running' then
-  return {'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}
+  return {{'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}}
 end
-if status ~= 'pending' then return {'invalid', status} end
+if status ~= 'pending' then return {{'invalid', status}} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'startedAt', ARGV[2], 'runnerId', ARGV[1])
-return {'started'}
-",
-    )
+return {{'started', publish_status(KEYS[2], ARGV[3], ARGV[4])}}
+"
+    ))
 });
 
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'success' or status == 'failed' or status == 'cancelled' then
-  return {'terminal', status}
+  return {{'terminal', status}}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 2))
-return {'finished'}
-",
-    )
+redis.call('HSET', KEYS[1], 'status', ARGV[3], unpack(ARGV, 4))
+return {{'finished', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
+});
+
+static PROGRESS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return {{'not_running', status or ''}} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+return {{'updated', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
 });
 
 /// What [`start`] found.
@@ -133,21 +150,33 @@ fn parse_status(reply: &[String]) -> JobStatus {
         .unwrap_or(JobStatus::Failed)
 }
 
-/// Moves `job:{jobId}` from `pending` to `running` with `startedAt` and `runnerId`.
+/// Moves `job:{jobId}` from `pending` to `running` with `startedAt` and `runnerId`, and
+/// publishes the `running` event.
 pub async fn start<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     runner_id: &str,
     started_at: &str,
 ) -> redis::RedisResult<StartOutcome> {
+    let body = status_body(
+        JobStatus::Running,
+        &[("startedAt", started_at), ("runnerId", runner_id)],
+        started_at,
+    );
     let reply: Vec<String> = START
-        .key(crate::keys::job(job_id))
+        .key(keys::job(job_id))
+        .key(keys::job_output(job_id))
         .arg(runner_id)
         .arg(started_at)
+        .arg(keys::job_events(job_id))
+        .arg(body)
         .invoke_async(con)
         .await?;
     Ok(match reply.first().map(String::as_str) {
-        Some("started") => StartOutcome::Started,
+        Some("started") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            StartOutcome::Started
+        }
         Some("terminal") => StartOutcome::AlreadyTerminal(parse_status(&reply)),
         Some("running") => StartOutcome::AlreadyRunning {
             runner_id: reply.get(1).cloned().unwrap_or_default(),
@@ -157,30 +186,86 @@ pub async fn start<C: ConnectionLike>(
     })
 }
 
-/// Moves `job:{jobId}` to a terminal status unless it already is in one.
+/// Moves `job:{jobId}` to a terminal status unless it already is in one, and publishes the
+/// status event (with the fields written) when it did.
 pub async fn finish<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     fin: &Finish,
 ) -> redis::RedisResult<FinishOutcome> {
-    let mut inv = FINISH.key(crate::keys::job(job_id));
-    inv.arg(fin.status.as_str())
-        .arg("finishedAt")
-        .arg(&fin.finished_at);
+    let mut fields = vec![("finishedAt", fin.finished_at.as_str())];
     for (field, value) in [
         ("error", &fin.error),
         ("branch", &fin.branch),
         ("commitSha", &fin.commit_sha),
     ] {
         if let Some(v) = value {
-            inv.arg(field).arg(v);
+            fields.push((field, v.as_str()));
         }
+    }
+    let mut inv = FINISH.key(keys::job(job_id));
+    inv.key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(fin.status, &fields, &fin.finished_at))
+        .arg(fin.status.as_str());
+    for (field, value) in &fields {
+        inv.arg(*field).arg(*value);
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     Ok(match reply.first().map(String::as_str) {
-        Some("finished") => FinishOutcome::Finished,
+        Some("finished") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            FinishOutcome::Finished
+        }
         Some("terminal") => FinishOutcome::AlreadyTerminal(parse_status(&reply)),
         _ => FinishOutcome::Missing,
+    })
+}
+
+/// What [`progress`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgressOutcome {
+    Updated,
+    /// The job is not `running` (not started yet, or ended): nothing was written.
+    NotRunning(Option<JobStatus>),
+    Missing,
+}
+
+/// Writes `fields` of a `running` job (e.g. the step it is at) and publishes them as a
+/// `running` status event, in one step; a job that is not running is left alone, so a late
+/// write can never touch a finished record. `status` cannot be set this way; with no other
+/// field there is nothing to do.
+pub async fn progress<C: ConnectionLike>(
+    con: &mut C,
+    job_id: &str,
+    fields: &[(&str, &str)],
+    timestamp: &str,
+) -> redis::RedisResult<ProgressOutcome> {
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .copied()
+        .filter(|(f, _)| *f != "status")
+        .collect();
+    if fields.is_empty() {
+        return Ok(ProgressOutcome::Updated);
+    }
+    let mut inv = PROGRESS.key(keys::job(job_id));
+    inv.key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(JobStatus::Running, &fields, timestamp));
+    for (field, value) in &fields {
+        inv.arg(*field).arg(*value);
+    }
+    let reply: Vec<String> = inv.invoke_async(con).await?;
+    Ok(match reply.first().map(String::as_str) {
+        Some("updated") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            ProgressOutcome::Updated
+        }
+        Some("not_running") => {
+            ProgressOutcome::NotRunning(reply.get(1).and_then(|s| JobStatus::parse(s)))
+        }
+        _ => ProgressOutcome::Missing,
     })
 }
 
