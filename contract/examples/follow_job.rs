@@ -32,7 +32,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     for line in &history {
         println!("{line}");
     }
-    println!("==> status: {}", status.map_or("unknown", JobStatus::as_str));
+    println!(
+        "==> status: {}",
+        status.map_or("unknown", JobStatus::as_str)
+    );
     if status.is_some_and(JobStatus::is_terminal) {
         return Ok(());
     }

@@ -325,8 +325,7 @@ mod tests {
         );
         // `fields` may be absent.
         assert!(
-            Event::parse(r#"{"seq":1,"type":"status","status":"running","timestamp":"t"}"#)
-                .is_ok()
+            Event::parse(r#"{"seq":1,"type":"status","status":"running","timestamp":"t"}"#).is_ok()
         );
     }
 

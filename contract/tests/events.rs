@@ -52,11 +52,15 @@ async fn output_and_status_writes_are_published_with_list_positions() {
     let batch1: Vec<String> = vec!["one".into(), "two \"quoted\" \u{1}".into()];
     let batch2: Vec<String> = vec!["three".into()];
     assert_eq!(
-        events::push_output(&mut con, "j1", &batch1, t).await.unwrap(),
+        events::push_output(&mut con, "j1", &batch1, t)
+            .await
+            .unwrap(),
         Some(0)
     );
     assert_eq!(
-        events::push_output(&mut con, "j1", &batch2, t).await.unwrap(),
+        events::push_output(&mut con, "j1", &batch2, t)
+            .await
+            .unwrap(),
         Some(2)
     );
     assert_eq!(
@@ -126,8 +130,16 @@ async fn output_and_status_writes_are_published_with_list_positions() {
         assert_eq!(next_event(&mut sub).await, w);
     }
     // Nothing else came: the next message is one published now.
-    let _: i64 = con.publish(keys::job_events("j1"), "{\"seq\":0,\"type\":\"status\",\"status\":\"pending\",\"timestamp\":\"end\"}").await.unwrap();
-    assert!(matches!(next_event(&mut sub).await, Event::Status { timestamp, .. } if timestamp == "end"));
+    let _: i64 = con
+        .publish(
+            keys::job_events("j1"),
+            "{\"seq\":0,\"type\":\"status\",\"status\":\"pending\",\"timestamp\":\"end\"}",
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut sub).await, Event::Status { timestamp, .. } if timestamp == "end")
+    );
 
     let list: Vec<String> = con.lrange("job:j1:output", 0, -1).await.unwrap();
     assert_eq!(list, [batch1, batch2].concat());
@@ -145,10 +157,15 @@ async fn large_batches_are_pushed_whole() {
     // More arguments than Lua's `unpack` takes at once.
     let lines: Vec<String> = (0..2500).map(|i| format!("line {i}")).collect();
     assert_eq!(
-        events::push_output(&mut con, "big", &lines, "t").await.unwrap(),
+        events::push_output(&mut con, "big", &lines, "t")
+            .await
+            .unwrap(),
         Some(0)
     );
-    let Event::Output { seq, lines: got, .. } = next_event(&mut sub).await else {
+    let Event::Output {
+        seq, lines: got, ..
+    } = next_event(&mut sub).await
+    else {
         panic!("an output event")
     };
     assert_eq!((seq, &got), (0, &lines));
@@ -163,8 +180,21 @@ async fn a_refused_publish_never_undoes_the_write() {
     // A user as the runner's was before events: no PUBLISH, no channel.
     let _: () = redis::cmd("ACL")
         .arg(&[
-            "SETUSER", "old", "reset", "on", ">pw", "~job:*", "-@all", "+hgetall", "+rpush",
-            "+llen", "+evalsha", "+script|load", "+exists", "+hget", "+hset",
+            "SETUSER",
+            "old",
+            "reset",
+            "on",
+            ">pw",
+            "~job:*",
+            "-@all",
+            "+hgetall",
+            "+rpush",
+            "+llen",
+            "+evalsha",
+            "+script|load",
+            "+exists",
+            "+hget",
+            "+hset",
         ])
         .query_async(&mut admin)
         .await
