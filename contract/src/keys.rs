@@ -15,6 +15,11 @@ pub fn job_output(job_id: &str) -> String {
     format!("job:{job_id}:output")
 }
 
+/// `job:{jobId}:events` — the pub/sub channel of the job's live events (`contract::events`).
+pub fn job_events(job_id: &str) -> String {
+    format!("job:{job_id}:events")
+}
+
 /// `git_provider:{userId}:{providerId}` — a user's git host connection (hash).
 pub fn git_provider(user_id: &str, provider_id: &str) -> String {
     format!("git_provider:{user_id}:{provider_id}")
@@ -39,6 +44,7 @@ mod tests {
     fn key_names_follow_the_contract() {
         assert_eq!(job("abc"), "job:abc");
         assert_eq!(job_output("abc"), "job:abc:output");
+        assert_eq!(job_events("abc"), "job:abc:events");
         assert_eq!(git_provider("u1", "p2"), "git_provider:u1:p2");
         assert_eq!(user_running("u1"), "runner:user:u1:running");
     }

@@ -2,11 +2,13 @@
 //!
 //! Everything both Rust binaries must agree on lives here, once: key names ([`keys`]),
 //! the job record and its status machine ([`record`]), the atomic status transitions
-//! ([`transitions`]), the token envelope ([`crypto`]), token masking ([`mask`]), the
-//! timestamp format ([`time`]) and the URL rules ([`urls`]: Redis URL validation, repository
-//! URL cleaning, provider host check). `docs/redis-contract.md` describes the same in prose.
+//! ([`transitions`]), the live events published with every output and status write
+//! ([`events`]), the token envelope ([`crypto`]), token masking ([`mask`]), the timestamp
+//! format ([`time`]) and the URL rules ([`urls`]: Redis URL validation, repository URL
+//! cleaning, provider host check). `docs/redis-contract.md` describes the same in prose.
 
 pub mod crypto;
+pub mod events;
 pub mod keys;
 pub mod mask;
 pub mod pod;

@@ -3,6 +3,9 @@
 //! Each script reads and writes the hash in one step, so two runners can never both
 //! start a job, and a terminal status (`success`, `failed`, `cancelled`) is never
 //! overwritten — whoever writes first wins, everyone later is told what is there.
+//! A script that changes the hash also publishes the status event of the change
+//! ([`crate::events`]) in that same step, so only a write that happened is announced, and
+//! its `seq` counts exactly the output lines written before it.
 //!
 //! A job can run more than once only as numbered attempts (`attempt`, absent = 1): the operator
 //! moves a job whose pod was lost to an infrastructure disruption to the next attempt with
@@ -14,77 +17,90 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::aio::ConnectionLike;
 
+use crate::events::{PUBLISH_LUA, status_body, warn_unpublished};
+use crate::keys;
 use crate::record::JobStatus;
 
 static START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == '' then status = 'pending' end
 if status == 'success' or status == 'failed' or status == 'cancelled' then
-  return {'terminal', status}
+  return {{'terminal', status}}
 end
+if status ~= 'running' and status ~= 'pending' then return {{'invalid', status}} end
 local attempt = redis.call('HGET', KEYS[1], 'attempt')
 if not attempt or attempt == '' then attempt = '1' end
-if status ~= 'running' and status ~= 'pending' then return {'invalid', status} end
-if attempt ~= ARGV[3] then return {'superseded', attempt} end
+if attempt ~= ARGV[5] then return {{'superseded', attempt}} end
 if status == 'running' then
   if redis.call('HGET', KEYS[1], 'runnerAttempt') == attempt then
-    return {'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}
+    return {{'running', redis.call('HGET', KEYS[1], 'runnerId') or ''}}
   end
   redis.call('HSET', KEYS[1], 'runnerId', ARGV[1], 'runnerAttempt', attempt)
-  return {'started'}
+  return {{'started', publish_status(KEYS[2], ARGV[3], ARGV[4])}}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'startedAt', ARGV[2], 'runnerId', ARGV[1],
   'runnerAttempt', attempt)
-return {'started'}
-",
-    )
+return {{'started', publish_status(KEYS[2], ARGV[3], ARGV[4])}}
+"
+    ))
 });
 
 static RETRY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'success' or status == 'failed' or status == 'cancelled' then
-  return {'terminal', status}
+  return {{'terminal', status}}
 end
 local attempt = redis.call('HGET', KEYS[1], 'attempt')
 if not attempt or attempt == '' then attempt = '1' end
-if tonumber(ARGV[1]) <= tonumber(attempt) then return {'current', attempt} end
-redis.call('HSET', KEYS[1], 'attempt', ARGV[1])
+if tonumber(ARGV[3]) <= tonumber(attempt) then return {{'current', attempt}} end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[3])
 redis.call('HDEL', KEYS[1], 'step')
-redis.call('RPUSH', KEYS[2], ARGV[2])
-return {'retrying'}
-",
-    )
+return {{'retrying', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
 });
 
 static STEP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'runnerId') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[2])
-return 1
-",
-    )
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {{'not_holder'}} end
+if redis.call('HGET', KEYS[1], 'runnerId') ~= ARGV[3] then return {{'not_holder'}} end
+redis.call('HSET', KEYS[1], 'step', ARGV[4])
+return {{'updated', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
 });
 
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'success' or status == 'failed' or status == 'cancelled' then
-  return {'terminal', status}
+  return {{'terminal', status}}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 2))
-return {'finished'}
-",
-    )
+redis.call('HSET', KEYS[1], 'status', ARGV[3], unpack(ARGV, 4))
+return {{'finished', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
+});
+
+static PROGRESS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PUBLISH_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return {{'not_running', status or ''}} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+return {{'updated', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
+"
+    ))
 });
 
 /// What [`start`] found.
@@ -178,7 +194,8 @@ fn parse_status(reply: &[String]) -> JobStatus {
         .unwrap_or(JobStatus::Failed)
 }
 
-/// Moves `job:{jobId}` from `pending` to `running` with `startedAt` and `runnerId`.
+/// Moves `job:{jobId}` from `pending` to `running` with `startedAt` and `runnerId`, and
+/// publishes the `running` event.
 ///
 /// `attempt` is the runner's attempt number (1 for the first). A `running` job is taken over
 /// only by the first runner of a later attempt that [`retry`] announced; `startedAt` keeps the
@@ -190,15 +207,26 @@ pub async fn start<C: ConnectionLike>(
     attempt: u32,
     started_at: &str,
 ) -> redis::RedisResult<StartOutcome> {
+    let body = status_body(
+        JobStatus::Running,
+        &[("startedAt", started_at), ("runnerId", runner_id)],
+        started_at,
+    );
     let reply: Vec<String> = START
-        .key(crate::keys::job(job_id))
+        .key(keys::job(job_id))
+        .key(keys::job_output(job_id))
         .arg(runner_id)
         .arg(started_at)
+        .arg(keys::job_events(job_id))
+        .arg(body)
         .arg(attempt.to_string())
         .invoke_async(con)
         .await?;
     Ok(match reply.first().map(String::as_str) {
-        Some("started") => StartOutcome::Started,
+        Some("started") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            StartOutcome::Started
+        }
         Some("terminal") => StartOutcome::AlreadyTerminal(parse_status(&reply)),
         Some("running") => StartOutcome::AlreadyRunning {
             runner_id: reply.get(1).cloned().unwrap_or_default(),
@@ -224,72 +252,154 @@ pub enum RetryOutcome {
     Missing,
 }
 
-/// Moves an unfinished job to attempt `attempt` (> the current one) and appends `note` to its
-/// output, in one step. The status stays what it was (`running` once a runner started), so the
-/// user sees the job running on; the next attempt's runner takes it over in [`start`].
+/// Moves an unfinished job to attempt `attempt` (> the current one), publishing the change,
+/// then appends `note` to its output (and its events). The status stays what it was
+/// (`running` once a runner started), so the user sees the job running on; the next attempt's
+/// runner takes it over in [`start`]. A repeated call changes nothing and adds no note.
 pub async fn retry<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     attempt: u32,
     note: &str,
+    timestamp: &str,
 ) -> redis::RedisResult<RetryOutcome> {
+    let attempt_text = attempt.to_string();
     let reply: Vec<String> = RETRY
-        .key(crate::keys::job(job_id))
-        .key(crate::keys::job_output(job_id))
-        .arg(attempt.to_string())
-        .arg(note)
+        .key(keys::job(job_id))
+        .key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(
+            JobStatus::Running,
+            &[("attempt", attempt_text.as_str())],
+            timestamp,
+        ))
+        .arg(&attempt_text)
         .invoke_async(con)
         .await?;
     Ok(match reply.first().map(String::as_str) {
-        Some("retrying") => RetryOutcome::Retrying,
+        Some("retrying") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            crate::events::push_output(con, job_id, &[note.to_owned()], timestamp).await?;
+            RetryOutcome::Retrying
+        }
         Some("terminal") => RetryOutcome::AlreadyTerminal(parse_status(&reply)),
         Some("current") => RetryOutcome::AlreadyAt(reply.get(1).cloned().unwrap_or_default()),
         _ => RetryOutcome::Missing,
     })
 }
 
-/// Records the step the runner `runner_id` has reached (see [`crate::record::step`]), only while
-/// it holds the job: the operator reads it to know whether running the job again is safe.
-/// Returns whether it was written.
+/// Records the step the runner `runner_id` has reached (see [`crate::record::step`]) and
+/// publishes it, only while that runner holds the job: the operator reads it to know whether
+/// running the job again is safe. Returns whether it was written.
 pub async fn set_step<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     runner_id: &str,
     step: &str,
+    timestamp: &str,
 ) -> redis::RedisResult<bool> {
-    let written: i64 = STEP
-        .key(crate::keys::job(job_id))
+    let reply: Vec<String> = STEP
+        .key(keys::job(job_id))
+        .key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(
+            JobStatus::Running,
+            &[("step", step)],
+            timestamp,
+        ))
         .arg(runner_id)
         .arg(step)
         .invoke_async(con)
         .await?;
-    Ok(written == 1)
+    match reply.first().map(String::as_str) {
+        Some("updated") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
-/// Moves `job:{jobId}` to a terminal status unless it already is in one.
+/// Moves `job:{jobId}` to a terminal status unless it already is in one, and publishes the
+/// status event (with the fields written) when it did.
 pub async fn finish<C: ConnectionLike>(
     con: &mut C,
     job_id: &str,
     fin: &Finish,
 ) -> redis::RedisResult<FinishOutcome> {
-    let mut inv = FINISH.key(crate::keys::job(job_id));
-    inv.arg(fin.status.as_str())
-        .arg("finishedAt")
-        .arg(&fin.finished_at);
+    let mut fields = vec![("finishedAt", fin.finished_at.as_str())];
     for (field, value) in [
         ("error", &fin.error),
         ("branch", &fin.branch),
         ("commitSha", &fin.commit_sha),
     ] {
         if let Some(v) = value {
-            inv.arg(field).arg(v);
+            fields.push((field, v.as_str()));
         }
+    }
+    let mut inv = FINISH.key(keys::job(job_id));
+    inv.key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(fin.status, &fields, &fin.finished_at))
+        .arg(fin.status.as_str());
+    for (field, value) in &fields {
+        inv.arg(*field).arg(*value);
     }
     let reply: Vec<String> = inv.invoke_async(con).await?;
     Ok(match reply.first().map(String::as_str) {
-        Some("finished") => FinishOutcome::Finished,
+        Some("finished") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            FinishOutcome::Finished
+        }
         Some("terminal") => FinishOutcome::AlreadyTerminal(parse_status(&reply)),
         _ => FinishOutcome::Missing,
+    })
+}
+
+/// What [`progress`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgressOutcome {
+    Updated,
+    /// The job is not `running` (not started yet, or ended): nothing was written.
+    NotRunning(Option<JobStatus>),
+    Missing,
+}
+
+/// Writes `fields` of a `running` job (e.g. the step it is at) and publishes them as a
+/// `running` status event, in one step; a job that is not running is left alone, so a late
+/// write can never touch a finished record. `status` cannot be set this way; with no other
+/// field there is nothing to do.
+pub async fn progress<C: ConnectionLike>(
+    con: &mut C,
+    job_id: &str,
+    fields: &[(&str, &str)],
+    timestamp: &str,
+) -> redis::RedisResult<ProgressOutcome> {
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .copied()
+        .filter(|(f, _)| *f != "status")
+        .collect();
+    if fields.is_empty() {
+        return Ok(ProgressOutcome::Updated);
+    }
+    let mut inv = PROGRESS.key(keys::job(job_id));
+    inv.key(keys::job_output(job_id))
+        .arg(keys::job_events(job_id))
+        .arg(status_body(JobStatus::Running, &fields, timestamp));
+    for (field, value) in &fields {
+        inv.arg(*field).arg(*value);
+    }
+    let reply: Vec<String> = inv.invoke_async(con).await?;
+    Ok(match reply.first().map(String::as_str) {
+        Some("updated") => {
+            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
+            ProgressOutcome::Updated
+        }
+        Some("not_running") => {
+            ProgressOutcome::NotRunning(reply.get(1).and_then(|s| JobStatus::parse(s)))
+        }
+        _ => ProgressOutcome::Missing,
     })
 }
 

@@ -152,13 +152,13 @@ async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt()
         StartOutcome::Started
     );
     assert!(
-        transitions::set_step(&mut con, "r", "pod-a", "cloning")
+        transitions::set_step(&mut con, "r", "pod-a", "cloning", "t")
             .await
             .unwrap()
     );
     // Only the holder records steps.
     assert!(
-        !transitions::set_step(&mut con, "r", "pod-x", "pushing")
+        !transitions::set_step(&mut con, "r", "pod-x", "pushing", "t")
             .await
             .unwrap()
     );
@@ -174,12 +174,16 @@ async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt()
 
     let note = "==> the runner pod was evicted; running the job again (attempt 2 of 3)";
     assert_eq!(
-        transitions::retry(&mut con, "r", 2, note).await.unwrap(),
+        transitions::retry(&mut con, "r", 2, note, "t")
+            .await
+            .unwrap(),
         RetryOutcome::Retrying
     );
     // Repeating the call changes nothing (a reconcile that ran twice).
     assert_eq!(
-        transitions::retry(&mut con, "r", 2, note).await.unwrap(),
+        transitions::retry(&mut con, "r", 2, note, "t")
+            .await
+            .unwrap(),
         RetryOutcome::AlreadyAt("2".into())
     );
     let output: Vec<String> = con.lrange("job:r:output", 0, -1).await.unwrap();
@@ -227,7 +231,7 @@ async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt()
     assert_eq!(winners, 1);
     // The old runner's late step is ignored.
     assert!(
-        !transitions::set_step(&mut con, "r", "pod-a", "pushing")
+        !transitions::set_step(&mut con, "r", "pod-a", "pushing", "t")
             .await
             .unwrap()
     );
@@ -236,11 +240,15 @@ async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt()
     let fin = Finish::success("t5".into(), Some("repobox/r".into()), None);
     transitions::finish(&mut con, "r", &fin).await.unwrap();
     assert_eq!(
-        transitions::retry(&mut con, "r", 3, note).await.unwrap(),
+        transitions::retry(&mut con, "r", 3, note, "t")
+            .await
+            .unwrap(),
         RetryOutcome::AlreadyTerminal(JobStatus::Success)
     );
     assert_eq!(
-        transitions::retry(&mut con, "nope", 2, note).await.unwrap(),
+        transitions::retry(&mut con, "nope", 2, note, "t")
+            .await
+            .unwrap(),
         RetryOutcome::Missing
     );
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use repobox_contract::{EncryptionKey, Masker};
+use repobox_contract::{EncryptionKey, Masker, events};
 
 /// A setting that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,11 +29,15 @@ pub enum LogFormat {
     Text,
 }
 
-/// How output lines are shipped to `job:{id}:output`.
+/// How output lines are shipped to `job:{id}:output` and `job:{id}:events`. The batch
+/// settings may only be lowered from the event contract's bounds (`events::MAX_BATCH_*`):
+/// subscribers rely on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputConfig {
     /// Flush after this many lines...
     pub flush_lines: usize,
+    /// ...or before the batch's lines would take more than this many bytes as JSON...
+    pub flush_bytes: usize,
     /// ...or this long after the first unflushed line, whichever comes first.
     pub flush_interval: Duration,
     /// Total bytes pushed for one job; one truncation line follows when reached.
@@ -43,11 +47,32 @@ pub struct OutputConfig {
 impl Default for OutputConfig {
     fn default() -> Self {
         Self {
-            flush_lines: 64,
-            flush_interval: Duration::from_millis(200),
+            flush_lines: events::MAX_BATCH_LINES,
+            flush_bytes: events::MAX_BATCH_BYTES,
+            flush_interval: events::MAX_BATCH_DELAY,
             max_bytes: 1024 * 1024,
         }
     }
+}
+
+/// The smallest `OUTPUT_FLUSH_BYTES`: a batch always has room for a line piece.
+const MIN_FLUSH_BYTES: usize = 1024;
+
+/// A number setting that must lie in `min..=max`.
+fn bounded<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    setting: &'static str,
+    v: &str,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let n: T = parse_num(setting, v)?;
+    if n < min || n > max {
+        return Err(err(
+            setting,
+            format!("must be between {min} and {max} (the live event bounds), not `{n}`"),
+        ));
+    }
+    Ok(n)
 }
 
 #[derive(Clone)]
@@ -175,13 +200,24 @@ impl Config {
             }
         };
 
+        let max_ms = events::MAX_BATCH_DELAY.as_millis() as u64;
         let output = OutputConfig {
             flush_lines: match get("OUTPUT_FLUSH_LINES") {
-                Some(v) => parse_num::<usize>("OUTPUT_FLUSH_LINES", &v)?.max(1),
+                // 0 would never flush: it means 1.
+                Some(v) => bounded("OUTPUT_FLUSH_LINES", &v, 0, events::MAX_BATCH_LINES)?.max(1),
                 None => OutputConfig::default().flush_lines,
             },
+            flush_bytes: match get("OUTPUT_FLUSH_BYTES") {
+                Some(v) => bounded(
+                    "OUTPUT_FLUSH_BYTES",
+                    &v,
+                    MIN_FLUSH_BYTES,
+                    events::MAX_BATCH_BYTES,
+                )?,
+                None => OutputConfig::default().flush_bytes,
+            },
             flush_interval: match get("OUTPUT_FLUSH_MS") {
-                Some(v) => Duration::from_millis(parse_num("OUTPUT_FLUSH_MS", &v)?),
+                Some(v) => Duration::from_millis(bounded("OUTPUT_FLUSH_MS", &v, 0, max_ms)?),
                 None => OutputConfig::default().flush_interval,
             },
             max_bytes: match get("OUTPUT_MAX_BYTES") {
@@ -305,6 +341,10 @@ mod tests {
         assert_eq!(c.clone_depth, 1);
         assert_eq!(c.agent_command, None);
         assert_eq!(c.output, OutputConfig::default());
+        // The event contract's bounds: 50 lines, 256 KiB, 2 s.
+        assert_eq!(c.output.flush_lines, 50);
+        assert_eq!(c.output.flush_bytes, 256 * 1024);
+        assert_eq!(c.output.flush_interval, Duration::from_secs(2));
         assert!(!c.allow_insecure_http);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.kill_grace, Duration::from_secs(5));
@@ -332,6 +372,7 @@ mod tests {
             ("OUTPUT_MAX_BYTES", "100"),
             ("OUTPUT_FLUSH_LINES", "0"),
             ("OUTPUT_FLUSH_MS", "5"),
+            ("OUTPUT_FLUSH_BYTES", "4096"),
             ("ALLOW_INSECURE_HTTP", "yes"),
             ("LOG_FORMAT", "text"),
             ("KILL_GRACE_SECONDS", "2"),
@@ -354,6 +395,7 @@ mod tests {
         assert_eq!(c.output.max_bytes, 100);
         assert_eq!(c.output.flush_lines, 1, "0 lines would never flush");
         assert_eq!(c.output.flush_interval, Duration::from_millis(5));
+        assert_eq!(c.output.flush_bytes, 4096);
         assert!(c.allow_insecure_http);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.kill_grace, Duration::from_secs(2));
@@ -404,6 +446,10 @@ mod tests {
             ("CLEANUP_AFTER_JOB", "maybe"),
             ("GIT_CLONE_DEPTH", "-1"),
             ("OUTPUT_MAX_BYTES", "lots"),
+            ("OUTPUT_FLUSH_LINES", "51"),
+            ("OUTPUT_FLUSH_MS", "2001"),
+            ("OUTPUT_FLUSH_BYTES", "262145"),
+            ("OUTPUT_FLUSH_BYTES", "1023"),
             ("LOG_FORMAT", "xml"),
             ("ALLOW_INSECURE_HTTP", "2"),
             ("AGENT_CONTAINER", "perhaps"),

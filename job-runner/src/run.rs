@@ -676,8 +676,14 @@ impl Job<'_> {
         if self.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
-        match transitions::set_step(&mut self.con, &self.cfg.job_id, &self.cfg.runner_id, name)
-            .await
+        match transitions::set_step(
+            &mut self.con,
+            &self.cfg.job_id,
+            &self.cfg.runner_id,
+            name,
+            &time::now(),
+        )
+        .await
         {
             Ok(true) => Ok(()),
             Ok(false) => Err(Stop::Failed(

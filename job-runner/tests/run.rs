@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
-use repobox_contract::EncryptionKey;
+use repobox_contract::events::{Event, Follower, Step};
+use repobox_contract::{EncryptionKey, JobStatus};
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::webapp::{self, NewJob};
@@ -1046,4 +1048,194 @@ async fn a_prompt_too_large_for_the_limit_fails_clearly_and_nul_bytes_are_fine()
         f.git.file_at("acme/api", &sha, "SIZE.txt").unwrap().trim(),
         (job.prompt.len()).to_string()
     );
+}
+
+/// A subscription to the job's events, confirmed by the server before it is returned.
+async fn subscribe_events(redis: &RedisServer, job_id: &str) -> redis::aio::PubSub {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(repobox_contract::keys::job_events(job_id))
+        .await
+        .unwrap();
+    pubsub
+}
+
+/// Waits (bounded) for an event that satisfies `want`, passing over the others.
+async fn await_event(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    what: &str,
+    want: impl Fn(&Event) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(ev) = events.recv().await {
+            if want(&ev) {
+                return;
+            }
+        }
+        panic!("the events ended before {what}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event with {what} within 60 s"));
+}
+
+fn has_line(ev: &Event, line: &str) -> bool {
+    matches!(ev, Event::Output { lines, .. } if lines.iter().any(|l| l == line))
+}
+
+#[tokio::test]
+async fn live_events_carry_every_line_once_in_order_and_a_late_subscriber_resumes_from_the_list() {
+    let mut f = Fixture::new().await;
+    let job = f.job("events01e5f6");
+    f.seed(&job, TOKEN).await;
+    let gate = f.tmp.path().join("gate");
+    // 120 lines, a wait for the test, 80 more lines; one of them is the token, which the
+    // runner masks before it leaves the process in any form.
+    let agent = format!(
+        "i=0; while [ $i -lt 120 ]; do echo \"part1 $i\"; i=$((i+1)); done; \
+         until [ -e '{}' ]; do sleep 0.02; done; \
+         echo \"leak: $LEAK\"; i=0; while [ $i -lt 80 ]; do echo \"part2 $i\"; i=$((i+1)); done; \
+         echo live > EVENTS.md",
+        gate.display()
+    );
+
+    // Subscriber A: from before the job starts to its terminal status.
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let a = subscribe_events(&f.redis, &job.id).await;
+    let collector = tokio::spawn(async move {
+        let mut raw = Vec::new();
+        let mut stream = a.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let payload: String = msg.get_payload().unwrap();
+            let ev = Event::parse(&payload).unwrap();
+            let done = matches!(&ev, Event::Status { status, .. } if status.is_terminal());
+            raw.push(payload);
+            let _ = tx.send(ev);
+            if done {
+                break;
+            }
+        }
+        raw
+    });
+
+    let mut cmd = f.command(
+        &job.id,
+        &[
+            ("AGENT_COMMAND", &agent),
+            ("AGENT_ENV", "LEAK"),
+            ("LEAK", TOKEN),
+            ("OUTPUT_FLUSH_MS", "50"),
+        ],
+    );
+    let runner = cmd.spawn().unwrap();
+
+    // Subscriber B joins mid-run, once part 1 is out; it reads the list only after part 2
+    // started to flow, so some events it receives are already in what it read.
+    await_event(&mut seen, "part1 119", |e| has_line(e, "part1 119")).await;
+    let mut b = subscribe_events(&f.redis, &job.id).await;
+    std::fs::write(&gate, "").unwrap();
+    await_event(&mut seen, "part2 0", |e| has_line(e, "part2 0")).await;
+    let history = f.output(&job.id).await;
+    let status = f.record(&job.id).await.get("status").cloned();
+    assert_eq!(status.as_deref(), Some("running"));
+    let mut follower = Follower::new(history.len() as u64, JobStatus::parse("running"));
+    let mut b_lines = history.clone();
+    let mut skipped = 0;
+    let mut b_stream = b.on_message();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), b_stream.next())
+            .await
+            .expect("B's events keep coming")
+            .expect("B's subscription is open");
+        let ev = Event::parse(&msg.get_payload::<String>().unwrap()).unwrap();
+        match follower.apply(&ev) {
+            Step::Lines(l) => b_lines.extend_from_slice(l),
+            Step::Skip => skipped += 1,
+            Step::Status(s, _) if s.is_terminal() => break,
+            Step::Status(..) => {}
+            Step::Gap { from, to } => panic!("B missed lines {from}..{to}"),
+        }
+    }
+
+    let out = runner.wait_with_output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = tokio::time::timeout(Duration::from_secs(60), collector)
+        .await
+        .unwrap()
+        .unwrap();
+    let list = f.output(&job.id).await;
+    let rec = f.record(&job.id).await;
+
+    // A: the running status first, the success last, output in between.
+    let events: Vec<Event> = raw.iter().map(|p| Event::parse(p).unwrap()).collect();
+    let Some(Event::Status {
+        seq: 0,
+        status: JobStatus::Running,
+        fields,
+        ..
+    }) = events.first()
+    else {
+        panic!(
+            "the first event is `running` at seq 0: {:?}",
+            events.first()
+        )
+    };
+    assert_eq!(fields["runnerId"], "runner-test");
+    assert_eq!(fields["startedAt"], rec["startedAt"]);
+    let Some(Event::Status {
+        seq,
+        status: JobStatus::Success,
+        fields,
+        ..
+    }) = events.last()
+    else {
+        panic!("the last event is `success`: {:?}", events.last())
+    };
+    assert_eq!(*seq, list.len() as u64, "the status follows every line");
+    for k in ["finishedAt", "branch", "commitSha"] {
+        assert_eq!(fields[k], rec[k], "{k}");
+    }
+    // Output events: contiguous seqs from 0, at most 50 lines each, exactly the list. (Any
+    // status event between is a running job's progress, placed after the lines before it.)
+    let mut a_lines: Vec<String> = Vec::new();
+    for ev in &events[1..events.len() - 1] {
+        match ev {
+            Event::Output { seq, lines, .. } => {
+                assert_eq!(*seq, a_lines.len() as u64, "no gap, no overlap");
+                assert!(!lines.is_empty() && lines.len() <= 50, "{}", lines.len());
+                a_lines.extend_from_slice(lines);
+            }
+            Event::Status { seq, status, .. } => {
+                assert_eq!(*status, JobStatus::Running, "{ev:?}");
+                assert_eq!(*seq, a_lines.len() as u64, "{ev:?}");
+            }
+        }
+    }
+    assert_eq!(a_lines, list, "every line once, in order");
+    for part in [("part1", 120), ("part2", 80)] {
+        for i in 0..part.1 {
+            let line = format!("{} {i}", part.0);
+            assert_eq!(a_lines.iter().filter(|l| **l == line).count(), 1, "{line}");
+        }
+    }
+    assert!(events.len() > 6, "several batches: {}", events.len());
+
+    // B: the list up to its read, then events, gives the same lines once.
+    assert_eq!(
+        b_lines, list,
+        "the resume procedure loses and repeats nothing"
+    );
+    assert!(skipped >= 1, "B's read overlapped events it had received");
+    assert!(history.iter().any(|l| l == "part2 0"));
+
+    // Secrets: masked in the events as in the list.
+    assert!(raw.iter().all(|p| !p.contains(TOKEN)), "token in an event");
+    assert!(list.iter().any(|l| l == "leak: ghp_****OKEN"), "{list:?}");
+    f.assert_token_nowhere(&String::from_utf8_lossy(&out.stderr))
+        .await;
 }

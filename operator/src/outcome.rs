@@ -3,7 +3,9 @@
 //! finished jobs' output lists.
 //!
 //! Every status change goes through the contract's atomic transitions, so a terminal state
-//! that the executor (or anyone) wrote first is never overwritten.
+//! that the executor (or anyone) wrote first is never overwritten, and the status the operator
+//! decides (timeout, OOM, eviction, cancellation, bad entry) is published on
+//! `job:{jobId}:events` in the same step, exactly when it is written (`contract::events`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -70,7 +72,7 @@ impl Outcomes {
         Ok((!hash.is_empty()).then_some(hash))
     }
 
-    /// Marks the job `failed` with `error` unless it already ended.
+    /// Marks the job `failed` with `error` unless it already ended (and then publishes it).
     pub async fn fail(&self, job_id: &str, error: &str) -> Result<FinishOutcome> {
         let mut con = self.con.clone();
         Ok(transitions::finish(&mut con, job_id, &Finish::failed(time::now(), error)).await?)
@@ -80,10 +82,10 @@ impl Outcomes {
     /// [`transitions::retry`]).
     pub async fn retry(&self, job_id: &str, attempt: u32, note: &str) -> Result<RetryOutcome> {
         let mut con = self.con.clone();
-        Ok(transitions::retry(&mut con, job_id, attempt, note).await?)
+        Ok(transitions::retry(&mut con, job_id, attempt, note, &time::now()).await?)
     }
 
-    /// Marks the job `cancelled` unless it already ended.
+    /// Marks the job `cancelled` unless it already ended (and then publishes it).
     pub async fn cancel(&self, job_id: &str, reason: &str) -> Result<FinishOutcome> {
         let mut con = self.con.clone();
         Ok(transitions::finish(&mut con, job_id, &Finish::cancelled(time::now(), reason)).await?)

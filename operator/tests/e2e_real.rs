@@ -17,6 +17,8 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use real_bed::*;
 use redis::AsyncCommands;
+use repobox_contract::JobStatus;
+use repobox_contract::events::Event;
 use repobox_operator::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
 use repobox_operator::names::object_name;
 use repobox_testbed::kubelet::KubeletEvent;
@@ -28,6 +30,76 @@ fn job_of_pod(pod: &str, jobs: &[String]) -> String {
         .find(|j| pod.starts_with(&format!("{j}-")))
         .cloned()
         .unwrap_or_else(|| panic!("pod {pod} belongs to no known job"))
+}
+
+/// Subscribes (confirmed) to a job's live events; the task returns them, up to and including
+/// the first terminal status.
+async fn collect_events(bed: &RealBed, job_id: &str) -> tokio::task::JoinHandle<Vec<Event>> {
+    use futures::StreamExt;
+    let client = redis::Client::open(bed.redis.url()).expect("redis url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(repobox_contract::keys::job_events(job_id))
+        .await
+        .expect("subscribe");
+    tokio::spawn(async move {
+        let mut events = Vec::new();
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let ev = Event::parse(&msg.get_payload::<String>().expect("text")).expect("event");
+            let done = matches!(&ev, Event::Status { status, .. } if status.is_terminal());
+            events.push(ev);
+            if done {
+                break;
+            }
+        }
+        events
+    })
+}
+
+/// The terminal status event the operator published, checked against the job hash.
+async fn terminal_event(
+    bed: &mut RealBed,
+    job_id: &str,
+    events: tokio::task::JoinHandle<Vec<Event>>,
+) -> (JobStatus, std::collections::BTreeMap<String, String>) {
+    let events = tokio::time::timeout(WAIT, events)
+        .await
+        .expect("a terminal status event")
+        .expect("collector");
+    // The runner's `running` came first, with its pod's name.
+    let Some(Event::Status {
+        status: JobStatus::Running,
+        fields: running,
+        ..
+    }) = events.first()
+    else {
+        panic!("the first event is the runner's `running`: {events:?}")
+    };
+    let Some(Event::Status {
+        seq,
+        status,
+        fields,
+        ..
+    }) = events.last().cloned()
+    else {
+        panic!("no terminal status: {events:?}")
+    };
+    let rec = bed.record(job_id).await;
+    assert_eq!(running["runnerId"], rec["runnerId"]);
+    assert_eq!(status.as_str(), rec["status"]);
+    assert_eq!(fields.get("error"), rec.get("error"));
+    assert_eq!(fields["finishedAt"], rec["finishedAt"]);
+    // Its `seq` counts the lines before it: the output events' lines, contiguous.
+    let mut next = 0;
+    for ev in &events[1..events.len() - 1] {
+        if let Event::Output { seq, lines, .. } = ev {
+            assert_eq!(*seq, next, "{events:?}");
+            next += lines.len() as u64;
+        }
+    }
+    assert_eq!(seq, next, "{events:?}");
+    (status, fields)
 }
 
 async fn pending_entries(bed: &mut RealBed) -> usize {
@@ -219,6 +291,7 @@ async fn deadline_exceeded_by_the_real_job_controller_is_timed_out() {
     };
     bed.start_operator(&[]);
     let job = bed.job("slow0001-dl", "erin");
+    let events = collect_events(&bed, &job.id).await;
     bed.submit(&job).await;
     let name = object_name(&job.id);
     let rj = bed.wait_phase(&name, RepoboxJobPhase::Failed).await;
@@ -232,6 +305,10 @@ async fn deadline_exceeded_by_the_real_job_controller_is_timed_out() {
     let rec = bed.record(&job.id).await;
     assert_eq!(rec["status"], "failed");
     assert_eq!(rec["error"], "timed out after 4 s");
+    // The operator published the status it wrote itself.
+    let (status, fields) = terminal_event(&mut bed, &job.id, events).await;
+    assert_eq!(status, JobStatus::Failed);
+    assert_eq!(fields["error"], "timed out after 4 s");
     // The real Job controller failed the Job and removed its running pod (SIGTERM first).
     let j = bed.wait_job_condition(&name, "Failed").await;
     let failed = j
@@ -267,6 +344,8 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
     let a = bed.job("cancel01-del", "frank");
     let b = bed.job("cancel02-spec", "frank");
     bed.submit(&a).await;
+    // Subscribed while b waits for a's slot, so its whole life is seen.
+    let b_events = collect_events(&bed, &b.id).await;
     bed.submit(&b).await;
     let (na, nb) = (object_name(&a.id), object_name(&b.id));
     bed.wait_phase(&na, RepoboxJobPhase::Running).await;
@@ -302,6 +381,9 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
         Some(reasons::CANCELLED)
     );
     assert_eq!(bed.record(&b.id).await["status"], "cancelled");
+    let (status, fields) = terminal_event(&mut bed, &b.id, b_events).await;
+    assert_eq!(status, JobStatus::Cancelled);
+    assert!(fields["error"].starts_with("cancelled"), "{fields:?}");
     bed.wait_no_pods(&nb).await;
     bed.eventually_counter("frank", "0").await;
     bed.finish().await;

@@ -213,6 +213,7 @@ async fn the_runner_acl_allows_the_job_runner_and_nothing_else() {
             "x",
         ],
         &["DEL", "job:acljob01-r"],
+        &["PUBLISH", "session:abc", "x"],
         &["EVAL", "return 1", "0"],
         &["CONFIG", "GET", "*"],
         &["ACL", "LIST"],
