@@ -217,14 +217,15 @@ impl Default for AutoscalerConfig {
 
 impl AutoscalerConfig {
     /// CA's behaviour on a test's clock: a 1 s scan, 1 s provisioning, nodes unneeded for 3 s
-    /// removed, no cooldown after a scale-up.
+    /// removed, scale-down resumes 5 s after a scale-up (time for the scheduler to bind the
+    /// pods the new nodes are for).
     pub fn quick(groups: Vec<NodeGroup>) -> Self {
         AutoscalerConfig {
             groups,
             scan_interval: Duration::from_secs(1),
             scale_up_delay: Duration::from_secs(1),
             scale_down_unneeded_time: Duration::from_secs(3),
-            scale_down_delay_after_add: Duration::ZERO,
+            scale_down_delay_after_add: Duration::from_secs(5),
             scale_down_delay_after_failure: Duration::from_secs(5),
             max_graceful_termination: Duration::from_secs(30),
             shutdown_grace_period: Duration::from_secs(10),
