@@ -8,6 +8,7 @@
 //! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
 //! - [`kubelet`]: registers Nodes and runs the pods bound to them as local processes, isolated
 //!   in their own namespaces when running as root; works against the emulator or a real API server.
+//!   Nodes join, leave and shut down gracefully at runtime.
 //! - [`autoscaler`]: a cluster-autoscaler model over the kubelet: node groups grown for
 //!   unschedulable pods and shrunk when idle, with CA's events; drains and spot reclaims.
 //! - [`events`]: core/v1 Events as client-go's recorder writes them.

@@ -5,7 +5,10 @@
 //! - **Nodes**: registered with capacity/allocatable from [`NodeSettings`] and a `Ready`
 //!   condition; every [`KubeletConfig::heartbeat_interval`] the Lease in `kube-node-lease` is
 //!   renewed and the conditions' heartbeat refreshed, so the node lifecycle controller keeps the
-//!   node Ready.
+//!   node Ready. Nodes join and leave at runtime ([`KubeletHandle::add_node`],
+//!   [`KubeletHandle::remove_node`]: the machine is gone, its containers killed, the Node
+//!   deleted as the cloud node controller does) and shut down gracefully as the v1.28 kubelet's
+//!   shutdown manager does on a spot reclaim ([`KubeletHandle::shutdown_node`]).
 //! - **Pods** with `spec.nodeName` = one of our nodes: volumes written (emptyDir, secret,
 //!   configMap, downwardAPI, projected incl. service-account tokens via TokenRequest, hostPath),
 //!   init containers run in order to completion, then all containers at once; status goes
