@@ -1033,48 +1033,42 @@ async fn scale_down(
             .filter(|(_, m)| m.phase == Phase::Deleting)
             .map(|(n, _)| n)
             .collect();
-        let mut destinations: Vec<NodeFacts> = facts
+        let destinations: Vec<NodeFacts> = facts
             .iter()
             .filter(|f| !deleting.contains(&f.name))
             .cloned()
             .collect();
-        let mut removable: HashMap<String, Vec<String>> = HashMap::new();
-        let mut results = Vec::new();
-        for (node, _) in &candidates {
-            let name = node.name_any();
-            let pods = bound.get(&name).unwrap_or(&no_pods);
-            let candidate = Candidate {
-                node: node_facts(node, pods),
-                scale_down_disabled: node
-                    .annotations()
-                    .get(SCALE_DOWN_DISABLED)
-                    .map(String::as_str)
-                    == Some("true"),
-                pods: pods
-                    .iter()
-                    .map(|p| (PodFacts::of(p), sim::drain_pod(p, &rules)))
-                    .collect(),
-            };
-            let mut others: Vec<NodeFacts> = destinations
-                .iter()
-                .filter(|d| d.name != name && !removable.contains_key(&d.name))
-                .cloned()
-                .collect();
-            let result = sim::unneeded(
-                &candidate,
-                sh.cfg.scale_down_utilization_threshold,
-                &mut others,
-            );
-            if let Ok(evict) = &result {
-                for o in others {
-                    if let Some(d) = destinations.iter_mut().find(|d| d.name == o.name) {
-                        *d = o;
-                    }
+        let built: Vec<Candidate> = candidates
+            .iter()
+            .map(|(node, _)| {
+                let pods = bound.get(&node.name_any()).unwrap_or(&no_pods);
+                Candidate {
+                    node: node_facts(node, pods),
+                    scale_down_disabled: node
+                        .annotations()
+                        .get(SCALE_DOWN_DISABLED)
+                        .map(String::as_str)
+                        == Some("true"),
+                    pods: pods
+                        .iter()
+                        .map(|p| (PodFacts::of(p), sim::drain_pod(p, &rules)))
+                        .collect(),
                 }
-                removable.insert(name.clone(), evict.clone());
-            }
-            results.push((name, result));
-        }
+            })
+            .collect();
+        let results: Vec<(String, Result<Vec<String>, Unremovable>)> = built
+            .iter()
+            .map(|c| c.node.name.clone())
+            .zip(sim::find_unneeded(
+                &built,
+                &destinations,
+                sh.cfg.scale_down_utilization_threshold,
+            ))
+            .collect();
+        let removable: HashMap<String, Vec<String>> = results
+            .iter()
+            .filter_map(|(n, r)| r.as_ref().ok().map(|e| (n.clone(), e.clone())))
+            .collect();
         for (name, result) in results {
             match result {
                 Ok(_) => {

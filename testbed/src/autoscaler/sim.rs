@@ -692,14 +692,23 @@ pub struct Candidate {
     pub pods: Vec<(PodFacts, PodDrain)>,
 }
 
+/// What removing an unneeded node takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    /// Its pods to evict (movable and expendable ones).
+    pub evict: Vec<String>,
+    /// Where the simulation put each movable pod (node name).
+    pub moves: Vec<(PodFacts, String)>,
+}
+
 /// Whether a candidate is unneeded: not disabled, below the utilization threshold, no pod
 /// blocks, and its movable pods fit on `destinations` (where their requests are then reserved,
-/// as CA's simulation memorises new locations). `Ok`: the pods to evict.
+/// as CA's simulation memorises new locations).
 pub fn unneeded(
     c: &Candidate,
     threshold: f64,
     destinations: &mut [NodeFacts],
-) -> Result<Vec<String>, Unremovable> {
+) -> Result<Removal, Unremovable> {
     if c.scale_down_disabled {
         return Err(Unremovable::ScaleDownDisabledAnnotation);
     }
@@ -717,17 +726,72 @@ pub fn unneeded(
         });
     }
     let mut trial = destinations.to_vec();
+    let mut moves = Vec::new();
     for (p, d) in &c.pods {
-        if *d == PodDrain::Move && place(p, &mut trial).is_none() {
-            return Err(Unremovable::NoPlaceToMovePods);
+        if *d == PodDrain::Move {
+            match place(p, &mut trial) {
+                Some(i) => moves.push((p.clone(), trial[i].name.clone())),
+                None => return Err(Unremovable::NoPlaceToMovePods),
+            }
         }
     }
     destinations.clone_from_slice(&trial);
-    Ok(c.pods
+    Ok(Removal {
+        evict: c
+            .pods
+            .iter()
+            .filter(|(_, d)| matches!(d, PodDrain::Move | PodDrain::Expendable))
+            .map(|(p, _)| p.key.clone())
+            .collect(),
+        moves,
+    })
+}
+
+/// CA's unneeded-node pass over the candidates in order, on one simulated cluster: a node found
+/// removable is no destination for the next ones, and the pods it would shed count on the nodes
+/// they were put on (which must then move them again to be removable themselves). `nodes` are
+/// the nodes pods may go to (the candidates among them). `Ok`: the candidate's own pods to
+/// evict.
+pub fn find_unneeded(
+    candidates: &[Candidate],
+    nodes: &[NodeFacts],
+    threshold: f64,
+) -> Vec<Result<Vec<String>, Unremovable>> {
+    let mut cluster: Vec<NodeFacts> = nodes.to_vec();
+    let mut removed: Vec<String> = Vec::new();
+    let mut moved_in: BTreeMap<String, Vec<PodFacts>> = BTreeMap::new();
+    candidates
         .iter()
-        .filter(|(_, d)| matches!(d, PodDrain::Move | PodDrain::Expendable))
-        .map(|(p, _)| p.key.clone())
-        .collect())
+        .map(|c| {
+            let name = &c.node.name;
+            let mut sim = c.clone();
+            for p in moved_in.get(name).into_iter().flatten() {
+                sim.node.requested = sim.node.requested.plus(p.requests);
+                sim.pods.push((p.clone(), PodDrain::Move));
+            }
+            let mut others: Vec<NodeFacts> = cluster
+                .iter()
+                .filter(|d| d.name != *name && !removed.contains(&d.name))
+                .cloned()
+                .collect();
+            let removal = unneeded(&sim, threshold, &mut others)?;
+            for o in others {
+                if let Some(d) = cluster.iter_mut().find(|d| d.name == o.name) {
+                    *d = o;
+                }
+            }
+            for (p, dest) in removal.moves {
+                moved_in.entry(dest).or_default().push(p);
+            }
+            removed.push(name.clone());
+            let own: Vec<&str> = c.pods.iter().map(|(p, _)| p.key.as_str()).collect();
+            Ok(removal
+                .evict
+                .into_iter()
+                .filter(|k| own.contains(&k.as_str()))
+                .collect())
+        })
+        .collect()
 }
 
 /// client-go's event spam filter as CA configures it (burst 1, one token per `window` per
@@ -1313,7 +1377,7 @@ mod tests {
             pods,
         };
         let empty = cand(vec![], 0);
-        assert_eq!(unneeded(&empty, 0.5, &mut []), Ok(vec![]));
+        assert_eq!(unneeded(&empty, 0.5, &mut []).map(|r| r.evict), Ok(vec![]));
         assert_eq!(
             unneeded(
                 &Candidate {
@@ -1364,10 +1428,9 @@ mod tests {
             Err(Unremovable::NoPlaceToMovePods)
         );
         let mut dest = [busy.clone()];
-        assert_eq!(
-            unneeded(&movable, 0.5, &mut dest),
-            Ok(vec!["ns/m".to_string(), "ns/x".to_string()])
-        );
+        let removal = unneeded(&movable, 0.5, &mut dest).expect("unneeded");
+        assert_eq!(removal.evict, ["ns/m", "ns/x"]);
+        assert_eq!(removal.moves, [(pod("ns/m", 1500, 0), "busy".to_string())]);
         // The move is memorised: the same room is not offered twice.
         assert_eq!(dest[0].requested.milli_cpu, 3500);
         assert_eq!(
@@ -1375,6 +1438,54 @@ mod tests {
             Err(Unremovable::NoPlaceToMovePods)
         );
         assert!((utilization(&busy) - 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn the_unneeded_pass_follows_the_pods_it_moves() {
+        let cand = |name: &str, pods: Vec<(PodFacts, PodDrain)>| {
+            let requested = pods
+                .iter()
+                .map(|(p, _)| p.requests)
+                .fold(Resources::default(), Resources::plus);
+            Candidate {
+                node: NodeFacts {
+                    requested,
+                    ..node(name, 4000, 8 << 30)
+                },
+                scale_down_disabled: false,
+                pods,
+            }
+        };
+        let a = cand("a", vec![(pod("ns/job", 1000, 0), PodDrain::Move)]);
+        let b = cand("b", vec![]);
+        let nodes = [a.node.clone(), b.node.clone()];
+        // a's pod would go to b; b then holds it and has nowhere to put it (a is going).
+        assert_eq!(
+            find_unneeded(&[a.clone(), b.clone()], &nodes, 0.5),
+            vec![
+                Ok(vec!["ns/job".to_string()]),
+                Err(Unremovable::NoPlaceToMovePods)
+            ]
+        );
+        // With a third node b can go too, and evicts nothing of its own.
+        let c = node("c", 4000, 8 << 30);
+        let mut nodes3 = nodes.to_vec();
+        nodes3.push(c);
+        assert_eq!(
+            find_unneeded(&[a.clone(), b.clone()], &nodes3, 0.5),
+            vec![Ok(vec!["ns/job".to_string()]), Ok(vec![])]
+        );
+        // A blocked node stays, and stays a destination.
+        let blocked = cand(
+            "a",
+            vec![(
+                pod("ns/keep", 100, 0),
+                PodDrain::Blocked(BlockingPodReason::NotReplicated),
+            )],
+        );
+        let r = find_unneeded(&[blocked, b], &nodes, 0.5);
+        assert!(matches!(r[0], Err(Unremovable::BlockedByPod { .. })));
+        assert_eq!(r[1], Ok(vec![]));
     }
 
     #[test]
