@@ -1,7 +1,8 @@
 //! The cluster-autoscaler model on a real control plane (kube-apiserver, kube-controller-manager,
 //! kube-scheduler v1.28 from `REPOBOX_K8S_ASSETS`), with the test bed's kubelet playing the
 //! machines: scale-up from zero nodes with CA's events, `NotTriggerScaleUp` for a pod no group
-//! fits, scale-in of an idle node and not of one running a `safe-to-evict: "false"` pod, and the
+//! fits, scale-in of an idle node, of an underused one (its pod evicted and replaced elsewhere)
+//! and not of one running a `safe-to-evict: "false"` pod, and the
 //! two disruptions a Job with a pod failure policy must survive: a drain (Eviction API) and a
 //! spot reclaim (graceful node shutdown). Each test has its own namespace, kubelet, autoscaler
 //! and node group (its pods select the group's label).
@@ -119,15 +120,16 @@ impl Bed {
             .expect("create pod")
     }
 
-    /// A Job whose pod failure policy fails it on `DisruptionTarget`.
-    async fn create_job(&self, name: &str, annotations: Value) -> Job {
-        let mut template = json!({"spec": self.pod_spec("500m")});
-        template["metadata"] = json!({"annotations": annotations});
+    /// A Job whose pod failure policy takes `action` (`FailJob`, `Ignore`) on
+    /// `DisruptionTarget`; `template` is merged into its pod template.
+    async fn create_job(&self, name: &str, action: &str, template: Value) -> Job {
+        let mut pod = json!({"spec": self.pod_spec("500m")});
+        merge(&mut pod, template);
         let job = json!({"metadata": {"name": name}, "spec": {
             "backoffLimit": 3,
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
-            "template": template}});
+                {"action": action, "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            "template": pod}});
         self.jobs()
             .create(
                 &PostParams::default(),
@@ -364,12 +366,24 @@ async fn pods_no_group_fits_get_not_trigger_scale_up_and_expendable_ones_nothing
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => panic!("priority class: {e}"),
     }
-    bed.create_pod(
-        "expendable",
-        "500m",
-        json!({"spec": {"priorityClassName": "repobox-test-expendable"}}),
-    )
-    .await;
+    // The Priority admission reads classes from its informer: a new one takes a moment.
+    let mut pod = json!({"metadata": {"name": "expendable"}, "spec": bed.pod_spec("500m")});
+    pod["spec"]["priorityClassName"] = json!("repobox-test-expendable");
+    let pod: Pod = serde_json::from_value(pod).expect("pod");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match bed.pods().create(&PostParams::default(), &pod).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(e))
+                if e.code == 403
+                    && e.message.contains("no PriorityClass")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create the expendable pod: {e}"),
+        }
+    }
     let pods = bed.pods();
     tokio::time::timeout(
         WAIT,
@@ -469,13 +483,124 @@ async fn an_idle_node_is_scaled_in() {
 }
 
 #[tokio::test]
+async fn an_underused_node_is_drained_and_its_pod_moves() {
+    let Some(bed) = bed("move", |g, cfg| {
+        g.initial_size = 2;
+        g.min_size = 1;
+        // Time for the Job's pod to land before the first node's unneeded time is up.
+        cfg.scale_down_unneeded_time = Duration::from_secs(12);
+    })
+    .await
+    else {
+        return;
+    };
+    let (first, second) = (format!("{}-1", bed.group), format!("{}-2", bed.group));
+    // New Nodes carry `node.kubernetes.io/not-ready` until the node lifecycle controller has
+    // seen them Ready: let both be schedulable, so that the scheduler's preference decides.
+    for n in [&first, &second] {
+        let nodes: Api<Node> = Api::all(bed.client.clone());
+        let untainted = |n: Option<&Node>| {
+            n.is_some_and(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_none_or(|t| t.is_empty())
+            })
+        };
+        tokio::time::timeout(WAIT, await_condition(nodes, n, untainted))
+            .await
+            .expect("untainted in time")
+            .expect("watch the Node");
+    }
+    // The scheduler prefers the first node; CA's simulation ignores preferences, so the pod
+    // can move to the second, and the first (below 50 % used) is unneeded. `Ignore` on
+    // `DisruptionTarget`: the Job replaces an evicted pod without counting a failure.
+    bed.create_job(
+        "mover",
+        "Ignore",
+        json!({"spec": {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "preference": {"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [first]}]}}]}}}}),
+    )
+    .await;
+    let (pod, node) = bed.job_pod_running("mover").await;
+    assert_eq!(node, first);
+    let key = format!("{}/{pod}", bed.ns);
+    let f = first.clone();
+    let down = bed
+        .autoscaler_event(
+            "scale-down",
+            move |e| matches!(e, AutoscalerEvent::ScaleDown { node, .. } if *node == f),
+        )
+        .await;
+    assert_eq!(
+        down,
+        AutoscalerEvent::ScaleDown {
+            group: bed.group.clone(),
+            node: first.clone(),
+            pods: vec![key.clone()]
+        }
+    );
+    let f = first.clone();
+    bed.autoscaler_event("node removed", move |e| {
+        matches!(e, AutoscalerEvent::NodeRemoved { node, cause: RemovalCause::ScaleDown, .. } if *node == f)
+    })
+    .await;
+    assert!(
+        bed.autoscaler
+            .history()
+            .contains(&AutoscalerEvent::Evicted {
+                node: first.clone(),
+                pod: key
+            })
+    );
+    // The eviction as the kubelet saw it, CA's event on the pod, and the replacement running
+    // on the second node, which stays (the group's minimum, and it runs the pod).
+    let p = pod.clone();
+    let fin = bed
+        .kubelet_event(
+            "the evicted pod finished",
+            move |e| matches!(e, KubeletEvent::PodFinished { pod, .. } if *pod == p),
+        )
+        .await;
+    assert!(
+        matches!(&fin, KubeletEvent::PodFinished { disruption: Some(d), .. } if d == "EvictionByEvictionAPI"),
+        "{fin:?}"
+    );
+    let events = bed.events(&bed.ns, &pod, "ScaleDown").await;
+    assert_eq!(
+        events.first().and_then(|e| e.message.as_deref()),
+        Some("deleting pod for node scale down"),
+        "{events:?}"
+    );
+    let (ns, old) = (bed.ns.clone(), pod.clone());
+    let replacement = bed
+        .kubelet_event("the replacement runs", move |e| {
+            matches!(e, KubeletEvent::PodRunning { namespace, pod, .. }
+                if *namespace == ns && pod.starts_with("mover-") && *pod != old)
+        })
+        .await;
+    let placed = bed
+        .pods()
+        .get(replacement.pod())
+        .await
+        .expect("pod")
+        .spec
+        .and_then(|s| s.node_name);
+    assert_eq!(placed.as_deref(), Some(second.as_str()));
+    bed.node_gone(&first).await;
+    assert_eq!(bed.autoscaler.nodes(&bed.group), [second]);
+}
+
+#[tokio::test]
 async fn a_node_running_a_safe_to_evict_false_pod_is_not_scaled_in() {
     let Some(bed) = bed("keep", |_, _| {}).await else {
         return;
     };
     bed.create_job(
         "keeper",
-        json!({"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}),
+        "FailJob",
+        json!({"metadata": {"annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}}}),
     )
     .await;
     let (pod, node) = bed.job_pod_running("keeper").await;
@@ -545,7 +670,7 @@ async fn drain_fails_a_job_whose_failure_policy_fails_on_disruption() {
     let Some(bed) = bed("drain", |_, _| {}).await else {
         return;
     };
-    bed.create_job("drained", json!({})).await;
+    bed.create_job("drained", "FailJob", json!({})).await;
     let (pod, node) = bed.job_pod_running("drained").await;
     bed.autoscaler.drain(&node).await.expect("drain");
     let key = format!("{}/{pod}", bed.ns);
@@ -586,7 +711,7 @@ async fn spot_reclaim_fails_a_job_through_graceful_node_shutdown() {
     let Some(bed) = bed("spot", |g, _| g.spot = true).await else {
         return;
     };
-    bed.create_job("reclaimed", json!({})).await;
+    bed.create_job("reclaimed", "FailJob", json!({})).await;
     let (pod, node) = bed.job_pod_running("reclaimed").await;
     bed.autoscaler.reclaim_spot(&node).await.expect("reclaim");
     let key = format!("{}/{pod}", bed.ns);

@@ -7,8 +7,9 @@
 //! - The loop: every [`AutoscalerConfig::scan_interval`] the Pods and Nodes are listed (CA
 //!   reads informer caches). Pods with `PodScheduled=False`/`Unschedulable` (and no nominated
 //!   node) are considered; those below the expendable priority cutoff never trigger a scale-up;
-//!   those the scheduler can still place on a Ready node or on a node being provisioned are left
-//!   to it (`FilterOutSchedulable`).
+//!   those the scheduler can still place on a Ready node or on a node coming up (provisioning,
+//!   or registered but still carrying the `not-ready` taint the API server puts on new Nodes)
+//!   are left to it (`FilterOutSchedulable`).
 //! - Scale-up: each group's node template (capacity, labels, taints) runs the scheduler's
 //!   filters (unschedulable, taints/tolerations, node selector and required node affinity,
 //!   resources: larger of the containers' sum and the largest init container, plus overhead;
@@ -776,11 +777,25 @@ fn is_unschedulable(pod: &Pod) -> bool {
             })
 }
 
+/// Ready as CA's readiness check sees it: condition `Ready=True` and no `not-ready` or
+/// `unreachable` taint (the API server's NodeTaint admission puts `not-ready` on every new Node
+/// until the node lifecycle controller sees it Ready).
 fn node_ready(node: &Node) -> bool {
-    node.status
+    let condition = node
+        .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|ts| {
+            ts.iter().any(|t| {
+                t.key == "node.kubernetes.io/not-ready" || t.key == "node.kubernetes.io/unreachable"
+            })
+        });
+    condition && !tainted
 }
 
 /// A real node's scheduling facts, its pods' requests summed.
@@ -923,8 +938,11 @@ async fn scale_up(sh: &Arc<Shared>, pods: &[Pod], facts: &[NodeFacts]) -> bool {
             })
             .cloned()
             .collect();
+        // Nodes coming up (provisioning, or registered but not ready yet) count as empty
+        // templates, as CA counts its upcoming and not-started nodes.
         for (name, m) in &st.nodes {
-            if m.phase == Phase::Provisioning {
+            let starting = m.phase != Phase::Deleting && !facts.iter().any(|f| f.name == *name);
+            if starting {
                 sim_nodes.push(sh.template(m.group, name));
             }
         }
