@@ -8,11 +8,17 @@
 //! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
 //! - [`kubelet`]: registers Nodes and runs the pods bound to them as local processes, isolated
 //!   in their own namespaces when running as root; works against the emulator or a real API server.
+//!   Nodes join, leave and shut down gracefully at runtime.
+//! - [`autoscaler`]: a cluster-autoscaler model over the kubelet: node groups grown for
+//!   unschedulable pods and shrunk when idle, with CA's events; drains and spot reclaims.
+//! - [`events`]: core/v1 Events as client-go's recorder writes them.
 //! - [`simulator`]: plays job controller and kubelet for the Jobs in the emulator.
 //! - [`webapp`]: writes jobs and providers into Redis the way the web app does.
 
+pub mod autoscaler;
 pub mod control_plane;
 pub mod emulator;
+pub mod events;
 pub mod githost;
 pub mod kubelet;
 pub mod redis_server;

@@ -5,7 +5,10 @@
 //! - **Nodes**: registered with capacity/allocatable from [`NodeSettings`] and a `Ready`
 //!   condition; every [`KubeletConfig::heartbeat_interval`] the Lease in `kube-node-lease` is
 //!   renewed and the conditions' heartbeat refreshed, so the node lifecycle controller keeps the
-//!   node Ready.
+//!   node Ready. Nodes join and leave at runtime ([`KubeletHandle::add_node`],
+//!   [`KubeletHandle::remove_node`]: the machine is gone, its containers killed, the Node
+//!   deleted as the cloud node controller does) and shut down gracefully as the v1.28 kubelet's
+//!   shutdown manager does on a spot reclaim ([`KubeletHandle::shutdown_node`]).
 //! - **Pods** with `spec.nodeName` = one of our nodes: volumes written (emptyDir, secret,
 //!   configMap, downwardAPI, projected incl. service-account tokens via TokenRequest, hostPath),
 //!   init containers run in order to completion, then all containers at once; status goes
@@ -45,8 +48,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Preconditions};
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, killpg};
@@ -63,6 +66,8 @@ pub struct NodeSettings {
     pub ephemeral_storage: String,
     pub pods: String,
     pub labels: BTreeMap<String, String>,
+    /// Set on the Node when it is created, as `--register-with-taints` does.
+    pub taints: Vec<Taint>,
 }
 
 impl NodeSettings {
@@ -75,6 +80,7 @@ impl NodeSettings {
             ephemeral_storage: "500Gi".into(),
             pods: "110".into(),
             labels: BTreeMap::new(),
+            taints: Vec::new(),
         }
     }
 }
@@ -159,6 +165,16 @@ pub enum KubeletEvent {
     NodeRegistered {
         node: String,
     },
+    /// Graceful node shutdown began ([`KubeletHandle::shutdown_node`]): the node reports
+    /// `Ready=False` and its pods are being terminated.
+    NodeShutdown {
+        node: String,
+    },
+    /// The node is gone ([`KubeletHandle::remove_node`]): heartbeats stopped, containers killed,
+    /// the Node object deleted.
+    NodeRemoved {
+        node: String,
+    },
     /// A container's process started (`pid`: the process the kubelet signals).
     ContainerStarted {
         namespace: String,
@@ -217,7 +233,9 @@ impl KubeletEvent {
     /// The pod this event is about (empty for node events).
     pub fn pod(&self) -> &str {
         match self {
-            KubeletEvent::NodeRegistered { .. } => "",
+            KubeletEvent::NodeRegistered { .. }
+            | KubeletEvent::NodeShutdown { .. }
+            | KubeletEvent::NodeRemoved { .. } => "",
             KubeletEvent::ContainerStarted { pod, .. }
             | KubeletEvent::PodRunning { pod, .. }
             | KubeletEvent::ImagePullError { pod, .. }
@@ -235,6 +253,10 @@ pub(crate) enum Msg {
     Update(Box<Pod>),
     Gone,
     Fault(Fault),
+    /// Graceful node shutdown with this shutdown grace period.
+    NodeShutdown(Duration),
+    /// The machine is gone: every process dies at once, no status is written.
+    NodeGone,
 }
 
 struct PodEntry {
@@ -262,6 +284,17 @@ struct State {
     /// Process groups of running containers (killed on shutdown).
     groups: HashSet<i32>,
     tasks: Vec<JoinHandle<()>>,
+    /// The registered nodes, by name.
+    nodes: BTreeMap<String, NodeEntry>,
+}
+
+/// A node this kubelet runs: its heartbeat and pod watch stop when `stop` says so.
+struct NodeEntry {
+    settings: NodeSettings,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Graceful shutdown began: `Ready=False`, new pods are rejected.
+    shutting_down: bool,
 }
 
 pub(crate) struct Shared {
@@ -275,6 +308,10 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<KubeletEvent>,
     seq: watch::Sender<usize>,
+    /// Bumped whenever a pod worker has ended (waits for a node's pods watch it).
+    workers_done: watch::Sender<u64>,
+    /// True once the kubelet stops.
+    stopped: watch::Sender<bool>,
     dir: tempfile::TempDir,
 }
 
@@ -298,7 +335,13 @@ impl Shared {
 /// The running kubelet; stops (killing every container) on drop or [`Kubelet::shutdown`].
 pub struct Kubelet {
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+}
+
+/// A cloneable handle on a running kubelet's nodes, for what plays the cloud (the autoscaler):
+/// it does not keep the kubelet running, and fails once the [`Kubelet`] is gone.
+#[derive(Clone)]
+pub struct KubeletHandle {
+    shared: Arc<Shared>,
 }
 
 /// A lossless reader of the kubelet's events, from the moment it was made.
@@ -324,11 +367,9 @@ impl EventCursor {
 }
 
 impl Kubelet {
-    /// Register the nodes and start running their pods.
+    /// Register the nodes (there may be none: an autoscaler adds them) and start running their
+    /// pods.
     pub async fn start(client: Client, cfg: KubeletConfig) -> Result<Self> {
-        if cfg.nodes.is_empty() {
-            bail!("a kubelet needs at least one node");
-        }
         let dir = tempfile::Builder::new()
             .prefix("repobox-kubelet-")
             .tempdir()
@@ -350,8 +391,11 @@ impl Kubelet {
             .unwrap_or(false);
         let (events, _) = broadcast::channel(4096);
         let (seq, _) = watch::channel(0);
+        let (workers_done, _) = watch::channel(0);
+        let (stopped, _) = watch::channel(false);
+        let nodes = cfg.nodes.clone();
         let shared = Arc::new(Shared {
-            client: client.clone(),
+            client,
             cfg,
             isolates,
             overlay,
@@ -359,25 +403,37 @@ impl Kubelet {
             state: Mutex::new(State::default()),
             events,
             seq,
+            workers_done,
+            stopped,
             dir,
         });
-        for n in &shared.cfg.nodes {
-            node::register(&client, n, &shared.cfg.node_ip).await?;
-            shared.emit(KubeletEvent::NodeRegistered {
-                node: n.name.clone(),
-            });
+        let kubelet = Kubelet { shared };
+        for n in nodes {
+            kubelet.add_node(n).await?;
         }
-        let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(heartbeats(shared.clone(), stop_rx.clone()))];
-        for n in &shared.cfg.nodes {
-            tasks.push(tokio::spawn(watch_pods(
-                shared.clone(),
-                n.name.clone(),
-                stop_rx.clone(),
-            )));
+        Ok(kubelet)
+    }
+
+    /// A handle on the nodes for an autoscaler (or any other player of the cloud).
+    pub fn handle(&self) -> KubeletHandle {
+        KubeletHandle {
+            shared: self.shared.clone(),
         }
-        shared.lock().tasks.extend(tasks);
-        Ok(Kubelet { shared, stop })
+    }
+
+    /// See [`KubeletHandle::add_node`].
+    pub async fn add_node(&self, settings: NodeSettings) -> Result<()> {
+        self.handle().add_node(settings).await
+    }
+
+    /// See [`KubeletHandle::remove_node`].
+    pub async fn remove_node(&self, name: &str) -> Result<()> {
+        self.handle().remove_node(name).await
+    }
+
+    /// See [`KubeletHandle::shutdown_node`].
+    pub async fn shutdown_node(&self, name: &str, grace: Duration) -> Result<()> {
+        self.handle().shutdown_node(name, grace).await
     }
 
     /// Whether containers run isolated (root, namespaces available, isolation not turned off).
@@ -388,12 +444,7 @@ impl Kubelet {
 
     /// The registered node names.
     pub fn node_names(&self) -> Vec<String> {
-        self.shared
-            .cfg
-            .nodes
-            .iter()
-            .map(|n| n.name.clone())
-            .collect()
+        self.handle().node_names()
     }
 
     /// A receiver of every future event.
@@ -494,10 +545,15 @@ impl Kubelet {
 
     /// Kill every container (SIGKILL) and end the watches and heartbeats; idempotent.
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.shared.stopped.send_replace(true);
         let mut state = self.shared.lock();
         for t in state.tasks.drain(..) {
             t.abort();
+        }
+        for (_, n) in std::mem::take(&mut state.nodes) {
+            for t in n.tasks {
+                t.abort();
+            }
         }
         for g in state.groups.drain() {
             let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
@@ -519,26 +575,220 @@ pub(crate) fn now() -> String {
         .unwrap_or_else(|_| jiff::Timestamp::now().to_string())
 }
 
-async fn heartbeats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// The message the v1.28 kubelet's shutdown manager writes on the pods it terminates.
+pub const NODE_SHUTDOWN_MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
+/// What the shutdown manager's admission answers for pods bound while the node shuts down.
+const NODE_SHUTDOWN_NOT_ADMITTED: (&str, &str) = (
+    "NodeShutdown",
+    "Pod was rejected as the node is shutting down.",
+);
+/// How long removal and shutdown wait for pod workers beyond their grace periods.
+const WORKER_HEADROOM: Duration = Duration::from_secs(15);
+
+impl KubeletHandle {
+    /// Register a Node (with its Lease) and start its heartbeats and pods: a new machine has
+    /// joined. Fails when the name is taken or the kubelet has stopped.
+    pub async fn add_node(&self, settings: NodeSettings) -> Result<()> {
+        let shared = &self.shared;
+        if *shared.stopped.borrow() {
+            bail!("the kubelet has stopped");
+        }
+        let name = settings.name.clone();
+        let (stop, stop_rx) = watch::channel(false);
+        {
+            let mut st = shared.lock();
+            if st.nodes.contains_key(&name) {
+                bail!("node {name} is already registered");
+            }
+            st.nodes.insert(
+                name.clone(),
+                NodeEntry {
+                    settings: settings.clone(),
+                    stop,
+                    tasks: Vec::new(),
+                    shutting_down: false,
+                },
+            );
+        }
+        if let Err(e) = node::register(&shared.client, &settings, &shared.cfg.node_ip).await {
+            shared.lock().nodes.remove(&name);
+            return Err(e);
+        }
+        let tasks = vec![
+            tokio::spawn(heartbeats(shared.clone(), name.clone(), stop_rx.clone())),
+            tokio::spawn(watch_pods(shared.clone(), name.clone(), stop_rx)),
+        ];
+        match shared.lock().nodes.get_mut(&name) {
+            Some(entry) => entry.tasks = tasks,
+            None => tasks.iter().for_each(JoinHandle::abort),
+        }
+        shared.emit(KubeletEvent::NodeRegistered { node: name });
+        Ok(())
+    }
+
+    /// The machine is gone (an instance terminated): heartbeats stop, every container of the
+    /// node is killed at once without a status write, and the Node object is deleted, as the
+    /// cloud node lifecycle controller does for a vanished instance. Pods still bound to it are
+    /// left to the pod garbage collector, as on a real cluster.
+    pub async fn remove_node(&self, name: &str) -> Result<()> {
+        let shared = &self.shared;
+        let entry = shared
+            .lock()
+            .nodes
+            .remove(name)
+            .with_context(|| format!("node {name} is not registered with this kubelet"))?;
+        entry.stop.send_replace(true);
+        let uids = self.pods_on(name, || Msg::NodeGone);
+        // Let an in-flight heartbeat finish, so that it cannot re-register the Node below.
+        for t in entry.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(WORKER_HEADROOM, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.wait_workers(&uids, WORKER_HEADROOM).await;
+        let nodes: Api<Node> = Api::all(shared.client.clone());
+        match nodes.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).with_context(|| format!("delete Node {name}")),
+        }
+        shared.emit(KubeletEvent::NodeRemoved {
+            node: name.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Graceful node shutdown as the v1.28 kubelet's shutdown manager does it (a spot instance
+    /// reclaimed without a drain handler): a `NodeShutdown` event on the Node, `Ready=False`
+    /// (`node is shutting down`), new pods rejected, and every pod terminated with a grace
+    /// period of min(its own, `grace`): condition `DisruptionTarget` (reason
+    /// `TerminationByKubelet`) first, then phase `Failed` with reason `Terminated` and
+    /// [`NODE_SHUTDOWN_MESSAGE`]. Then the machine goes away ([`Self::remove_node`]).
+    pub async fn shutdown_node(&self, name: &str, grace: Duration) -> Result<()> {
+        let shared = &self.shared;
+        let settings = {
+            let mut st = shared.lock();
+            let entry = st
+                .nodes
+                .get_mut(name)
+                .with_context(|| format!("node {name} is not registered with this kubelet"))?;
+            if entry.shutting_down {
+                bail!("node {name} is already shutting down");
+            }
+            entry.shutting_down = true;
+            entry.settings.clone()
+        };
+        shared.emit(KubeletEvent::NodeShutdown {
+            node: name.to_string(),
+        });
+        self.node_shutdown_event(name).await;
+        if let Err(e) = node::heartbeat(&shared.client, &settings, true).await {
+            tracing::warn!(node = %name, error = %format!("{e:#}"), "kubelet: Ready=False on shutdown");
+        }
+        let uids = self.pods_on(name, || Msg::NodeShutdown(grace));
+        let capped = shared.cfg.max_grace_period.map_or(grace, |c| grace.min(c));
+        self.wait_workers(&uids, capped + WORKER_HEADROOM).await;
+        self.remove_node(name).await
+    }
+
+    /// The registered node names.
+    pub fn node_names(&self) -> Vec<String> {
+        self.shared.lock().nodes.keys().cloned().collect()
+    }
+
+    /// Send `msg()` to every pod worker of `node`; their uids.
+    fn pods_on(&self, node: &str, msg: impl Fn() -> Msg) -> HashSet<String> {
+        let st = self.shared.lock();
+        st.pods
+            .iter()
+            .filter(|(_, e)| e.node == node)
+            .map(|(uid, e)| {
+                let _ = e.tx.send(msg());
+                uid.clone()
+            })
+            .collect()
+    }
+
+    /// Wait (up to `timeout`) until none of these pod workers runs any more.
+    async fn wait_workers(&self, uids: &HashSet<String>, timeout: Duration) {
+        let mut rx = self.shared.workers_done.subscribe();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if !self.shared.lock().pods.keys().any(|u| uids.contains(u)) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(?timeout, "kubelet: pod workers did not end in time");
+        }
+    }
+
+    /// The `NodeShutdown` event the shutdown manager records on its Node.
+    async fn node_shutdown_event(&self, name: &str) {
+        let client = &self.shared.client;
+        let node = match Api::<Node>::all(client.clone()).get(name).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "kubelet: NodeShutdown event");
+                return;
+            }
+        };
+        let object = crate::events::reference(&node);
+        let at = crate::events::event_name(&object, jiff::Timestamp::now());
+        let spec = crate::events::EventSpec {
+            object: &object,
+            type_: "Normal",
+            reason: "NodeShutdown",
+            message: "Shutdown manager detected shutdown event",
+            component: "kubelet",
+            host: Some(name),
+        };
+        if let Err(e) = crate::events::create(client, &at, &spec).await {
+            tracing::warn!(node = %name, error = %format!("{e:#}"), "kubelet: NodeShutdown event");
+        }
+    }
+}
+
+/// Renew the node's Lease and status every heartbeat interval until the node or the kubelet
+/// stops; a Node deleted behind our back is registered again (as a restarted kubelet would).
+async fn heartbeats(shared: Arc<Shared>, node: String, mut stop: watch::Receiver<bool>) {
+    let mut stopped = shared.stopped.subscribe();
     let mut tick = tokio::time::interval(shared.cfg.heartbeat_interval);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
+            _ = stopped.changed() => return,
             _ = tick.tick() => {}
         }
-        for n in &shared.cfg.nodes {
-            if let Err(e) = node::heartbeat(&shared.client, n).await {
-                tracing::warn!(node = %n.name, error = %format!("{e:#}"), "kubelet heartbeat");
-                if let Err(e) = node::register(&shared.client, n, &shared.cfg.node_ip).await {
-                    tracing::warn!(node = %n.name, error = %format!("{e:#}"), "kubelet re-registration");
-                }
+        let Some((n, shutting_down)) = shared
+            .lock()
+            .nodes
+            .get(&node)
+            .map(|e| (e.settings.clone(), e.shutting_down))
+        else {
+            return;
+        };
+        if let Err(e) = node::heartbeat(&shared.client, &n, shutting_down).await {
+            if *stop.borrow() {
+                return;
+            }
+            tracing::warn!(node = %n.name, error = %format!("{e:#}"), "kubelet heartbeat");
+            if let Err(e) = node::register(&shared.client, &n, &shared.cfg.node_ip).await {
+                tracing::warn!(node = %n.name, error = %format!("{e:#}"), "kubelet re-registration");
             }
         }
     }
 }
 
 async fn watch_pods(shared: Arc<Shared>, node: String, mut stop: watch::Receiver<bool>) {
+    let mut stopped = shared.stopped.subscribe();
     let pods: Api<Pod> = Api::all(shared.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = std::pin::pin!(watcher::watcher(pods, cfg));
@@ -547,6 +797,7 @@ async fn watch_pods(shared: Arc<Shared>, node: String, mut stop: watch::Receiver
     loop {
         let next = tokio::select! {
             _ = stop.changed() => return,
+            _ = stopped.changed() => return,
             next = events.next() => next,
         };
         match next {
@@ -611,6 +862,18 @@ fn on_pod(shared: &Arc<Shared>, node: &str, pod: Pod) {
         }
         return;
     }
+    let Some(node_entry) = state.nodes.get(node) else {
+        // The node was just removed; its watch is ending.
+        return;
+    };
+    if node_entry.shutting_down {
+        // The shutdown manager's admission: the pod fails without running.
+        state.done.insert(uid);
+        let shared = shared.clone();
+        drop(state);
+        tokio::spawn(reject(shared, pod, NODE_SHUTDOWN_NOT_ADMITTED));
+        return;
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     state.pods.insert(
         uid.clone(),
@@ -642,4 +905,30 @@ pub(crate) async fn delete_now(client: &Client, pod: &Pod) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
         Err(e) => Err(e).context("delete the pod"),
     }
+}
+
+/// A pod the node does not admit: phase `Failed` with the admission's reason and message.
+async fn reject(shared: Arc<Shared>, pod: Pod, (reason, message): (&str, &str)) {
+    let namespace = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &namespace);
+    let patch =
+        serde_json::json!({"status": {"phase": "Failed", "reason": reason, "message": message}});
+    if let Err(e) = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(error = %e, "kubelet: reject pod");
+    }
+    shared.emit(KubeletEvent::PodFinished {
+        namespace,
+        pod: name,
+        phase: "Failed".into(),
+        reason: Some(reason.into()),
+        disruption: None,
+        started: false,
+        init: Vec::new(),
+        containers: Vec::new(),
+        deleted: false,
+    });
 }

@@ -16,7 +16,9 @@ use super::{NodeSettings, now};
 /// How long a Lease stays valid without renewal (the kubelet's default).
 const LEASE_DURATION_SECONDS: i32 = 40;
 
-fn conditions(heartbeat: &str, transition: &str) -> Value {
+/// The kubelet's node conditions; `Ready=False` (`KubeletNotReady`, the shutdown manager's
+/// error as the message) while the node shuts down.
+fn conditions(heartbeat: &str, transition: &str, shutting_down: bool) -> Value {
     let c = |type_: &str, status: &str, reason: &str, message: &str| {
         json!({"type": type_, "status": status, "reason": reason, "message": message,
                "lastHeartbeatTime": heartbeat, "lastTransitionTime": transition})
@@ -40,12 +42,16 @@ fn conditions(heartbeat: &str, transition: &str) -> Value {
             "KubeletHasSufficientPID",
             "kubelet has sufficient PID available"
         ),
-        c(
-            "Ready",
-            "True",
-            "KubeletReady",
-            "kubelet is posting ready status"
-        ),
+        if shutting_down {
+            c("Ready", "False", "KubeletNotReady", "node is shutting down")
+        } else {
+            c(
+                "Ready",
+                "True",
+                "KubeletReady",
+                "kubelet is posting ready status",
+            )
+        },
     ])
 }
 
@@ -66,7 +72,7 @@ pub(crate) fn node_status(settings: &NodeSettings, node_ip: &str, t: &str) -> Va
         .unwrap_or_default();
     json!({
         "capacity": resources, "allocatable": resources,
-        "conditions": conditions(t, t),
+        "conditions": conditions(t, t, false),
         "addresses": [{"type": "InternalIP", "address": node_ip},
                       {"type": "Hostname", "address": settings.name}],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
@@ -102,7 +108,7 @@ pub(crate) async fn register(
             let node: Node = serde_json::from_value(json!({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, "labels": labels},
-                "spec": {},
+                "spec": {"taints": settings.taints},
                 "status": status,
             }))
             .context("build Node")?;
@@ -153,8 +159,13 @@ pub(crate) async fn renew_lease(client: &Client, name: &str, node_uid: Option<&s
     }
 }
 
-/// One heartbeat: the Lease, then the conditions' `lastHeartbeatTime`.
-pub(crate) async fn heartbeat(client: &Client, settings: &NodeSettings) -> Result<()> {
+/// One heartbeat: the Lease, then the conditions' `lastHeartbeatTime` (and `Ready=False` once
+/// the node is shutting down).
+pub(crate) async fn heartbeat(
+    client: &Client,
+    settings: &NodeSettings,
+    shutting_down: bool,
+) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node = nodes
         .get_opt(&settings.name)
@@ -162,11 +173,12 @@ pub(crate) async fn heartbeat(client: &Client, settings: &NodeSettings) -> Resul
         .context("get Node")?
         .with_context(|| format!("Node {} is gone", settings.name))?;
     renew_lease(client, &settings.name, node.uid().as_deref()).await?;
+    let ready = if shutting_down { "False" } else { "True" };
     let transition = node
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == ready))
         .and_then(|c| c.last_transition_time.as_ref())
         .map(|t| t.0.to_string())
         .unwrap_or_else(now);
@@ -174,7 +186,9 @@ pub(crate) async fn heartbeat(client: &Client, settings: &NodeSettings) -> Resul
         .patch_status(
             &settings.name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"conditions": conditions(&now(), &transition)}})),
+            &Patch::Merge(
+                json!({"status": {"conditions": conditions(&now(), &transition, shutting_down)}}),
+            ),
         )
         .await
         .with_context(|| format!("Node {} heartbeat", settings.name))?;

@@ -76,6 +76,10 @@ enum End {
     Terminated,
     /// [`Fault::Evict`] on a server without the Eviction API.
     Evicted,
+    /// Graceful node shutdown: `DisruptionTarget`, stop, `Failed` with reason `Terminated`.
+    NodeShutdown,
+    /// The machine vanished: SIGKILL, no status.
+    NodeGone,
 }
 
 enum Step {
@@ -106,6 +110,8 @@ struct Worker {
     last_error: Option<String>,
     /// Nothing will run any more.
     terminal: bool,
+    /// The node's shutdown grace period, once it shuts down.
+    shutdown_grace: Option<Duration>,
 }
 
 /// Run the pod to its end, then hand it back to the registry.
@@ -131,6 +137,7 @@ pub(crate) async fn run(sh: Arc<Shared>, pod: Pod, mut rx: mpsc::UnboundedReceiv
             deletion = false;
         }
     }
+    sh.workers_done.send_modify(|n| *n += 1);
     if deletion && let Err(e) = delete_now(&sh.client, &w.pod).await {
         w.error(format!("delete the finished pod: {e:#}"));
     }
@@ -221,6 +228,7 @@ impl Worker {
             gone: false,
             last_error: None,
             terminal: false,
+            shutdown_grace: None,
         }
     }
 
@@ -472,6 +480,15 @@ impl Worker {
                 None
             }
             Some(Msg::Fault(Fault::Terminate)) => Some(End::Terminated),
+            Some(Msg::NodeShutdown(grace)) => {
+                self.shutdown_grace = Some(grace);
+                Some(End::NodeShutdown)
+            }
+            Some(Msg::NodeGone) => {
+                // Nothing can be written from a machine that is gone.
+                self.gone = true;
+                Some(End::NodeGone)
+            }
         }
     }
 
@@ -824,16 +841,25 @@ impl Worker {
                 .metadata
                 .deletion_grace_period_seconds
                 .unwrap_or(spec_grace),
+            End::NodeShutdown => {
+                let shutdown = self.shutdown_grace.map_or(spec_grace, |g| {
+                    i64::try_from(g.as_secs()).unwrap_or(i64::MAX)
+                });
+                spec_grace.min(shutdown)
+            }
+            End::NodeGone => 0,
             _ => spec_grace,
         };
         let g = Duration::from_secs(u64::try_from(secs).unwrap_or(0));
         self.cfg().max_grace_period.map_or(g, |cap| g.min(cap))
     }
 
-    /// SIGTERM every running container's main process, wait the grace period, SIGKILL the rest.
+    /// SIGTERM every running container's main process, wait the grace period, SIGKILL the rest
+    /// (a zero grace period: SIGKILL only, as when the machine dies).
     async fn kill_all(&mut self, grace: Duration) {
         for c in &self.ctrs {
-            if c.view.state.is_running()
+            if !grace.is_zero()
+                && c.view.state.is_running()
                 && let Some(pid) = c.pid
                 && let Ok(p) = i32::try_from(pid)
             {
@@ -896,7 +922,19 @@ impl Worker {
                 self.kill_all(self.grace(end)).await;
                 self.force_failed = true;
             }
-            End::Deleted | End::Gone => self.kill_all(self.grace(end)).await,
+            End::NodeShutdown => {
+                // As the shutdown manager's status function: the condition lands while the
+                // containers still run, the terminal phase once they have stopped.
+                self.extra_conditions.push((
+                    "DisruptionTarget".into(),
+                    "TerminationByKubelet".into(),
+                    super::NODE_SHUTDOWN_MESSAGE.into(),
+                ));
+                self.write_status().await;
+                self.kill_all(self.grace(end)).await;
+                self.failed = Some(("Terminated".into(), super::NODE_SHUTDOWN_MESSAGE.into()));
+            }
+            End::Deleted | End::Gone | End::NodeGone => self.kill_all(self.grace(end)).await,
         }
         if self
             .ctrs
