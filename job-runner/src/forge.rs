@@ -791,8 +791,8 @@ impl Client {
         }))
     }
 
-    /// Finds the open request for `head`, else opens one into `base` (the default branch when
-    /// `None`).
+    /// Finds the open request for `head` (preferring one into `base`; the default branch when
+    /// `None`), else opens one into `base`.
     pub async fn open(
         &self,
         head: &str,
@@ -806,13 +806,13 @@ impl Client {
             existing: true,
             base: l.base,
         };
-        if let Some(l) = pick(&self.list_open(head).await?, head, base) {
-            return Ok(found(l));
-        }
         let base = match base {
             Some(b) => b.to_owned(),
             None => self.default_branch().await?,
         };
+        if let Some(l) = pick(&self.list_open(head).await?, head, Some(&base)) {
+            return Ok(found(l));
+        }
         if let Some(opened) = self.create(head, &base, title, body).await? {
             return Ok(opened);
         }
