@@ -235,6 +235,10 @@ pub struct Extras {
     pub start_time: Option<Time>,
     pub branch: Option<String>,
     pub commit_sha: Option<String>,
+    /// The pull / merge request step's outcome (`prUrl`, `prNumber`, `prError`).
+    pub pr_url: Option<String>,
+    pub pr_number: Option<i64>,
+    pub pr_error: Option<String>,
 }
 
 /// The status a RepoboxJob should have in `phase`, built from its current status so that
@@ -269,6 +273,15 @@ pub fn with_phase(
     }
     if extras.commit_sha.is_some() {
         s.commit_sha = extras.commit_sha;
+    }
+    if extras.pr_url.is_some() {
+        s.pr_url = extras.pr_url;
+    }
+    if extras.pr_number.is_some() {
+        s.pr_number = extras.pr_number;
+    }
+    if extras.pr_error.is_some() {
+        s.pr_error = extras.pr_error;
     }
 
     let cond = |type_: &str, status: bool, reason: &str, message: &str| {
@@ -664,9 +677,23 @@ mod tests {
             Extras {
                 branch: Some("repobox/job-1".into()),
                 commit_sha: Some("abc".into()),
+                pr_url: Some("https://gitlab.example.com/g/p/-/merge_requests/4".into()),
+                pr_number: Some(4),
                 ..Default::default()
             },
             &t3,
+        );
+        assert_eq!(
+            (
+                done.pr_url.as_deref(),
+                done.pr_number,
+                done.pr_error.as_deref()
+            ),
+            (
+                Some("https://gitlab.example.com/g/p/-/merge_requests/4"),
+                Some(4),
+                None
+            )
         );
         assert_eq!(done.completion_time, Some(t3));
         assert_eq!(done.duration.as_deref(), Some("1m23s"));
