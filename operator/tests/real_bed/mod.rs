@@ -33,6 +33,7 @@ use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
 use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::control_plane::ControlPlane;
+use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, KubeletEvent, NodeSettings};
 use repobox_testbed::redis_server::RedisServer;
@@ -115,7 +116,10 @@ impl RealBed {
         let redis = RedisServer::start_with_password(REDIS_PASSWORD)
             .await
             .expect("redis-server");
-        let git = GitHost::start(TOKEN).await.expect("git host");
+        // With the GitHub Enterprise API double: jobs that push open a pull request.
+        let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
+            .await
+            .expect("git host");
         git.create_repo("acme/api", &[("README.md", "# api\n")])
             .expect("repo");
 
