@@ -99,6 +99,15 @@ pub struct JobRecord {
     pub attempt: u32,
     /// The step the current attempt's runner reached ([`step`]).
     pub step: Option<String>,
+    /// `openPullRequest` as the web app wrote it (`true`/`false`; absent: the runner's
+    /// default). Kept as text: the runner decides what an odd value means (see its `forge`).
+    pub open_pull_request: Option<String>,
+    /// The pull / merge request the runner opened or found after the push.
+    pub pr_url: Option<String>,
+    /// Its number (GitHub `number`, GitLab `iid`), as text.
+    pub pr_number: Option<String>,
+    /// Why no request could be opened although the branch was pushed (the job still succeeded).
+    pub pr_error: Option<String>,
 }
 
 fn take(map: &mut HashMap<String, String>, field: &str) -> Option<String> {
@@ -146,6 +155,10 @@ impl JobRecord {
                 .filter(|a| *a >= 1)
                 .unwrap_or(1),
             step: take(&mut map, "step"),
+            open_pull_request: take(&mut map, "openPullRequest"),
+            pr_url: take(&mut map, "prUrl"),
+            pr_number: take(&mut map, "prNumber"),
+            pr_error: take(&mut map, "prError"),
         })
     }
 }
@@ -238,6 +251,33 @@ mod tests {
         assert_eq!(r.user_id, "u1");
         assert_eq!(r.status, JobStatus::Pending);
         assert_eq!(r.base_branch, None, "empty optional fields read as absent");
+        assert_eq!(r.open_pull_request, None);
+        assert_eq!(r.pr_url, None);
+    }
+
+    #[test]
+    fn parses_the_pull_request_fields() {
+        let r = JobRecord::from_hash(
+            "j1",
+            hash(&[
+                ("userId", "u1"),
+                ("providerId", "p1"),
+                ("repoUrl", "https://github.com/acme/api.git"),
+                ("status", "success"),
+                ("openPullRequest", "false"),
+                ("prUrl", "https://github.com/acme/api/pull/7"),
+                ("prNumber", "7"),
+                ("prError", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.open_pull_request.as_deref(), Some("false"));
+        assert_eq!(
+            r.pr_url.as_deref(),
+            Some("https://github.com/acme/api/pull/7")
+        );
+        assert_eq!(r.pr_number.as_deref(), Some("7"));
+        assert_eq!(r.pr_error, None);
     }
 
     #[test]

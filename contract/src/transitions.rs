@@ -136,6 +136,17 @@ pub struct Finish {
     pub error: Option<String>,
     pub branch: Option<String>,
     pub commit_sha: Option<String>,
+    /// `prUrl`, `prNumber`, `prError`: the pull / merge request step after a push.
+    pub pull_request: PullRequestFields,
+}
+
+/// What the pull / merge request step after a push recorded: the request's URL and number, or
+/// why there is none (the job succeeds either way: the branch is pushed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullRequestFields {
+    pub url: Option<String>,
+    pub number: Option<u64>,
+    pub error: Option<String>,
 }
 
 impl Finish {
@@ -150,7 +161,18 @@ impl Finish {
             error: None,
             branch,
             commit_sha,
+            pull_request: PullRequestFields::default(),
         }
+    }
+
+    /// The same terminal write, with the pull / merge request fields (`prError` folded to one
+    /// bounded line like `error`).
+    pub fn with_pull_request(mut self, pr: PullRequestFields) -> Self {
+        self.pull_request = PullRequestFields {
+            error: pr.error.map(|e| one_line(&e)),
+            ..pr
+        };
+        self
     }
 
     pub fn failed(finished_at: String, error: impl Into<String>) -> Self {
@@ -160,6 +182,7 @@ impl Finish {
             error: Some(one_line(&error.into())),
             branch: None,
             commit_sha: None,
+            pull_request: PullRequestFields::default(),
         }
     }
 
@@ -170,6 +193,7 @@ impl Finish {
             error: Some(one_line(&reason.into())),
             branch: None,
             commit_sha: None,
+            pull_request: PullRequestFields::default(),
         }
     }
 }
@@ -328,10 +352,14 @@ pub async fn finish<C: ConnectionLike>(
     fin: &Finish,
 ) -> redis::RedisResult<FinishOutcome> {
     let mut fields = vec![("finishedAt", fin.finished_at.as_str())];
+    let pr_number = fin.pull_request.number.map(|n| n.to_string());
     for (field, value) in [
         ("error", &fin.error),
         ("branch", &fin.branch),
         ("commitSha", &fin.commit_sha),
+        ("prUrl", &fin.pull_request.url),
+        ("prNumber", &pr_number),
+        ("prError", &fin.pull_request.error),
     ] {
         if let Some(v) = value {
             fields.push((field, v.as_str()));
@@ -406,6 +434,21 @@ pub async fn progress<C: ConnectionLike>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_request_errors_are_folded_too() {
+        let fin = Finish::success("t".into(), Some("b".into()), Some("s".into()))
+            .with_pull_request(PullRequestFields {
+                url: None,
+                number: None,
+                error: Some("a\nb".into()),
+            });
+        assert_eq!(fin.pull_request.error.as_deref(), Some("a b"));
+        assert_eq!(
+            Finish::failed("t".into(), "x").pull_request,
+            PullRequestFields::default()
+        );
+    }
 
     #[test]
     fn errors_are_folded_to_one_bounded_line() {

@@ -2,7 +2,9 @@
 
 use redis::AsyncCommands;
 use repobox_contract::JobStatus;
-use repobox_contract::transitions::{self, Finish, FinishOutcome, RetryOutcome, StartOutcome};
+use repobox_contract::transitions::{
+    self, Finish, FinishOutcome, PullRequestFields, RetryOutcome, StartOutcome,
+};
 use repobox_testbed::redis_server::RedisServer;
 
 async fn job(con: &mut redis::aio::MultiplexedConnection, id: &str, status: &str) {
@@ -250,5 +252,55 @@ async fn a_retry_hands_a_running_job_to_exactly_one_runner_of_the_next_attempt()
             .await
             .unwrap(),
         RetryOutcome::Missing
+    );
+}
+
+#[tokio::test]
+async fn finish_writes_the_pull_request_fields_with_the_status() {
+    let redis = RedisServer::start().await.unwrap();
+    let mut con = redis.connection().await;
+    job(&mut con, "pr", "running").await;
+    let fin = Finish::success("t1".into(), Some("repobox/pr".into()), Some("abc".into()))
+        .with_pull_request(PullRequestFields {
+            url: Some("https://github.com/acme/api/pull/12".into()),
+            number: Some(12),
+            error: None,
+        });
+    assert_eq!(
+        transitions::finish(&mut con, "pr", &fin).await.unwrap(),
+        FinishOutcome::Finished
+    );
+    let fields: Vec<Option<String>> = con
+        .hmget("job:pr", &["status", "prUrl", "prNumber", "prError"])
+        .await
+        .unwrap();
+    assert_eq!(
+        fields,
+        [
+            Some("success".into()),
+            Some("https://github.com/acme/api/pull/12".into()),
+            Some("12".into()),
+            None
+        ]
+    );
+
+    job(&mut con, "prerr", "running").await;
+    let fin = Finish::success("t1".into(), Some("repobox/x".into()), Some("abc".into()))
+        .with_pull_request(PullRequestFields {
+            error: Some("could not open\na pull request".into()),
+            ..Default::default()
+        });
+    transitions::finish(&mut con, "prerr", &fin).await.unwrap();
+    let fields: Vec<Option<String>> = con
+        .hmget("job:prerr", &["status", "prUrl", "prError"])
+        .await
+        .unwrap();
+    assert_eq!(
+        fields,
+        [
+            Some("success".into()),
+            None,
+            Some("could not open a pull request".into())
+        ]
     );
 }

@@ -112,6 +112,9 @@ pub struct Config {
     /// Allows `http://` repository URLs (tests, air-gapped mirrors); the token then
     /// crosses the network in clear, so it is off by default.
     pub allow_insecure_http: bool,
+    /// Open (or find) a pull / merge request after a push (`OPEN_PULL_REQUESTS`); a job can
+    /// only turn it off (`openPullRequest=false`).
+    pub open_pull_requests: bool,
     pub log_format: LogFormat,
     /// How long a stopped git/agent child gets between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
@@ -131,6 +134,7 @@ impl std::fmt::Debug for Config {
             .field("clone_depth", &self.clone_depth)
             .field("agent_command", &self.agent_command.is_some())
             .field("agent_container", &self.agent_container)
+            .field("open_pull_requests", &self.open_pull_requests)
             .field("output", &self.output)
             .finish_non_exhaustive()
     }
@@ -287,6 +291,10 @@ impl Config {
                 Some(v) => parse_bool("ALLOW_INSECURE_HTTP", &v)?,
                 None => false,
             },
+            open_pull_requests: match get("OPEN_PULL_REQUESTS") {
+                Some(v) => parse_bool("OPEN_PULL_REQUESTS", &v)?,
+                None => true,
+            },
             log_format: match get("LOG_FORMAT").as_deref().map(str::trim) {
                 None | Some("json") => LogFormat::Json,
                 Some("text") => LogFormat::Text,
@@ -355,6 +363,7 @@ mod tests {
         );
         assert_eq!(c.agent_start_timeout, Duration::from_secs(600));
         assert_eq!(c.git_ca_file, None);
+        assert!(c.open_pull_requests);
     }
 
     #[test]
@@ -380,6 +389,7 @@ mod tests {
             ("PRIVATE_DIR", "/var/lib/repobox"),
             ("AGENT_START_TIMEOUT_SECONDS", "30"),
             ("GIT_SSL_CAINFO", "/etc/git-ca/ca.crt"),
+            ("OPEN_PULL_REQUESTS", "false"),
         ]);
         let c = cfg(&p).unwrap();
         assert_eq!(c.runner_id, "pod-abc");
@@ -403,6 +413,7 @@ mod tests {
         assert_eq!(c.private_dir, PathBuf::from("/var/lib/repobox"));
         assert_eq!(c.agent_start_timeout, Duration::from_secs(30));
         assert_eq!(c.git_ca_file, Some(PathBuf::from("/etc/git-ca/ca.crt")));
+        assert!(!c.open_pull_requests);
     }
 
     #[test]
@@ -454,6 +465,7 @@ mod tests {
             ("ALLOW_INSECURE_HTTP", "2"),
             ("AGENT_CONTAINER", "perhaps"),
             ("AGENT_START_TIMEOUT_SECONDS", "soon"),
+            ("OPEN_PULL_REQUESTS", "sometimes"),
         ] {
             let mut p = base();
             p.push((k, v));

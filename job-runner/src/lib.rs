@@ -12,6 +12,7 @@ pub mod agent;
 pub mod askpass;
 pub mod config;
 pub mod error;
+pub mod forge;
 pub mod git;
 pub mod handoff;
 pub mod output;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use repobox_contract::record::step;
-use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
+use repobox_contract::transitions::{self, Finish, FinishOutcome, PullRequestFields, StartOutcome};
 use repobox_contract::{
     JobRecord, JobStatus, Masker, ProviderRecord, RecordError, Token, keys, time,
 };
@@ -26,6 +26,7 @@ use repobox_contract::urls::{ProviderHost, RepoUrl};
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::forge;
 use crate::git::{self, Git, Op};
 use crate::handoff::{AgentEnd, RunnerSide, Start};
 use crate::output::{Output, OutputHandle};
@@ -37,8 +38,12 @@ pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Changes committed and pushed.
-    Pushed { branch: String, commit_sha: String },
+    /// Changes committed and pushed; the pull / merge request step's result with them.
+    Pushed {
+        branch: String,
+        commit_sha: String,
+        pull_request: PullRequestFields,
+    },
     /// The agent changed nothing; the job succeeded without a push.
     NoChanges,
     /// The job failed; the reason is in the record's `error`.
@@ -239,11 +244,11 @@ async fn run_job(
     let prepared = match RepoUrl::parse(&record.repo_url, cfg.allow_insecure_http) {
         Ok(url) => fetch_token(&mut con, cfg, &record, &url)
             .await
-            .map(|t| (t, url)),
+            .map(|(t, provider)| (t, provider, url)),
         Err(e) => Err(e.to_string()),
     };
     let mut masker = Masker::new();
-    if let Ok((t, _)) = &prepared {
+    if let Ok((t, _, _)) = &prepared {
         masker.add(t.expose());
     }
     let masker = Arc::new(masker);
@@ -258,8 +263,11 @@ async fn run_job(
     let layout = Layout::for_job(cfg);
     let result = match prepared {
         Err(msg) => Err(Stop::Failed(msg)),
-        Ok((token, url)) => {
+        Ok((token, provider, url)) => {
             let job = Job {
+                api_token: token.clone(),
+                provider,
+                repo_url: url.clone(),
                 cfg,
                 record: &record,
                 out: out.clone(),
@@ -287,15 +295,23 @@ async fn run_job(
     };
 
     let (outcome, fin) = match result {
-        Ok(Some((branch, commit_sha))) => {
+        Ok(Some(Pushed {
+            branch,
+            commit_sha,
+            pull_request,
+        })) => {
             out.note(&format!("Done: pushed {branch} at {commit_sha}"))
                 .await;
             (
                 Outcome::Pushed {
                     branch: branch.clone(),
                     commit_sha: commit_sha.clone(),
+                    pull_request: pull_request.clone(),
                 },
-                Some(Finish::success(time::now(), Some(branch), Some(commit_sha))),
+                Some(
+                    Finish::success(time::now(), Some(branch), Some(commit_sha))
+                        .with_pull_request(pull_request),
+                ),
             )
         }
         Ok(None) => {
@@ -395,7 +411,7 @@ async fn fetch_token(
     cfg: &Config,
     record: &JobRecord,
     repo: &RepoUrl,
-) -> std::result::Result<Token, String> {
+) -> std::result::Result<(Token, ProviderRecord), String> {
     let key = keys::git_provider(&record.user_id, &record.provider_id);
     let hash: std::collections::HashMap<String, String> = con
         .hgetall(&key)
@@ -415,6 +431,7 @@ async fn fetch_token(
         .map_err(|e| e.to_string())?;
     cfg.encryption_key
         .decrypt(&provider.encrypted_token)
+        .map(|t| (t, provider))
         .map_err(|e| format!("token decryption failed: {e}"))
 }
 
@@ -447,6 +464,10 @@ struct Job<'a> {
     display_url: String,
     branch: String,
     layout: Layout,
+    /// For the pull / merge request after the push (see [`forge`]).
+    provider: ProviderRecord,
+    repo_url: RepoUrl,
+    api_token: Token,
     /// The agent container's hand-off directory, when the agent runs in one.
     handoff: Option<RunnerSide>,
 }
@@ -465,9 +486,16 @@ async fn make_dir(dir: &Path, mode: u32) -> std::result::Result<(), Stop> {
         .map_err(|e| Stop::Failed(format!("cannot create {}: {e}", dir.display())))
 }
 
+/// What a job that pushed leaves behind.
+struct Pushed {
+    branch: String,
+    commit_sha: String,
+    pull_request: PullRequestFields,
+}
+
 impl Job<'_> {
-    /// Runs the steps; `Some((branch, sha))` when something was pushed.
-    async fn execute(mut self) -> std::result::Result<Option<(String, String)>, Stop> {
+    /// Runs the steps; `Some` when something was pushed.
+    async fn execute(mut self) -> std::result::Result<Option<Pushed>, Stop> {
         let tree = self.layout.tree.clone();
         let git_dir = self.layout.git_dir();
         // The tree is shared with the agent (group-writable, the pod's group); the private
@@ -667,7 +695,49 @@ impl Job<'_> {
             Stdout::Stream,
         )
         .await?;
-        Ok(Some((self.branch.clone(), sha)))
+
+        // After the push, its own step that never fails the job.
+        let pull_request = self.pull_request(&repo, &private, &sha).await;
+        Ok(Some(Pushed {
+            branch: self.branch.clone(),
+            commit_sha: sha,
+            pull_request,
+        }))
+    }
+
+    /// Opens (or finds) the pull / merge request of the pushed branch; see [`forge`].
+    async fn pull_request(&self, repo: &Git, dir: &Path, sha: &str) -> PullRequestFields {
+        // What the commit changed, for the request's body; a failure only shortens the body.
+        let mut diff = repo.command(dir, false);
+        diff.args([
+            "diff-tree",
+            "-r",
+            "-z",
+            "--no-commit-id",
+            "--no-renames",
+            "--name-status",
+            "HEAD",
+        ]);
+        let files = match diff.output().await {
+            Ok(o) if o.status.success() => forge::parse_name_status(&o.stdout),
+            _ => Vec::new(),
+        };
+        let step = forge::AfterPush {
+            enabled: self.cfg.open_pull_requests,
+            job_field: self.record.open_pull_request.as_deref(),
+            provider_kind: self.provider.kind.as_deref(),
+            provider_base_url: self.provider.base_url.as_deref(),
+            repo: &self.repo_url,
+            token: &self.api_token,
+            ca_file: self.cfg.git_ca_file.as_deref(),
+            job_id: &self.cfg.job_id,
+            prompt: &self.record.prompt,
+            head: &self.branch,
+            base: self.record.base_branch.as_deref(),
+            commit: sha,
+            files: &files,
+        };
+        forge::after_push(&step, &self.out, &self.masker, self.cancel).await
     }
 
     /// Records that the job reached `name` before the step starts. The write must succeed: the

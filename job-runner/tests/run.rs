@@ -11,6 +11,7 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use repobox_contract::events::{Event, Follower, Step};
 use repobox_contract::{EncryptionKey, JobStatus};
+use repobox_testbed::forge::{AuthScheme, Fault, ForgeKind};
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::webapp::{self, NewJob};
@@ -33,9 +34,14 @@ struct Run {
 }
 
 impl Fixture {
+    /// A git host that also serves the GitHub Enterprise API double (`/api/v3`).
     async fn new() -> Self {
+        Self::with_forge(ForgeKind::GitHub).await
+    }
+
+    async fn with_forge(kind: ForgeKind) -> Self {
         let redis = RedisServer::start().await.unwrap();
-        let git = GitHost::start(TOKEN).await.unwrap();
+        let git = GitHost::start_with_forge(TOKEN, kind).await.unwrap();
         git.create_repo(
             "acme/api",
             &[("README.md", "# api\n"), ("src/lib.rs", "pub fn f() {}\n")],
@@ -67,13 +73,18 @@ impl Fixture {
 
     /// Seeds a job whose provider's host is `base_url`.
     async fn seed_at(&mut self, job: &NewJob, token: &str, base_url: &str) {
+        let kind = self
+            .git
+            .forge()
+            .map_or("github", |f| f.kind().provider_type());
         webapp::create_job(&mut self.con, job).await.unwrap();
-        webapp::create_provider(
+        webapp::create_provider_of_type(
             &mut self.con,
             &job.user_id,
             &job.provider_id,
             &self.key,
             token,
+            kind,
             base_url,
         )
         .await
@@ -170,6 +181,14 @@ impl Fixture {
         let work = self.work_dir();
         if work.exists() {
             assert_file_tree_lacks(&work, TOKEN);
+        }
+        // Nor in anything the forge was sent (bodies, titles, paths, queries).
+        if let Some(forge) = self.git.forge() {
+            let seen = format!("{:?}{:?}", forge.requests(), forge.pull_requests());
+            assert!(
+                !seen.contains(TOKEN),
+                "token sent to the forge outside its header"
+            );
         }
     }
 }
@@ -1238,4 +1257,359 @@ async fn live_events_carry_every_line_once_in_order_and_a_late_subscriber_resume
     assert!(list.iter().any(|l| l == "leak: ghp_****OKEN"), "{list:?}");
     f.assert_token_nowhere(&String::from_utf8_lossy(&out.stderr))
         .await;
+}
+
+// ----- the pull / merge request after the push -----
+
+const AGENT_CHANGE: &str = "printf 'hello\\n' > GREETING.md && echo more >> README.md";
+
+/// Every API request went with the forge's documented header, the token and a User-Agent.
+fn assert_api_auth(f: &Fixture, scheme: AuthScheme) {
+    let reqs = f.git.forge().unwrap().requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert!(r.authorized && r.auth == scheme, "{r:?}");
+        assert!(
+            r.user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("repobox-job-runner/")),
+            "{r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_pull_request_is_opened_on_github_after_the_push() {
+    let mut f = Fixture::new().await;
+    let job = f.job("prgh0001");
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success", "{rec:?}");
+    let forge = f.git.forge().unwrap().clone();
+    let prs = forge.pull_requests();
+    assert_eq!(prs.len(), 1, "{prs:?}");
+    let pr = &prs[0];
+    assert_eq!(
+        (pr.project.as_str(), pr.head.as_str(), pr.base.as_str()),
+        ("acme/api", "repobox/prgh0001", "main"),
+        "the default branch, asked from the API"
+    );
+    assert_eq!(pr.title, "Add a greeting file");
+    assert!(
+        pr.body.starts_with("Add a greeting file\n\nPlease."),
+        "{}",
+        pr.body
+    );
+    assert!(
+        pr.body.contains(&format!("commit {}", rec["commitSha"])),
+        "{}",
+        pr.body
+    );
+    assert!(
+        pr.body
+            .contains("- added `GREETING.md`\n- modified `README.md`\n"),
+        "{}",
+        pr.body
+    );
+    assert!(pr.body.contains("job `prgh0001`"), "{}", pr.body);
+    assert_eq!(rec["prNumber"], "1");
+    assert_eq!(rec["prUrl"], forge.web_url("acme/api", 1));
+    assert!(!rec.contains_key("prError"), "{rec:?}");
+
+    // GitHub Enterprise's API on the git host, Bearer token: repo, list, create.
+    assert_api_auth(&f, AuthScheme::Bearer);
+    let calls: Vec<(String, String, u16)> = forge
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone(), r.status))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("GET".into(), "/api/v3/repos/acme/api".into(), 200),
+            ("GET".into(), "/api/v3/repos/acme/api/pulls".into(), 200),
+            ("POST".into(), "/api/v3/repos/acme/api/pulls".into(), 201),
+        ]
+    );
+    let list = &forge.requests()[1];
+    assert!(
+        list.query
+            .as_deref()
+            .unwrap()
+            .contains("head=acme%3Arepobox%2Fprgh0001"),
+        "{list:?}"
+    );
+
+    let out = f.output(&job.id).await.join("\n");
+    assert!(
+        out.contains(&format!(
+            "==> Opened pull request #1 into main: {}",
+            rec["prUrl"]
+        )),
+        "{out}"
+    );
+    f.assert_token_nowhere(&run.stderr).await;
+}
+
+#[tokio::test]
+async fn a_merge_request_is_opened_on_gitlab_into_the_base_branch() {
+    let mut f = Fixture::with_forge(ForgeKind::GitLab).await;
+    f.git
+        .create_branch("acme/api", "develop", &[("DEV.md", "dev\n")])
+        .unwrap();
+    let mut job = f.job("prgl0001");
+    job.base_branch = Some("develop".into());
+    job.prompt = format!("{}\nsecond line", "t".repeat(150));
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let rec = f.record(&job.id).await;
+    let forge = f.git.forge().unwrap().clone();
+    let prs = forge.pull_requests();
+    assert_eq!(prs.len(), 1, "{prs:?}");
+    assert_eq!(
+        (prs[0].head.as_str(), prs[0].base.as_str()),
+        ("repobox/prgl0001", "develop")
+    );
+    // The title is the first line, bounded.
+    assert_eq!(prs[0].title.chars().count(), 100);
+    assert!(prs[0].title.ends_with('…'));
+    assert_eq!(rec["prNumber"], "1");
+    assert_eq!(rec["prUrl"], forge.web_url("acme/api", 1));
+    assert!(rec["prUrl"].ends_with("/acme/api/-/merge_requests/1"));
+
+    // PRIVATE-TOKEN, the project as one encoded segment; no default-branch call (base given).
+    assert_api_auth(&f, AuthScheme::PrivateToken);
+    let calls: Vec<(String, String)> = forge
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            (
+                "GET".into(),
+                "/api/v4/projects/acme%2Fapi/merge_requests".into()
+            ),
+            (
+                "POST".into(),
+                "/api/v4/projects/acme%2Fapi/merge_requests".into()
+            ),
+        ]
+    );
+    let out = f.output(&job.id).await.join("\n");
+    assert!(
+        out.contains("==> Opened merge request !1 into develop"),
+        "{out}"
+    );
+    f.assert_token_nowhere(&run.stderr).await;
+}
+
+#[tokio::test]
+async fn a_lost_create_response_finds_the_request_instead_of_opening_a_second() {
+    for kind in [ForgeKind::GitHub, ForgeKind::GitLab] {
+        let mut f = Fixture::with_forge(kind).await;
+        let job = f.job("lostresp");
+        f.seed(&job, TOKEN).await;
+        let forge = f.git.forge().unwrap().clone();
+        // The forge creates the request, then the answer is lost (a 502 from a proxy); the
+        // runner retries, is told it already exists (GitHub 422, GitLab 409), and finds it.
+        forge.fail_next("POST", Fault::After(502));
+        let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(forge.pull_requests().len(), 1, "{kind:?}");
+        let posts: Vec<u16> = forge
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .map(|r| r.status)
+            .collect();
+        let conflict = if kind == ForgeKind::GitHub { 422 } else { 409 };
+        assert_eq!(posts, [502, conflict], "{kind:?}");
+        let rec = f.record(&job.id).await;
+        assert_eq!(rec["prNumber"], "1", "{kind:?}");
+        assert!(!rec.contains_key("prError"), "{rec:?}");
+        let out = f.output(&job.id).await.join("\n");
+        assert!(out.contains("==> Found the open "), "{out}");
+        f.assert_token_nowhere(&run.stderr).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_request_of_the_branch_is_found_across_pages() {
+    for kind in [ForgeKind::GitHub, ForgeKind::GitLab] {
+        let mut f = Fixture::with_forge(kind).await;
+        let job = f.job("pagedpr1");
+        f.seed(&job, TOKEN).await;
+        let forge = f.git.forge().unwrap().clone();
+        // Three open requests for the head branch (an earlier attempt, retargeted copies), one
+        // item per page: the runner pages until it finds the one into the default branch.
+        forge.seed("acme/api", "repobox/pagedpr1", "release", "old");
+        forge.seed("acme/api", "repobox/pagedpr1", "hotfix", "old");
+        let main = forge.seed("acme/api", "repobox/pagedpr1", "main", "the one");
+        forge.seed("acme/api", "someone/else", "main", "other");
+        forge.set_max_per_page(1);
+        let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let rec = f.record(&job.id).await;
+        assert_eq!(rec["prNumber"], main.to_string(), "{kind:?} {rec:?}");
+        assert_eq!(rec["prUrl"], forge.web_url("acme/api", main));
+        assert_eq!(forge.pull_requests().len(), 4, "nothing new opened");
+        let lists = forge
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("s"))
+            .count();
+        assert!(lists >= 2, "{kind:?}: paged {lists} times");
+        assert!(forge.requests().iter().all(|r| r.method != "POST"));
+        f.assert_token_nowhere(&run.stderr).await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_request_keeps_the_pushed_branch_and_says_why() {
+    let mut f = Fixture::new().await;
+    let forge = f.git.forge().unwrap().clone();
+    // The API no longer takes the token (git still does): 401 "Bad credentials".
+    forge.set_token("ghp_someOtherTokenTheApiWants");
+    let job = f.job("prerr001");
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success");
+    assert_eq!(rec["branch"], "repobox/prerr001");
+    assert!(f.git.branch_sha("acme/api", "repobox/prerr001").is_some());
+    assert!(!rec.contains_key("prUrl") && !rec.contains_key("prNumber"));
+    assert!(
+        rec["prError"].starts_with("the GitHub API refused the token (401: Bad credentials)"),
+        "{}",
+        rec["prError"]
+    );
+    let out = f.output(&job.id).await;
+    let text = out.join("\n");
+    assert!(
+        text.contains(&format!(
+            "==> Could not open a pull request (the branch is pushed): {}",
+            rec["prError"]
+        )),
+        "{text}"
+    );
+    assert!(
+        out.last().unwrap().starts_with("==> Done: pushed"),
+        "{text}"
+    );
+
+    // A server error is not retried blindly and is reported too.
+    let job = f.job("prerr002");
+    f.seed(&job, TOKEN).await;
+    forge.set_token(TOKEN);
+    forge.fail_next("POST", Fault::Before(500));
+    let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(
+        rec["prError"],
+        "the GitHub API answered 500: injected failure"
+    );
+    f.assert_token_nowhere(&run.stderr).await;
+}
+
+#[tokio::test]
+async fn requests_are_off_globally_per_job_and_without_changes() {
+    let mut f = Fixture::new().await;
+    let forge = f.git.forge().unwrap().clone();
+
+    let job = f.job("proff001");
+    f.seed(&job, TOKEN).await;
+    let run = f
+        .run(
+            &job.id,
+            &[
+                ("AGENT_COMMAND", AGENT_CHANGE),
+                ("OPEN_PULL_REQUESTS", "false"),
+            ],
+        )
+        .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = f.output(&job.id).await.join("\n");
+    assert!(
+        out.contains("==> No pull request: turned off for this installation"),
+        "{out}"
+    );
+
+    let mut job = f.job("proff002");
+    job.open_pull_request = Some("false".into());
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = f.output(&job.id).await.join("\n");
+    assert!(
+        out.contains("==> No pull request: turned off for this job"),
+        "{out}"
+    );
+
+    // No changes: nothing pushed, so nothing to ask for.
+    let job = f.job("proff003");
+    f.seed(&job, TOKEN).await;
+    let run = f.run(&job.id, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    for id in ["proff001", "proff002", "proff003"] {
+        let rec = f.record(id).await;
+        assert_eq!(rec["status"], "success", "{id}");
+        assert!(
+            !rec.contains_key("prUrl") && !rec.contains_key("prError"),
+            "{id}: {rec:?}"
+        );
+    }
+    assert!(forge.requests().is_empty(), "{:?}", forge.requests());
+    assert!(forge.pull_requests().is_empty());
+}
+
+#[tokio::test]
+async fn git_and_the_api_trust_git_ssl_cainfo_over_https() {
+    use repobox_testbed::tls_proxy::TlsProxy;
+    let mut f = Fixture::new().await;
+    let proxy = TlsProxy::start(f.git.port()).unwrap();
+    let ca = f.tmp.path().join("git-ca.pem");
+    std::fs::write(&ca, proxy.ca_pem()).unwrap();
+    let mut job = f.job("tlspr001");
+    job.repo_url = format!("{}/acme/api.git", proxy.base_url());
+    f.seed_at(&job, TOKEN, &proxy.base_url()).await;
+    let ca_s = ca.to_string_lossy().into_owned();
+    // https only (no ALLOW_INSECURE_HTTP); the private CA is trusted through GIT_SSL_CAINFO,
+    // by git and by the API client alike.
+    let mut cmd = f.command(
+        &job.id,
+        &[
+            ("AGENT_COMMAND", AGENT_CHANGE),
+            ("GIT_SSL_CAINFO", ca_s.as_str()),
+        ],
+    );
+    cmd.env_remove("ALLOW_INSECURE_HTTP");
+    let run = f.run_cmd(cmd).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rec = f.record(&job.id).await;
+    assert_eq!(rec["status"], "success", "{rec:?}");
+    assert_eq!(rec["prNumber"], "1", "{rec:?}");
+    let forge = f.git.forge().unwrap().clone();
+    assert_eq!(forge.pull_requests()[0].head, "repobox/tlspr001");
+    assert_api_auth(&f, AuthScheme::Bearer);
+
+    // Without the CA the same job fails at the first TLS handshake (git's clone).
+    let mut job = f.job("tlspr002");
+    job.repo_url = format!("{}/acme/api.git", proxy.base_url());
+    f.seed_at(&job, TOKEN, &proxy.base_url()).await;
+    let mut cmd = f.command(&job.id, &[("AGENT_COMMAND", AGENT_CHANGE)]);
+    cmd.env_remove("ALLOW_INSECURE_HTTP");
+    let run = f.run_cmd(cmd).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(forge.pull_requests().len(), 1);
+    f.assert_token_nowhere(&run.stderr).await;
 }

@@ -1540,6 +1540,10 @@ fn finished_rj(i: usize) -> (RepoboxJob, Value) {
         completion_time: Some(Time(done)),
         branch: Some(format!("repobox/{}", &id[..8])),
         commit_sha: Some(format!("{:040x}", i as u128 * 0x9e37_79b9_7f4a_7c15)),
+        // A finished job's status carries its pull request, as most will.
+        pr_url: Some(format!("https://github.com/acme/api/pull/{i}")),
+        pr_number: Some(i as i64),
+        pr_error: None,
         duration: Some("1m23s".into()),
         observed_generation: Some(1),
         ..RepoboxJobStatus::default()

@@ -437,6 +437,11 @@ pub struct Config {
     #[arg(long, env = "ALLOW_INSECURE_HTTP", default_value_t = false, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub allow_insecure_http: bool,
 
+    /// Passed to the runner: after a push, open (or find) a pull / merge request from the
+    /// job's branch into its base branch. A job can only turn it off (`openPullRequest=false`).
+    #[arg(long, env = "OPEN_PULL_REQUESTS", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub open_pull_requests: bool,
+
     /// A ConfigMap holding the CA bundle of the git host (a private CA), mounted into the
     /// runner container and passed to git as `GIT_SSL_CAINFO`.
     #[arg(long, env = "GIT_CA_CONFIGMAP")]
@@ -526,6 +531,8 @@ pub struct JobConfig {
     pub git_clone_depth: u32,
     /// `ALLOW_INSECURE_HTTP`.
     pub allow_insecure_http: bool,
+    /// `OPEN_PULL_REQUESTS`.
+    pub open_pull_requests: bool,
     /// The git host's CA bundle (a ConfigMap key), when set.
     pub git_ca: Option<ConfigMapKeyRef>,
     /// The Redis CA (a Secret key) the runner verifies `rediss://` with, when set.
@@ -895,6 +902,7 @@ impl Config {
             git_author_email: self.git_author_email.clone(),
             git_clone_depth: self.git_clone_depth,
             allow_insecure_http: self.allow_insecure_http,
+            open_pull_requests: self.open_pull_requests,
             git_ca,
             redis_ca: match non_empty(&self.redis_ca_secret_name) {
                 None => None,
@@ -1310,6 +1318,7 @@ pub(crate) mod tests {
         assert_eq!(c.agent_memory_limit, "2Gi");
         assert_eq!(c.agent_extra_env, None);
         assert!(!c.allow_insecure_http);
+        assert!(c.open_pull_requests);
         assert_eq!(c.git_ca_configmap, None);
         assert_eq!(c.git_ca_key, "ca.crt");
         assert_eq!(c.runner_ephemeral_storage, "10Gi");
@@ -1383,6 +1392,7 @@ pub(crate) mod tests {
                 git_author_email: "repobox@users.noreply.repobox.dev".into(),
                 git_clone_depth: 1,
                 allow_insecure_http: false,
+                open_pull_requests: true,
                 git_ca: None,
                 redis_ca: None,
             }
@@ -1671,6 +1681,7 @@ pub(crate) mod tests {
             ("AGENT_EPHEMERAL_STORAGE_LIMIT", "4Gi"),
             ("AGENT_EXTRA_ENV", r#"{"MODEL":"m"}"#),
             ("ALLOW_INSECURE_HTTP", "true"),
+            ("OPEN_PULL_REQUESTS", "false"),
             ("GIT_CA_CONFIGMAP", "git-ca"),
             ("GIT_CA_KEY", "bundle.pem"),
         ];
@@ -1794,6 +1805,7 @@ pub(crate) mod tests {
         assert_eq!(a.resources.memory_limit, Some(Quantity("3Gi".into())));
         assert_eq!(a.extra_env["MODEL"], "m");
         assert!(j.allow_insecure_http);
+        assert!(!j.open_pull_requests);
         assert_eq!(
             j.git_ca,
             Some(ConfigMapKeyRef {

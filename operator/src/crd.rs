@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
     printcolumn(name = "Branch", type_ = "string", json_path = ".status.branch"),
+    printcolumn(name = "PR", type_ = "string", json_path = ".status.prUrl"),
     printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
     printcolumn(
         name = "Age",
@@ -229,6 +230,19 @@ pub struct RepoboxJobStatus {
     /// The commit the executor pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_sha: Option<String>,
+
+    /// The pull / merge request opened (or found open) for the pushed branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_url: Option<String>,
+
+    /// Its number (GitHub `#n`, GitLab `!n`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_number: Option<i64>,
+
+    /// Why no request could be opened although the branch was pushed (the job still
+    /// succeeded). Never contains a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_error: Option<String>,
 
     /// How long the job ran, e.g. `1m23s` (set on completion, for `kubectl get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -522,6 +536,9 @@ mod tests {
             completion_time: Some(ts(85)),
             branch: Some("repobox/j1".into()),
             commit_sha: Some("abc".into()),
+            pr_url: Some("https://github.com/acme/api/pull/7".into()),
+            pr_number: Some(7),
+            pr_error: None,
             duration: Some("1m23s".into()),
             observed_generation: Some(2),
         };
@@ -532,6 +549,9 @@ mod tests {
         assert_eq!(v["startTime"], "1970-01-01T00:00:02Z");
         assert_eq!(v["completionTime"], "1970-01-01T00:01:25Z");
         assert_eq!(v["commitSha"], "abc");
+        assert_eq!(v["prUrl"], "https://github.com/acme/api/pull/7");
+        assert_eq!(v["prNumber"], 7);
+        assert!(v.get("prError").is_none());
         assert_eq!(v["observedGeneration"], 2);
         assert_eq!(v["conditions"][0]["type"], "Complete");
         assert_eq!(v["conditions"][0]["status"], "True");
@@ -814,6 +834,7 @@ mod tests {
             ("Phase", "string", ".status.phase"),
             ("Reason", "string", ".status.reason"),
             ("Branch", "string", ".status.branch"),
+            ("PR", "string", ".status.prUrl"),
             ("Duration", "string", ".status.duration"),
             ("Age", "date", ".metadata.creationTimestamp"),
             ("Attempt", "integer", ".status.attempt"),

@@ -541,6 +541,8 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
         env("GIT_AUTHOR_NAME", cfg.git_author_name.clone()),
         env("GIT_AUTHOR_EMAIL", cfg.git_author_email.clone()),
         env("GIT_CLONE_DEPTH", cfg.git_clone_depth.to_string()),
+        // Always explicit: the runner's own default must not decide what the operator was told.
+        env("OPEN_PULL_REQUESTS", cfg.open_pull_requests.to_string()),
     ];
     if cfg.agent.is_some() {
         env_vars.push(env(pod::ENV_AGENT_CONTAINER, "true"));
@@ -1044,6 +1046,7 @@ mod tests {
                 json!("repobox@users.noreply.repobox.dev"),
             ),
             ("GIT_CLONE_DEPTH", json!("1")),
+            ("OPEN_PULL_REQUESTS", json!("true")),
             ("LOG_FORMAT", json!("json")),
         ]
         .into_iter()
@@ -1286,6 +1289,32 @@ mod tests {
                 .as_deref(),
             Some("runner")
         );
+    }
+
+    #[test]
+    fn the_pull_request_setting_reaches_the_runner_only() {
+        for (value, want) in [
+            (None, "true"),
+            (Some("false"), "false"),
+            (Some("true"), "true"),
+        ] {
+            let mut settings = vec![("AGENT_COMMAND", "x")];
+            if let Some(v) = value {
+                settings.push(("OPEN_PULL_REQUESTS", v));
+            }
+            let job = build(&rj("job-1", "u"), &settings);
+            let env = env_map(&job);
+            assert!(
+                env.contains(&("OPEN_PULL_REQUESTS".to_owned(), json!(want))),
+                "{value:?}: {env:?}"
+            );
+            // The agent container never learns it (nor anything else of the runner's).
+            assert!(
+                !serde_json::to_string(&pod(&job).containers[1])
+                    .unwrap()
+                    .contains("OPEN_PULL_REQUESTS")
+            );
+        }
     }
 
     #[test]

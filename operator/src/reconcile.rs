@@ -493,6 +493,9 @@ async fn adopt_record(
             let r = record.as_ref();
             extras.branch = r.and_then(|r| r.branch.clone());
             extras.commit_sha = r.and_then(|r| r.commit_sha.clone());
+            extras.pr_url = r.and_then(|r| r.pr_url.clone());
+            extras.pr_number = r.and_then(|r| r.pr_number.as_deref()?.parse().ok());
+            extras.pr_error = r.and_then(|r| r.pr_error.clone());
             let message = match &extras.branch {
                 Some(b) => format!("pushed {b}"),
                 None => "finished: no changes were needed".to_owned(),

@@ -270,6 +270,10 @@ pub struct Extras {
     pub attempt: Option<u32>,
     /// When the new attempt's Job is created.
     pub next_attempt_time: Option<Time>,
+    /// The pull / merge request step's outcome (`prUrl`, `prNumber`, `prError`).
+    pub pr_url: Option<String>,
+    pub pr_number: Option<i64>,
+    pub pr_error: Option<String>,
 }
 
 /// The status a RepoboxJob should have in `phase`, built from its current status so that
@@ -310,6 +314,15 @@ pub fn with_phase(
     }
     if extras.next_attempt_time.is_some() {
         s.next_attempt_time = extras.next_attempt_time;
+    }
+    if extras.pr_url.is_some() {
+        s.pr_url = extras.pr_url;
+    }
+    if extras.pr_number.is_some() {
+        s.pr_number = extras.pr_number;
+    }
+    if extras.pr_error.is_some() {
+        s.pr_error = extras.pr_error;
     }
 
     let cond = |type_: &str, status: bool, reason: &str, message: &str| {
@@ -744,9 +757,23 @@ mod tests {
             Extras {
                 branch: Some("repobox/job-1".into()),
                 commit_sha: Some("abc".into()),
+                pr_url: Some("https://gitlab.example.com/g/p/-/merge_requests/4".into()),
+                pr_number: Some(4),
                 ..Default::default()
             },
             &t3,
+        );
+        assert_eq!(
+            (
+                done.pr_url.as_deref(),
+                done.pr_number,
+                done.pr_error.as_deref()
+            ),
+            (
+                Some("https://gitlab.example.com/g/p/-/merge_requests/4"),
+                Some(4),
+                None
+            )
         );
         assert_eq!(done.completion_time, Some(t3));
         assert_eq!(done.duration.as_deref(), Some("1m23s"));

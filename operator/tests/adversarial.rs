@@ -37,6 +37,7 @@ use repobox_operator::crd::RepoboxJob;
 use repobox_operator::intake::repobox_job;
 use repobox_operator::job_builder::job_for;
 use repobox_testbed::control_plane::ControlPlane;
+use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, NodeSettings};
 use repobox_testbed::redis_server::RedisServer;
@@ -211,7 +212,9 @@ async fn bed(test: &str) -> Option<Bed> {
     let redis = RedisServer::start_with_password(REDIS_PASSWORD)
         .await
         .expect("redis");
-    let git = GitHost::start(TOKEN).await.expect("git host");
+    let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
+        .await
+        .expect("git host");
     git.create_repo("acme/api", &[("README.md", "# api\n")])
         .expect("repo");
     git.create_repo("victim/other", &[("README.md", "# someone else's\n")])
@@ -492,6 +495,19 @@ async fn a_hostile_agent_gets_no_secret_and_pushes_nowhere_else() {
             "a request went to another repository: {r:?}"
         );
     }
+    // The API calls after the push concern the job's repository only, and nothing the agent
+    // wrote carried a secret into the pull request.
+    let forge = bed.git.forge().expect("forge double");
+    for r in forge.requests() {
+        assert!(
+            r.path.starts_with("/api/v3/repos/acme/api"),
+            "an API request about another repository: {r:?}"
+        );
+    }
+    assert_no_secret(
+        "the forge (requests and pull requests)",
+        &format!("{:?}{:?}", forge.requests(), forge.pull_requests()),
+    );
     assert!(
         bed.git
             .requests()

@@ -73,6 +73,13 @@ async fn xadd_to_pushed_branch_to_succeeded() {
     assert_eq!(rec["commitSha"], sha);
     assert_eq!(status.branch.as_deref(), Some("repobox/e2e00001"));
     assert_eq!(status.commit_sha.as_deref(), Some(sha.as_str()));
+    // The pull request the runner opened, in the job hash and the status (the PR column).
+    let forge = bed.git.forge().unwrap();
+    assert_eq!(forge.pull_requests().len(), 1);
+    assert_eq!(rec["prNumber"], "1");
+    assert_eq!(rec["prUrl"], forge.web_url("acme/api", 1));
+    assert_eq!(status.pr_url.as_deref(), Some(rec["prUrl"].as_str()));
+    assert_eq!(status.pr_number, Some(1));
     assert_eq!(status.reason.as_deref(), Some(reasons::SUCCEEDED));
     assert_eq!(status.job_name.as_deref(), Some(name.as_str()));
     assert!(

@@ -215,6 +215,17 @@ async fn happy_path_under_per_user_and_global_quotas() {
         let st = rj.status.clone().expect("status");
         assert_eq!(st.reason.as_deref(), Some(reasons::SUCCEEDED));
         assert_eq!(st.commit_sha.as_deref(), Some(sha.as_str()));
+        // The runner opened the pull request; the status shows it (the PR column).
+        let forge = bed.git.forge().expect("forge double");
+        let pr = forge
+            .pull_requests()
+            .into_iter()
+            .find(|p| p.head == branch)
+            .expect("a pull request for the branch");
+        assert_eq!(rec["prNumber"], pr.number.to_string(), "{rec:?}");
+        assert_eq!(st.pr_url.as_deref(), Some(rec["prUrl"].as_str()));
+        assert_eq!(st.pr_number, Some(pr.number as i64));
+        assert_eq!(st.pr_error, None);
         // No secret in any Kubernetes object of the job.
         let pods = bed
             .pods()

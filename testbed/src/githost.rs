@@ -52,6 +52,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+use crate::forge::{Forge, ForgeKind};
+
 /// The user name the contract prescribes for token authentication.
 pub const USERNAME: &str = "oauth2";
 
@@ -99,6 +101,8 @@ pub struct GitHost {
     port: u16,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// The GitHub / GitLab API double on the same host and port, when started with one.
+    forge: Option<Forge>,
     /// Keeps `repos/` and `home/` alive; declared last so it is removed after the server stops.
     _dir: TempDir,
 }
@@ -116,6 +120,21 @@ impl std::fmt::Debug for GitHost {
 impl GitHost {
     /// Starts a host that accepts `oauth2:{token}` and serves no repository yet.
     pub async fn start(token: &str) -> anyhow::Result<GitHost> {
+        Self::start_inner(token, None).await
+    }
+
+    /// Starts a host that also serves the `kind` forge API (see [`crate::forge`]) under
+    /// `/api/v3` (GitHub Enterprise) or `/api/v4` (GitLab), accepting the same token.
+    pub async fn start_with_forge(token: &str, kind: ForgeKind) -> anyhow::Result<GitHost> {
+        Self::start_inner(token, Some(Forge::new(kind, token))).await
+    }
+
+    /// The forge API double, when started with one.
+    pub fn forge(&self) -> Option<&Forge> {
+        self.forge.as_ref()
+    }
+
+    async fn start_inner(token: &str, forge: Option<Forge>) -> anyhow::Result<GitHost> {
         ensure_git()?;
         let dir = tempfile::Builder::new()
             .prefix("repobox-githost-")
@@ -152,7 +171,16 @@ impl GitHost {
             .build()
             .context("build the git host's runtime")?;
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
-        let app = Router::new()
+        let mut app = Router::new();
+        if let Some(forge) = &forge {
+            forge.attach(
+                shared.repos.clone(),
+                shared.home.clone(),
+                format!("http://127.0.0.1:{port}"),
+            );
+            app = app.nest(forge.kind().prefix(), forge.router());
+        }
+        let app = app
             .fallback(handle)
             .layer(DefaultBodyLimit::disable())
             .with_state(shared.clone());
@@ -187,6 +215,7 @@ impl GitHost {
             port,
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
+            forge,
             _dir: dir,
         })
     }
@@ -215,6 +244,9 @@ impl GitHost {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = expected_authorization(new);
+        if let Some(forge) = &self.forge {
+            forge.set_token(new);
+        }
     }
 
     /// Every request served so far, oldest first. Never contains credentials.
@@ -848,7 +880,7 @@ fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
 /// applied after `env_clear()`: nothing from the machine's or the user's configuration
 /// (`GIT_CONFIG_NOSYSTEM`, a private `HOME`), no inherited `GIT_DIR` & co., a fixed identity and
 /// the C locale so messages are stable.
-fn git_env_vars(home: &Path) -> Vec<(&'static str, OsString)> {
+pub(crate) fn git_env_vars(home: &Path) -> Vec<(&'static str, OsString)> {
     vec![
         ("PATH", std::env::var_os("PATH").unwrap_or_default()),
         ("HOME", home.into()),

@@ -3,6 +3,7 @@
 //! - [`redis_server`]: a real `redis-server` on a free loopback port, stopped on drop.
 //! - [`githost`]: bare repositories served over smart HTTP by `git http-backend`,
 //!   behind a small HTTP server that checks basic credentials.
+//! - [`forge`]: the GitHub / GitLab pull and merge request API, served by the git host.
 //! - [`control_plane`]: a real control plane (etcd, kube-apiserver, controller-manager,
 //!   scheduler) from `REPOBOX_K8S_ASSETS`, with fresh certificates; SKIPPED when unset.
 //! - [`emulator`]: the stateful Kubernetes API emulator (kmock, extended in `tests/emulator`).
@@ -13,16 +14,19 @@
 //!   unschedulable pods and shrunk when idle, with CA's events; drains and spot reclaims.
 //! - [`events`]: core/v1 Events as client-go's recorder writes them.
 //! - [`simulator`]: plays job controller and kubelet for the Jobs in the emulator.
+//! - [`tls_proxy`]: a TLS front (fresh CA) for the git host and its forge API.
 //! - [`webapp`]: writes jobs and providers into Redis the way the web app does.
 
 pub mod autoscaler;
 pub mod control_plane;
 pub mod emulator;
 pub mod events;
+pub mod forge;
 pub mod githost;
 pub mod kubelet;
 pub mod redis_server;
 pub mod simulator;
+pub mod tls_proxy;
 pub mod webapp;
 
 use std::net::TcpListener;

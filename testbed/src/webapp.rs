@@ -15,6 +15,8 @@ pub struct NewJob {
     pub repo_url: String,
     pub base_branch: Option<String>,
     pub prompt: String,
+    /// `openPullRequest` (`true`/`false`), when the job sets it.
+    pub open_pull_request: Option<String>,
 }
 
 impl NewJob {
@@ -26,6 +28,7 @@ impl NewJob {
             repo_url: repo_url.to_owned(),
             base_branch: None,
             prompt: prompt.to_owned(),
+            open_pull_request: None,
         }
     }
 }
@@ -44,6 +47,9 @@ pub async fn create_job(con: &mut MultiplexedConnection, job: &NewJob) -> redis:
     if let Some(b) = &job.base_branch {
         fields.push(("baseBranch", b.clone()));
     }
+    if let Some(v) = &job.open_pull_request {
+        fields.push(("openPullRequest", v.clone()));
+    }
     con.hset_multiple(keys::job(&job.id), &fields).await
 }
 
@@ -58,10 +64,23 @@ pub async fn create_provider(
     token: &str,
     base_url: &str,
 ) -> redis::RedisResult<()> {
+    create_provider_of_type(con, user_id, provider_id, key, token, "github", base_url).await
+}
+
+/// Like [`create_provider`], for a provider of `kind` (`github` or `gitlab`).
+pub async fn create_provider_of_type(
+    con: &mut MultiplexedConnection,
+    user_id: &str,
+    provider_id: &str,
+    key: &EncryptionKey,
+    token: &str,
+    kind: &str,
+    base_url: &str,
+) -> redis::RedisResult<()> {
     con.hset_multiple(
         keys::git_provider(user_id, provider_id),
         &[
-            ("type", "github".to_owned()),
+            ("type", kind.to_owned()),
             ("baseUrl", base_url.to_owned()),
             ("encryptedToken", key.encrypt(token)),
         ],

@@ -111,6 +111,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "envFromSecrets": ["agent-api-keys", "agent-extra"],
             "agentCommand": "agent --non-interactive",
             "allowInsecureHttp": True,
+            "openPullRequests": False,
             "gitCaConfigMap": "git-ca",
             "gitCaKey": "bundle.pem",
             "git": {"cloneDepth": 0},

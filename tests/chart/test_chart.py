@@ -447,6 +447,7 @@ def test_runner_settings_reach_the_operator_env():
     assert env["RUNNER_ENV_FROM_SECRETS"] == "agent-api-keys,agent-extra"
     assert env["AGENT_COMMAND"] == "agent --non-interactive"
     assert env["ALLOW_INSECURE_HTTP"] == "true"
+    assert env["OPEN_PULL_REQUESTS"] == "false"
     assert (env["GIT_CA_CONFIGMAP"], env["GIT_CA_KEY"]) == ("git-ca", "bundle.pem")
     assert env["AGENT_IMAGE"] == "registry.example.com/agents/claude:7"
     assert env["AGENT_UID"] == "2000"
@@ -483,6 +484,7 @@ def test_empty_scheduling_is_rendered_as_unset():
               "AGENT_IMAGE", "AGENT_EXTRA_ENV", "GIT_CA_CONFIGMAP"]:
         assert env[k] == "", k
     assert env["ALLOW_INSECURE_HTTP"] == "false"
+    assert env["OPEN_PULL_REQUESTS"] == "true"
 
 
 # ----- agreement with operator/src/config.rs -----

@@ -20,6 +20,7 @@ use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
 use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::emulator::Emulator;
+use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::simulator::{ClusterSimulator, SimulatorConfig};
@@ -64,7 +65,10 @@ impl Bed {
             .with_test_writer()
             .try_init();
         let redis = RedisServer::start().await.unwrap();
-        let git = GitHost::start(TOKEN).await.unwrap();
+        // With the GitHub Enterprise API double: jobs that push open a pull request.
+        let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
+            .await
+            .unwrap();
         git.create_repo("acme/api", &[("README.md", "# api\n")])
             .unwrap();
         let emu = Emulator::start().await.unwrap();

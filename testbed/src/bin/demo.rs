@@ -35,6 +35,7 @@ use repobox_contract::{EncryptionKey, keys, mask_token};
 use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::emulator::Emulator;
+use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, NodeSettings};
 use repobox_testbed::redis_server::RedisServer;
@@ -183,11 +184,14 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
     println!("redis-server (real) listening at {redis_url}");
 
     section("2. Git host with a sample repository");
-    let git = parts.git.insert(GitHost::start(TOKEN).await?);
+    let git = parts
+        .git
+        .insert(GitHost::start_with_forge(TOKEN, ForgeKind::GitHub).await?);
     let files = sample_files();
     git.create_repo(REPO, &files)?;
     let repo_url = git.url(REPO);
-    println!("smart-HTTP git host (real `git http-backend`, basic auth oauth2:<token>)");
+    println!("smart-HTTP git host (real `git http-backend`, basic auth oauth2:<token>),");
+    println!("with the GitHub Enterprise API double at /api/v3 (pull requests, Bearer token)");
     println!("repository {repo_url}, branch main:");
     for (path, content) in &files {
         println!("  {path:<18} {} lines", content.lines().count());
@@ -381,8 +385,8 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
     section("9. Job records in Redis (job:{id})");
     let mut problems = Vec::new();
     println!(
-        "{:<38} {:<6} {:<8} {:<18} {:<14} ERROR",
-        "JOB", "USER", "STATUS", "BRANCH", "COMMIT"
+        "{:<38} {:<6} {:<8} {:<18} {:<14} {:<6} ERROR",
+        "JOB", "USER", "STATUS", "BRANCH", "COMMIT", "PR"
     );
     let mut records = Vec::new();
     for job in &submitted {
@@ -390,15 +394,28 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         let get = |k: &str| rec.get(k).cloned().unwrap_or_default();
         let (status, branch, sha, error) =
             (get("status"), get("branch"), get("commitSha"), get("error"));
+        let (pr_number, pr_error) = (get("prNumber"), get("prError"));
+        let pr = if pr_number.is_empty() {
+            String::new()
+        } else {
+            format!("#{pr_number}")
+        };
         println!(
-            "{:<38} {:<6} {:<8} {:<18} {:<14} {}",
+            "{:<38} {:<6} {:<8} {:<18} {:<14} {:<6} {}",
             job.id,
             job.user_id,
             status,
             or_dash(&branch),
             or_dash(&sha[..sha.len().min(12)]),
-            or_dash(&error)
+            or_dash(&pr),
+            or_dash(if error.is_empty() { &pr_error } else { &error })
         );
+        if !branch.is_empty() && pr_number.is_empty() {
+            problems.push(format!(
+                "job {}: pushed {branch} but opened no pull request ({pr_error})",
+                job.id
+            ));
+        }
         records.push((job.id.clone(), status, branch, sha));
     }
     for (id, status, branch, sha) in &records {
@@ -731,8 +748,8 @@ fn short(name: &str) -> &str {
     name.split('-').next().unwrap_or(name)
 }
 
-const COLUMNS: [&str; 8] = [
-    "NAME", "USER", "REPO", "PHASE", "REASON", "BRANCH", "DURATION", "AGE",
+const COLUMNS: [&str; 9] = [
+    "NAME", "USER", "REPO", "PHASE", "REASON", "BRANCH", "PR", "DURATION", "AGE",
 ];
 
 /// The CRD's printer columns for each RepoboxJob in arrival (stream entry) order. Without
@@ -751,6 +768,7 @@ fn rows(jobs: &BTreeMap<String, RepoboxJob>, now: Option<jiff::Timestamp>) -> Ve
                 none(status.phase.map(|p| p.to_string())),
                 none(status.reason),
                 none(status.branch),
+                none(status.pr_url),
                 none(status.duration),
             ];
             if let Some(now) = now {
@@ -819,8 +837,8 @@ async fn run_kubectl(kubeconfig: &Path, dir: &Path, real: bool) {
         return;
     };
     let custom = "NAME:.metadata.name,USER:.spec.userId,REPO:.spec.repo,PHASE:.status.phase,\
-                  REASON:.status.reason,BRANCH:.status.branch,DURATION:.status.duration,\
-                  COMMIT:.status.commitSha";
+                  REASON:.status.reason,BRANCH:.status.branch,PR:.status.prUrl,\
+                  DURATION:.status.duration,COMMIT:.status.commitSha";
     if real {
         println!("The real API server renders the CRD's printer columns for plain `kubectl get`:");
     } else {
