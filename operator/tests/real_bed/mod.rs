@@ -33,6 +33,7 @@ use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
 use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::control_plane::ControlPlane;
+use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, KubeletEvent, NodeSettings};
 use repobox_testbed::redis_server::RedisServer;
@@ -94,6 +95,41 @@ impl RealBed {
     /// A bed whose chart is rendered with the bed's values merged with `values`; `None` (after
     /// the one SKIPPED line naming `REPOBOX_K8S_ASSETS`) when there is no control plane.
     pub async fn new(test: &str, values: Value) -> Option<Self> {
+        Self::build(test, values, true).await
+    }
+
+    /// A bed without nodes: runner pods only fit nodes labelled [`RealBed::pool_label`], which
+    /// the caller's autoscaler (see [`RealBed::autoscaler`]) adds.
+    pub async fn without_nodes(test: &str, values: Value) -> Option<Self> {
+        Self::build(test, values, false).await
+    }
+
+    /// The node label (key, value) runner pods of this bed select.
+    pub fn pool_label(&self) -> (String, String) {
+        (NODE_LABEL.to_owned(), self.node.clone())
+    }
+
+    /// Starts a cluster-autoscaler model for this bed's namespace over the bed's kubelet, with
+    /// `groups` labelled so that this bed's runner pods fit them.
+    pub async fn autoscaler(
+        &self,
+        mut cfg: repobox_testbed::autoscaler::AutoscalerConfig,
+    ) -> repobox_testbed::autoscaler::Autoscaler {
+        let (key, value) = self.pool_label();
+        for g in &mut cfg.groups {
+            g.labels.insert(key.clone(), value.clone());
+        }
+        cfg.namespaces = vec![self.ns.clone()];
+        repobox_testbed::autoscaler::Autoscaler::start(
+            self.admin.clone(),
+            self.kubelet.handle(),
+            cfg,
+        )
+        .await
+        .expect("autoscaler")
+    }
+
+    async fn build(test: &str, values: Value, with_node: bool) -> Option<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -115,7 +151,10 @@ impl RealBed {
         let redis = RedisServer::start_with_password(REDIS_PASSWORD)
             .await
             .expect("redis-server");
-        let git = GitHost::start(TOKEN).await.expect("git host");
+        // With the GitHub Enterprise API double: jobs that push open a pull request.
+        let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
+            .await
+            .expect("git host");
         git.create_repo("acme/api", &[("README.md", "# api\n")])
             .expect("repo");
 
@@ -145,7 +184,11 @@ impl RealBed {
         let kubelet = Kubelet::start(
             admin.clone(),
             KubeletConfig {
-                nodes: vec![settings],
+                nodes: if with_node {
+                    vec![settings]
+                } else {
+                    Vec::new()
+                },
                 binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
                 api_server: Some(cp.server_url().to_owned()),
                 max_grace_period: Some(Duration::from_secs(5)),
