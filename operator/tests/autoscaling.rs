@@ -86,22 +86,6 @@ async fn node_of(bed: &RealBed, job: &str) -> String {
         .expect("a scheduled pod")
 }
 
-/// Polls the job hash until the runner recorded `want` as its step.
-async fn wait_step(bed: &mut RealBed, job_id: &str, want: &str) {
-    let until = tokio::time::Instant::now() + WAIT;
-    loop {
-        let rec = bed.record(job_id).await;
-        if rec.get("step").map(String::as_str) == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the runner of {job_id} never reached {want}: {rec:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn from_zero_nodes_every_job_succeeds_under_quotas_and_the_nodes_go_afterwards() {
     let values = json!({
@@ -294,7 +278,7 @@ async fn a_drained_node_reruns_a_cloning_job_elsewhere_but_never_a_pushing_one()
     let job = bed.job("drain001-agent", "gus");
     bed.submit(&job).await;
     let name = object_name(&job.id);
-    wait_step(&mut bed, &job.id, "agent").await;
+    bed.wait_step(&job.id, "agent").await;
     let first_node = node_of(&bed, &name).await;
     autoscaler.drain(&first_node).await.expect("drain");
     let rj = bed
@@ -338,7 +322,7 @@ async fn a_drained_node_reruns_a_cloning_job_elsewhere_but_never_a_pushing_one()
     let job = bed.job("drain002-push", "gus");
     bed.submit(&job).await;
     let name = object_name(&job.id);
-    wait_step(&mut bed, &job.id, "pushing").await;
+    bed.wait_step(&job.id, "pushing").await;
     let until = tokio::time::Instant::now() + WAIT;
     while !bed.git.push_held("acme/api") {
         assert!(

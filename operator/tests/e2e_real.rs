@@ -722,23 +722,6 @@ async fn the_operator_account_cannot_read_secrets_or_touch_other_namespaces() {
     bed.finish().await;
 }
 
-/// Waits until the runner recorded `want` as its step (Redis has no event for a hash field, so
-/// this polls).
-async fn wait_step(bed: &mut RealBed, job_id: &str, want: &str) {
-    let until = tokio::time::Instant::now() + WAIT;
-    loop {
-        let rec = bed.record(job_id).await;
-        if rec.get("step").map(String::as_str) == Some(want) {
-            return;
-        }
-        if tokio::time::Instant::now() > until {
-            bed.diagnose();
-            panic!("the runner of {job_id} never reached the {want} step: {rec:?}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// Evicts the (one) pod of the Job `job` through the Eviction API, as `kubectl drain` and the
 /// cluster autoscaler do; the real API server marks it `DisruptionTarget`.
 async fn evict_pod_of(bed: &RealBed, job: &str) -> String {
@@ -774,7 +757,7 @@ async fn a_pod_evicted_before_the_push_runs_again_and_pushes_once() {
     let job = bed.job("retry001-evict", "gina");
     bed.submit(&job).await;
     let name = object_name(&job.id);
-    wait_step(&mut bed, &job.id, "agent").await;
+    bed.wait_step(&job.id, "agent").await;
     let first_pod = evict_pod_of(&bed, &name).await;
 
     // The real Job controller fails the Job through rule 0 of its pod failure policy; the
@@ -855,7 +838,7 @@ async fn a_pod_evicted_while_pushing_fails_and_is_not_run_again() {
     let job = bed.job("push0001-evict", "hank");
     bed.submit(&job).await;
     let name = object_name(&job.id);
-    wait_step(&mut bed, &job.id, "pushing").await;
+    bed.wait_step(&job.id, "pushing").await;
     let until = tokio::time::Instant::now() + WAIT;
     while !bed.git.push_held("acme/api") {
         assert!(

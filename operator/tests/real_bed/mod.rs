@@ -415,6 +415,23 @@ impl RealBed {
         }
     }
 
+    /// Waits until the runner of `job_id` recorded `want` as its step (Redis has no event for a
+    /// hash field, so this polls).
+    pub async fn wait_step(&mut self, job_id: &str, want: &str) {
+        let until = tokio::time::Instant::now() + WAIT;
+        loop {
+            let rec = self.record(job_id).await;
+            if rec.get("step").map(String::as_str) == Some(want) {
+                return;
+            }
+            if tokio::time::Instant::now() > until {
+                self.diagnose();
+                panic!("the runner of {job_id} never reached the {want} step: {rec:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_phase(&self, name: &str, phase: RepoboxJobPhase) -> RepoboxJob {
         self.wait_rj(name, phase.as_str(), |rj| rj.phase() == phase)
             .await
