@@ -65,7 +65,7 @@ pub async fn read(con: &mut impl ConnectionLike) -> Result<PauseState> {
 
 /// Pauses everything (`user` = `None`) or one user, with `reason` shown on queued jobs.
 pub async fn pause(
-    con: &mut (impl ConnectionLike + Send),
+    con: &mut (impl ConnectionLike + Send + Sync),
     user: Option<&str>,
     reason: &str,
 ) -> Result<()> {
@@ -92,7 +92,7 @@ pub async fn pause(
 
 /// Resumes everything (`user` = `None`: the global pause only; users paused one by one stay
 /// paused) or one user. Resuming what is not paused is a no-op.
-pub async fn resume(con: &mut (impl ConnectionLike + Send), user: Option<&str>) -> Result<()> {
+pub async fn resume(con: &mut (impl ConnectionLike + Send + Sync), user: Option<&str>) -> Result<()> {
     match user {
         None => {
             let _: () = con
