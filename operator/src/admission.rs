@@ -744,14 +744,24 @@ mod tests {
         let d = decide_with(&q, &[r("x", "pro"), r("y", "pro")], limits(2, 100), &ov);
         assert_eq!(d.admit.iter().filter(|n| n.starts_with('p')).count(), 1);
         // An override of 0 holds the user's jobs with the quota reason (defence in depth).
-        let d = decide_with(&q, &[], limits(2, 100), &overrides(&[("free", 0)], &[], false));
+        let d = decide_with(
+            &q,
+            &[],
+            limits(2, 100),
+            &overrides(&[("free", 0)], &[], false),
+        );
         assert_eq!(reason_of(&d, "f0"), Some(WaitReason::UserQuotaExceeded));
     }
 
     #[test]
     fn global_pause_admits_nothing_and_says_paused() {
         let q = [c("a", "u1", "1-0"), c("b", "u2", "2-0")];
-        let d = decide_with(&q, &[r("x", "u3")], limits(3, 10), &overrides(&[], &[], true));
+        let d = decide_with(
+            &q,
+            &[r("x", "u3")],
+            limits(3, 10),
+            &overrides(&[], &[], true),
+        );
         assert!(d.admit.is_empty());
         assert_eq!(d.waiting.len(), 2);
         assert!(d.waiting.iter().all(|w| w.reason == WaitReason::Paused));
@@ -769,14 +779,23 @@ mod tests {
         assert_eq!(d.admit, ["b", "c"]);
         assert_eq!(reason_of(&d, "a"), Some(WaitReason::Paused));
         // Paused wins over a full user or cluster.
-        let d = decide_with(&q, &[r("x", "held")], limits(1, 1), &overrides(&[], &["held"], false));
+        let d = decide_with(
+            &q,
+            &[r("x", "held")],
+            limits(1, 1),
+            &overrides(&[], &["held"], false),
+        );
         assert_eq!(reason_of(&d, "a"), Some(WaitReason::Paused));
         assert_eq!(reason_of(&d, "b"), Some(WaitReason::ClusterQuotaExceeded));
     }
 
     #[test]
     fn default_overrides_change_nothing() {
-        let q = [c("a", "u1", "1-0"), c("b", "u1", "2-0"), c("c", "u2", "3-0")];
+        let q = [
+            c("a", "u1", "1-0"),
+            c("b", "u1", "2-0"),
+            c("c", "u2", "3-0"),
+        ];
         let running = [r("x", "u1")];
         assert_eq!(
             decide(&q, &running, limits(2, 3)),
@@ -828,13 +847,22 @@ mod tests {
         for n in &d.admit {
             prop_assert!(by_name.contains_key(n.as_str()));
             prop_assert!(seen.insert(n.clone()), "admitted twice: {}", n);
-            prop_assert!(!ov.holds(&by_name[n.as_str()].user), "held user admitted: {}", n);
+            prop_assert!(
+                !ov.holds(&by_name[n.as_str()].user),
+                "held user admitted: {}",
+                n
+            );
             *count.entry(by_name[n.as_str()].user.as_str()).or_default() += 1;
         }
         // Limits: nothing admitted beyond them (counts already over a limit stay as they were).
         for (user, n) in &count {
             let was = before.get(user).copied().unwrap_or(0);
-            prop_assert!(*n <= ov.limit_of(user, l).max(was), "user {} has {}", user, n);
+            prop_assert!(
+                *n <= ov.limit_of(user, l).max(was),
+                "user {} has {}",
+                user,
+                n
+            );
         }
         let total = running.len() + d.admit.len();
         prop_assert!(total <= l.global.max(running.len()));

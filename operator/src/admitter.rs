@@ -53,6 +53,9 @@ pub const WAITING_PASS: Duration = Duration::from_secs(1);
 const CREATE_CONCURRENCY: usize = 32;
 /// `Admitted` Events in flight: informational, so they yield to the creates in a burst.
 const EVENT_CONCURRENCY: usize = 4;
+/// Users remembered as warned about an unusable limit; beyond it the memory starts over (a
+/// repeated Warning is harmless, unbounded memory is not).
+const WARNED_CAP: usize = 10_000;
 /// How long shutdown waits for the Job creates in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -350,7 +353,7 @@ impl Admitter {
 }
 
 impl Admitter {
-    /// Publishes each new unusable-limit problem once: a warning log, the counter, and a
+    /// Publishes each new unusable-limit problem once per user and value: a warning log, the counter, and a
     /// Warning Event on the user's oldest queued job (`kubectl get events` shows it). Users
     /// whose problem went away are forgotten, so a relapse is reported again.
     async fn report_problems(
@@ -361,12 +364,16 @@ impl Admitter {
         queued: &[admission::Candidate],
         by_name: &HashMap<String, &Arc<RepoboxJob>>,
     ) {
-        state.warned.retain(|user, problem| {
-            resolved
-                .get(user.as_str())
-                .and_then(|r| r.problem.as_ref())
-                == Some(problem)
-        });
+        // Users without queued jobs this pass were not resolved: what was reported stands.
+        state
+            .warned
+            .retain(|user, problem| match resolved.get(user.as_str()) {
+                Some(r) => r.problem.as_ref() == Some(problem),
+                None => true,
+            });
+        if state.warned.len() > WARNED_CAP {
+            state.warned.clear();
+        }
         for (user, r) in resolved {
             let Some(problem) = &r.problem else {
                 continue;
@@ -376,15 +383,13 @@ impl Admitter {
             }
             state.warned.insert((*user).to_owned(), problem.clone());
             ctx.metrics.invalid_limit();
-            let note = format!(
-                "{problem}; user {user} gets {} (plan {})",
-                r.limit, r.plan
-            );
+            let note = format!("{problem}; user {user} gets {} (plan {})", r.limit, r.plan);
             warn!(user = %user, problem = %problem, limit = r.limit, "unusable limit; using the fallback");
-            let oldest = queued
-                .iter()
-                .filter(|c| c.user == *user)
-                .min_by(|a, b| a.stream_id.cmp(&b.stream_id).then_with(|| a.name.cmp(&b.name)));
+            let oldest = queued.iter().filter(|c| c.user == *user).min_by(|a, b| {
+                a.stream_id
+                    .cmp(&b.stream_id)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
             if let Some(rj) = oldest.and_then(|c| by_name.get(&c.name)) {
                 ctx.publish(
                     rj,

@@ -1326,7 +1326,10 @@ pub(crate) mod tests {
         assert_eq!(c.claim_min_idle(), Duration::from_secs(60));
         assert_eq!(c.max_queued, 500);
         assert_eq!(c.max_queued_per_user(), None);
-        assert_eq!(c.plan_limits().unwrap(), crate::tiers::PlanLimits::default());
+        assert_eq!(
+            c.plan_limits().unwrap(),
+            crate::tiers::PlanLimits::default()
+        );
         assert_eq!(c.retention(), Duration::from_secs(86400));
         assert_eq!(c.pending_timeout(), Duration::from_secs(600));
         assert_eq!(

@@ -681,7 +681,10 @@ pub fn repobox_job(
     record: &HashMap<String, String>,
 ) -> RepoboxJob {
     let get = |k: &str| record.get(k).filter(|v| !v.is_empty()).cloned();
-    let plan = record.get("plan").map(|p| p.trim()).filter(|p| !p.is_empty());
+    let plan = record
+        .get("plan")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty());
     let name = object_name(job_id);
     let mut rj = RepoboxJob::new(
         &name,

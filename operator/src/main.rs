@@ -168,15 +168,18 @@ enum PauseAction {
 /// Runs a pause command and prints the resulting state.
 fn pause_command(redis: &RedisArgs, user: Option<&str>, action: PauseAction) -> ExitCode {
     use repobox_operator::pause;
-    let client = match repobox_contract::redis_client(&redis.redis_url, redis.redis_ca_file.as_deref())
+    let client =
+        match repobox_contract::redis_client(&redis.redis_url, redis.redis_ca_file.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("invalid Redis settings: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
     {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid Redis settings: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

@@ -420,7 +420,10 @@ impl Metrics {
     /// Users with work per plan label, a snapshot: labels are the configured plans, `default`
     /// and `custom`; every label seen once keeps a series (set to 0 when it has no user).
     pub fn set_users_by_plan(&self, counts: &BTreeMap<String, i64>) {
-        let mut known = self.plans_with_series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut known = self
+            .plans_with_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for plan in known.iter() {
             if !counts.contains_key(plan) {
                 self.users_by_plan

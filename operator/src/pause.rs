@@ -29,10 +29,10 @@ use repobox_contract::{keys, time};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::Result;
 use crate::admitter::Admitter;
 use crate::metrics::Metrics;
 use crate::server::Health;
-use crate::Result;
 
 /// How often [`watch`] reads the pause state.
 pub const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -92,7 +92,10 @@ pub async fn pause(
 
 /// Resumes everything (`user` = `None`: the global pause only; users paused one by one stay
 /// paused) or one user. Resuming what is not paused is a no-op.
-pub async fn resume(con: &mut (impl ConnectionLike + Send + Sync), user: Option<&str>) -> Result<()> {
+pub async fn resume(
+    con: &mut (impl ConnectionLike + Send + Sync),
+    user: Option<&str>,
+) -> Result<()> {
     match user {
         None => {
             let _: () = con

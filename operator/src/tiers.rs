@@ -288,7 +288,15 @@ mod tests {
 
     #[test]
     fn unusable_values_fall_back_with_a_problem() {
-        for bad in ["0", "1001", "99999999999999999999", "-1", "2.5", "gold", "1 2"] {
+        for bad in [
+            "0",
+            "1001",
+            "99999999999999999999",
+            "-1",
+            "2.5",
+            "gold",
+            "1 2",
+        ] {
             // Falls back to the job's plan when that is usable...
             let r = resolve(Some(bad), Some("free"), &plans(), 3);
             assert_eq!((r.limit, r.plan.as_str()), (1, "free"), "{bad}");
@@ -300,7 +308,10 @@ mod tests {
         }
         let r = resolve(None, Some("gold"), &plans(), 3);
         assert_eq!((r.limit, r.plan.as_str()), (3, "default"));
-        assert_eq!(r.problem.as_deref(), Some("plan \"gold\" is not in PLAN_LIMITS"));
+        assert_eq!(
+            r.problem.as_deref(),
+            Some("plan \"gold\" is not in PLAN_LIMITS")
+        );
         // Both unusable: both named.
         let r = resolve(Some("x"), Some("gold"), &plans(), 3);
         let p = r.problem.unwrap();

@@ -410,7 +410,10 @@ impl Bed {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("job:{job_id} is {:?}, expected {want}", self.record(job_id).await);
+        panic!(
+            "job:{job_id} is {:?}, expected {want}",
+            self.record(job_id).await
+        );
     }
 
     /// The operator's `/readyz` status code and body.
