@@ -30,6 +30,19 @@ pub fn user_running(user_id: &str) -> String {
     format!("runner:user:{user_id}:running")
 }
 
+/// `runner:paused` — hash; while its `reason` field exists the runner side takes no new work
+/// (intake stops reading, admission starts nothing). Written by `repobox-operator pause`.
+pub const PAUSED: &str = "runner:paused";
+/// The field of [`PAUSED`] whose presence means "paused"; its value is the reason shown.
+pub const PAUSED_REASON_FIELD: &str = "reason";
+/// The field of [`PAUSED`] holding when the pause began (RFC 3339), for operators only.
+pub const PAUSED_SINCE_FIELD: &str = "since";
+/// `runner:paused_users` — hash userId → reason: these users' queued jobs are not started.
+pub const PAUSED_USERS: &str = "runner:paused_users";
+/// `runner:user_limits` — hash userId → a running limit (integer) or a plan name; optional,
+/// written by the web app to change a user's limit without a redeploy.
+pub const USER_LIMITS: &str = "runner:user_limits";
+
 /// The branch a job pushes: `repobox/{first 8 chars of jobId}`.
 pub fn job_branch(job_id: &str) -> String {
     let prefix: String = job_id.chars().take(8).collect();
@@ -47,6 +60,9 @@ mod tests {
         assert_eq!(job_events("abc"), "job:abc:events");
         assert_eq!(git_provider("u1", "p2"), "git_provider:u1:p2");
         assert_eq!(user_running("u1"), "runner:user:u1:running");
+        assert_eq!(PAUSED, "runner:paused");
+        assert_eq!(PAUSED_USERS, "runner:paused_users");
+        assert_eq!(USER_LIMITS, "runner:user_limits");
     }
 
     #[test]

@@ -697,6 +697,7 @@ fn terminal_rj(i: usize) -> (RepoboxJob, serde_json::Value) {
             base_branch: None,
             timeout_seconds: None,
             cancel: None,
+            plan: None,
         },
     );
     rj.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);

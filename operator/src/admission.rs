@@ -19,7 +19,11 @@
 //!   is full, and with [`WaitReason::UserQuotaExceeded`] only when its user is full;
 //! * a limit of 0 admits nothing (the configuration rejects 0, this is defence in depth);
 //!   admitted counts above a limit (after the limit was lowered) admit nothing more for that
-//!   user / the cluster, and nothing is ever stopped.
+//!   user / the cluster, and nothing is ever stopped;
+//! * per-pass [`Overrides`] (quota tiers and pause, read from Redis by the admitter each pass):
+//!   a user's own running limit replaces `per_user` for that user; a paused user's jobs, or
+//!   every job while admission is paused, wait with [`WaitReason::Paused`] and take no slot.
+//!   Pausing never stops an admitted job.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -156,13 +160,40 @@ pub struct Limits {
     pub global: usize,
 }
 
+/// What a pass knows beyond the static [`Limits`]: per-user limits (tiers) and pauses.
+/// The default changes nothing, so [`decide`] is [`decide_with`] and `Overrides::default()`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Running limits of users whose limit is not `Limits::per_user` (from their plan or a
+    /// per-user value in Redis).
+    pub per_user: BTreeMap<String, usize>,
+    /// Users whose queued jobs are held (`runner:paused_users`).
+    pub paused_users: BTreeSet<String>,
+    /// Admission is paused for everyone (`runner:paused`).
+    pub paused: bool,
+}
+
+impl Overrides {
+    /// The running limit of `user`.
+    pub fn limit_of(&self, user: &str, limits: Limits) -> usize {
+        self.per_user.get(user).copied().unwrap_or(limits.per_user)
+    }
+
+    /// Whether `user`'s queued jobs are held.
+    pub fn holds(&self, user: &str) -> bool {
+        self.paused || self.paused_users.contains(user)
+    }
+}
+
 /// Why a job is still waiting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WaitReason {
-    /// The user has `per_user` jobs admitted.
+    /// The user has as many jobs admitted as their limit allows.
     UserQuotaExceeded,
     /// The cluster has `global` jobs admitted.
     ClusterQuotaExceeded,
+    /// Admission is paused, for everyone or for this user.
+    Paused,
 }
 
 impl WaitReason {
@@ -171,6 +202,7 @@ impl WaitReason {
         match self {
             WaitReason::UserQuotaExceeded => reasons::USER_QUOTA_EXCEEDED,
             WaitReason::ClusterQuotaExceeded => reasons::CLUSTER_QUOTA_EXCEEDED,
+            WaitReason::Paused => reasons::PAUSED,
         }
     }
 }
@@ -236,6 +268,16 @@ pub fn partition<'a>(
 /// them admitted) and repeated names are ignored: they appear in neither list of the result.
 /// Every other candidate appears exactly once, in `admit` or in `waiting`.
 pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Decision {
+    decide_with(queued, running, limits, &Overrides::default())
+}
+
+/// [`decide`] with per-user limits and pauses (see [`Overrides`]).
+pub fn decide_with(
+    queued: &[Candidate],
+    running: &[Running],
+    limits: Limits,
+    overrides: &Overrides,
+) -> Decision {
     let running_names: BTreeSet<&str> = running.iter().map(|r| r.name.as_str()).collect();
     let mut admitted: BTreeMap<&str, usize> = BTreeMap::new();
     for r in running {
@@ -250,8 +292,9 @@ pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Deci
     ordered.retain(|c| !running_names.contains(c.name.as_str()) && seen.insert(c.name.as_str()));
 
     // Per-user queues, each in FIFO order.
+    // Held users take no turn at all.
     let mut queues: BTreeMap<&str, VecDeque<&Candidate>> = BTreeMap::new();
-    for c in &ordered {
+    for c in ordered.iter().filter(|c| !overrides.holds(&c.user)) {
         queues.entry(c.user.as_str()).or_default().push_back(c);
     }
 
@@ -264,7 +307,7 @@ pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Deci
             .filter_map(|(user, q)| {
                 let count = admitted.get(user).copied().unwrap_or(0);
                 let head = q.front()?;
-                (count < limits.per_user).then_some((
+                (count < overrides.limit_of(user, limits)).then_some((
                     count,
                     head.stream_id,
                     head.name.as_str(),
@@ -294,10 +337,13 @@ pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Deci
         .iter()
         .filter(|c| !admitted_now.contains(c.name.as_str()))
         .map(|c| {
-            let user_full = admitted.get(c.user.as_str()).copied().unwrap_or(0) >= limits.per_user;
+            let user_full = admitted.get(c.user.as_str()).copied().unwrap_or(0)
+                >= overrides.limit_of(&c.user, limits);
             Waiting {
                 name: c.name.clone(),
-                reason: if user_full {
+                reason: if overrides.holds(&c.user) {
+                    WaitReason::Paused
+                } else if user_full {
                     WaitReason::UserQuotaExceeded
                 } else {
                     WaitReason::ClusterQuotaExceeded
@@ -628,6 +674,7 @@ mod tests {
                     base_branch: None,
                     timeout_seconds: None,
                     cancel: cancel.then_some(true),
+                    plan: None,
                 },
             );
             rj.status = phase.map(|p| RepoboxJobStatus {
@@ -670,8 +717,100 @@ mod tests {
         assert_eq!(r[0].user, "user-starting");
     }
 
+    fn overrides(per_user: &[(&str, usize)], paused_users: &[&str], paused: bool) -> Overrides {
+        Overrides {
+            per_user: per_user.iter().map(|(u, n)| (u.to_string(), *n)).collect(),
+            paused_users: paused_users.iter().map(|u| u.to_string()).collect(),
+            paused,
+        }
+    }
+
+    #[test]
+    fn per_user_limits_replace_the_default_for_their_user() {
+        // free (1) and pro (3) users with 4 jobs each; default 2.
+        let mut q = Vec::new();
+        for i in 0..4 {
+            q.push(c(&format!("f{i}"), "free", &format!("{i}-0")));
+            q.push(c(&format!("p{i}"), "pro", &format!("{i}-1")));
+            q.push(c(&format!("d{i}"), "dflt", &format!("{i}-2")));
+        }
+        let ov = overrides(&[("free", 1), ("pro", 3)], &[], false);
+        let d = decide_with(&q, &[], limits(2, 100), &ov);
+        let count = |p: char| d.admit.iter().filter(|n| n.starts_with(p)).count();
+        assert_eq!((count('f'), count('p'), count('d')), (1, 3, 2));
+        assert_eq!(reason_of(&d, "f1"), Some(WaitReason::UserQuotaExceeded));
+        assert_eq!(reason_of(&d, "p3"), Some(WaitReason::UserQuotaExceeded));
+        // Running jobs count against the user's own limit.
+        let d = decide_with(&q, &[r("x", "pro"), r("y", "pro")], limits(2, 100), &ov);
+        assert_eq!(d.admit.iter().filter(|n| n.starts_with('p')).count(), 1);
+        // An override of 0 holds the user's jobs with the quota reason (defence in depth).
+        let d = decide_with(
+            &q,
+            &[],
+            limits(2, 100),
+            &overrides(&[("free", 0)], &[], false),
+        );
+        assert_eq!(reason_of(&d, "f0"), Some(WaitReason::UserQuotaExceeded));
+    }
+
+    #[test]
+    fn global_pause_admits_nothing_and_says_paused() {
+        let q = [c("a", "u1", "1-0"), c("b", "u2", "2-0")];
+        let d = decide_with(
+            &q,
+            &[r("x", "u3")],
+            limits(3, 10),
+            &overrides(&[], &[], true),
+        );
+        assert!(d.admit.is_empty());
+        assert_eq!(d.waiting.len(), 2);
+        assert!(d.waiting.iter().all(|w| w.reason == WaitReason::Paused));
+    }
+
+    #[test]
+    fn paused_users_wait_and_take_no_slot() {
+        let q = [
+            c("a", "held", "1-0"),
+            c("b", "other", "2-0"),
+            c("c", "other", "3-0"),
+        ];
+        let d = decide_with(&q, &[], limits(3, 2), &overrides(&[], &["held"], false));
+        // The held user's older job does not use one of the two cluster slots.
+        assert_eq!(d.admit, ["b", "c"]);
+        assert_eq!(reason_of(&d, "a"), Some(WaitReason::Paused));
+        // Paused wins over a full user or cluster.
+        let d = decide_with(
+            &q,
+            &[r("x", "held")],
+            limits(1, 1),
+            &overrides(&[], &["held"], false),
+        );
+        assert_eq!(reason_of(&d, "a"), Some(WaitReason::Paused));
+        assert_eq!(reason_of(&d, "b"), Some(WaitReason::ClusterQuotaExceeded));
+    }
+
+    #[test]
+    fn default_overrides_change_nothing() {
+        let q = [
+            c("a", "u1", "1-0"),
+            c("b", "u1", "2-0"),
+            c("c", "u2", "3-0"),
+        ];
+        let running = [r("x", "u1")];
+        assert_eq!(
+            decide(&q, &running, limits(2, 3)),
+            decide_with(&q, &running, limits(2, 3), &Overrides::default())
+        );
+        let ov = overrides(&[("u1", 5)], &["u2"], false);
+        assert_eq!(ov.limit_of("u1", limits(2, 3)), 5);
+        assert_eq!(ov.limit_of("u9", limits(2, 3)), 2);
+        assert!(ov.holds("u2") && !ov.holds("u1"));
+        assert!(overrides(&[], &[], true).holds("anyone"));
+    }
+
     #[test]
     fn wait_reason_strings() {
+        assert_eq!(WaitReason::Paused.as_str(), "Paused");
         assert_eq!(WaitReason::UserQuotaExceeded.as_str(), "UserQuotaExceeded");
         assert_eq!(
             WaitReason::ClusterQuotaExceeded.to_string(),
@@ -686,6 +825,16 @@ mod tests {
         l: Limits,
         d: &Decision,
     ) -> Result<(), TestCaseError> {
+        check_invariants_with(queued, running, l, &Overrides::default(), d)
+    }
+
+    fn check_invariants_with(
+        queued: &[Candidate],
+        running: &[Running],
+        l: Limits,
+        ov: &Overrides,
+        d: &Decision,
+    ) -> Result<(), TestCaseError> {
         let by_name: HashMap<&str, &Candidate> =
             queued.iter().map(|c| (c.name.as_str(), c)).collect();
         let mut count: HashMap<&str, usize> = HashMap::new();
@@ -698,12 +847,22 @@ mod tests {
         for n in &d.admit {
             prop_assert!(by_name.contains_key(n.as_str()));
             prop_assert!(seen.insert(n.clone()), "admitted twice: {}", n);
+            prop_assert!(
+                !ov.holds(&by_name[n.as_str()].user),
+                "held user admitted: {}",
+                n
+            );
             *count.entry(by_name[n.as_str()].user.as_str()).or_default() += 1;
         }
         // Limits: nothing admitted beyond them (counts already over a limit stay as they were).
         for (user, n) in &count {
             let was = before.get(user).copied().unwrap_or(0);
-            prop_assert!(*n <= l.per_user.max(was), "user {} has {}", user, n);
+            prop_assert!(
+                *n <= ov.limit_of(user, l).max(was),
+                "user {} has {}",
+                user,
+                n
+            );
         }
         let total = running.len() + d.admit.len();
         prop_assert!(total <= l.global.max(running.len()));
@@ -713,10 +872,16 @@ mod tests {
             prop_assert!(!seen.contains(&w.name));
             let user = by_name[w.name.as_str()].user.as_str();
             let n = count.get(user).copied().unwrap_or(0);
+            let limit = ov.limit_of(user, l);
             match w.reason {
-                WaitReason::UserQuotaExceeded => prop_assert!(n >= l.per_user),
+                WaitReason::Paused => prop_assert!(ov.holds(user)),
+                WaitReason::UserQuotaExceeded => {
+                    prop_assert!(!ov.holds(user));
+                    prop_assert!(n >= limit);
+                }
                 WaitReason::ClusterQuotaExceeded => {
-                    prop_assert!(n < l.per_user);
+                    prop_assert!(!ov.holds(user));
+                    prop_assert!(n < limit);
                     prop_assert!(total >= l.global, "work conserving");
                 }
             }
@@ -777,6 +942,25 @@ mod tests {
         fn invariants_hold((queued, running, l) in scenario()) {
             let d = decide(&queued, &running, l);
             check_invariants(&queued, &running, l, &d)?;
+        }
+
+        #[test]
+        fn invariants_hold_with_overrides(
+            (queued, running, l) in scenario(),
+            user_limits in prop::collection::btree_map(0u8..6, 0usize..6, 0..6),
+            held in prop::collection::btree_set(0u8..6, 0..3),
+            paused in prop::bool::weighted(0.1),
+        ) {
+            let ov = Overrides {
+                per_user: user_limits.into_iter().map(|(u, n)| (format!("user{u}"), n)).collect(),
+                paused_users: held.into_iter().map(|u| format!("user{u}")).collect(),
+                paused,
+            };
+            let d = decide_with(&queued, &running, l, &ov);
+            check_invariants_with(&queued, &running, l, &ov, &d)?;
+            if paused {
+                prop_assert!(d.admit.is_empty());
+            }
         }
 
         #[test]

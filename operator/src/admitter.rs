@@ -8,6 +8,13 @@
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
 //! an overlay, so a lagging cache can never admit a job twice or exceed a limit.
 //!
+//! Each pass also reads, in one Redis round trip, what can change without a redeploy (see
+//! `tiers` and `pause`): the global pause, and for the users with queued jobs their pause and
+//! their `runner:user_limits` value (HMGET of those users only). Nothing read is kept beyond
+//! the pass, and while any job waits a pass runs at least every [`WAITING_PASS`], so a new
+//! limit or a resume applies within a second. If Redis cannot be read the pass fails and admits
+//! nothing: a pause that cannot be checked is treated as in force.
+//!
 //! A pass only decides: the admitted enter the overlay at once and their Jobs are created by
 //! background tasks (bounded), so the next pass can admit jobs that arrived meanwhile instead
 //! of waiting for the slowest create of a batch. The `Admitted` Event is published after the
@@ -28,20 +35,27 @@ use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admission::{self, Running, WaitReason};
+use crate::admission::{self, Overrides, Running, WaitReason};
 use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::job_builder::{self, MANAGED_BY_SELECTOR};
 use crate::metrics::UserJobs;
 use crate::reconcile::Context;
+use crate::tiers;
 use crate::{Error, Result};
 
 /// How often a pass runs even without a poke (a safety net, not the mechanism).
 const IDLE_PASS: Duration = Duration::from_secs(15);
+/// How often a pass runs while jobs wait: limits and pauses live in Redis, which sends no
+/// notification, and a change must apply within a second.
+pub const WAITING_PASS: Duration = Duration::from_secs(1);
 /// Job creates in flight (the concurrency of a well-tuned client; more only queues at the
 /// API server).
 const CREATE_CONCURRENCY: usize = 32;
 /// `Admitted` Events in flight: informational, so they yield to the creates in a burst.
 const EVENT_CONCURRENCY: usize = 4;
+/// Users remembered as warned about an unusable limit; beyond it the memory starts over (a
+/// repeated Warning is harmless, unbounded memory is not).
+const WARNED_CAP: usize = 10_000;
 /// How long shutdown waits for the Job creates in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,6 +69,9 @@ struct State {
     /// Whether every `runner:user:*:running` key in Redis (also those another leader wrote)
     /// was set from this process's view since it took the lease.
     swept: bool,
+    /// The unusable-limit problem last reported per user, so a Warning is published once per
+    /// change rather than on every pass.
+    warned: HashMap<String, String>,
 }
 
 pub struct Admitter {
@@ -64,6 +81,8 @@ pub struct Admitter {
     events: Semaphore,
     /// Set on shutdown: creates not started yet are dropped (the next leader re-derives them).
     stopping: AtomicBool,
+    /// Whether the last pass left jobs waiting (they get a pass every [`WAITING_PASS`]).
+    waiting: AtomicBool,
 }
 
 impl Default for Admitter {
@@ -74,6 +93,7 @@ impl Default for Admitter {
             creates: Semaphore::new(CREATE_CONCURRENCY),
             events: Semaphore::new(EVENT_CONCURRENCY),
             stopping: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         }
     }
 }
@@ -91,10 +111,15 @@ impl Admitter {
             warn!(error = %e, "could not list existing Jobs; relying on the cache");
         }
         loop {
+            let idle = if self.waiting.load(Ordering::Relaxed) {
+                WAITING_PASS
+            } else {
+                IDLE_PASS
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return self.drain().await,
                 _ = self.notify.notified() => {}
-                _ = tokio::time::sleep(IDLE_PASS) => {}
+                _ = tokio::time::sleep(idle) => {}
             }
             if !ctx.store_ready() {
                 tracing::debug!("admission waits for the cache");
@@ -166,7 +191,50 @@ impl Admitter {
         );
 
         let limits = ctx.cfg.limits();
-        let decision = admission::decide(&queued, &running, limits);
+        // Tiers and pauses: the Redis values of the users that have queued jobs.
+        let mut users: Vec<&str> = queued.iter().map(|c| c.user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let inputs = ctx.outcomes.pass_inputs(&users).await?;
+        let plans = ctx.cfg.plan_limits().unwrap_or_default();
+        let newest = tiers::newest_plans(all.iter().filter_map(|rj| {
+            let phase = rj.phase();
+            (phase == RepoboxJobPhase::Queued || phase.is_admitted()).then(|| {
+                (
+                    rj.spec.user_id.as_str(),
+                    admission::StreamId::parse_or_max(&rj.spec.stream_entry_id),
+                    rj.spec.plan.as_deref(),
+                )
+            })
+        }));
+        let resolved: BTreeMap<&str, tiers::Resolved> = users
+            .iter()
+            .map(|u| {
+                let r = tiers::resolve(
+                    inputs.user_limits.get(*u).map(String::as_str),
+                    newest.get(u).copied().flatten(),
+                    &plans,
+                    ctx.cfg.max_jobs_per_user,
+                );
+                (*u, r)
+            })
+            .collect();
+        let overrides = Overrides {
+            per_user: resolved
+                .iter()
+                .map(|(u, r)| ((*u).to_owned(), r.limit as usize))
+                .collect(),
+            paused_users: inputs.paused_users.keys().cloned().collect(),
+            paused: inputs.paused.is_some(),
+        };
+        let decision = admission::decide_with(&queued, &running, limits, &overrides);
+        self.report_problems(ctx, &mut state, &resolved, &queued, &by_name)
+            .await;
+        let mut by_plan: BTreeMap<String, i64> = BTreeMap::new();
+        for r in resolved.values() {
+            *by_plan.entry(r.plan.clone()).or_default() += 1;
+        }
+        ctx.metrics.set_users_by_plan(&by_plan);
 
         // The admitted hold their slots from now on (the overlay); their Jobs are created in
         // the background, in admission order (the semaphore is fair).
@@ -180,15 +248,31 @@ impl Admitter {
         }
 
         // Tell the waiting why they wait (only when that changed).
+        let mut admitted_of: HashMap<&str, usize> = HashMap::new();
+        for r in &running {
+            *admitted_of.entry(r.user.as_str()).or_default() += 1;
+        }
         for w in &decision.waiting {
             let Some(rj) = by_name.get(&w.name) else {
                 continue;
             };
+            let user = rj.spec.user_id.as_str();
             let message = match w.reason {
-                WaitReason::UserQuotaExceeded => format!(
-                    "waiting: user {} already has {} jobs running (MAX_JOBS_PER_USER)",
-                    rj.spec.user_id, limits.per_user
-                ),
+                WaitReason::Paused => match (&inputs.paused, inputs.paused_users.get(user)) {
+                    (Some(reason), _) => format!("waiting: paused: {}", one_line(reason)),
+                    (None, reason) => format!(
+                        "waiting: paused for user {user}: {}",
+                        one_line(reason.map_or("", String::as_str))
+                    ),
+                },
+                WaitReason::UserQuotaExceeded => match resolved.get(user) {
+                    Some(r) => tiers::user_quota_message(
+                        user,
+                        admitted_of.get(user).copied().unwrap_or(0),
+                        r,
+                    ),
+                    None => format!("waiting: user {user} has reached its running limit"),
+                },
                 WaitReason::ClusterQuotaExceeded => {
                     format!(
                         "waiting: all {} cluster slots are in use (MAX_CONCURRENT_JOBS)",
@@ -206,6 +290,8 @@ impl Admitter {
         for r in &running {
             *per_user.entry(r.user.clone()).or_default() += 1;
         }
+        self.waiting
+            .store(!decision.waiting.is_empty(), Ordering::Relaxed);
         ctx.metrics
             .set_queue(decision.waiting.len() as i64, running.len() as i64);
         let mut depth: BTreeMap<String, UserJobs> = BTreeMap::new();
@@ -264,6 +350,69 @@ impl Admitter {
         }
         Ok(())
     }
+}
+
+impl Admitter {
+    /// Publishes each new unusable-limit problem once per user and value: a warning log, the counter, and a
+    /// Warning Event on the user's oldest queued job (`kubectl get events` shows it). Users
+    /// whose problem went away are forgotten, so a relapse is reported again.
+    async fn report_problems(
+        &self,
+        ctx: &Context,
+        state: &mut State,
+        resolved: &BTreeMap<&str, tiers::Resolved>,
+        queued: &[admission::Candidate],
+        by_name: &HashMap<String, &Arc<RepoboxJob>>,
+    ) {
+        // Users without queued jobs this pass were not resolved: what was reported stands.
+        state
+            .warned
+            .retain(|user, problem| match resolved.get(user.as_str()) {
+                Some(r) => r.problem.as_ref() == Some(problem),
+                None => true,
+            });
+        if state.warned.len() > WARNED_CAP {
+            state.warned.clear();
+        }
+        for (user, r) in resolved {
+            let Some(problem) = &r.problem else {
+                continue;
+            };
+            if state.warned.get(*user) == Some(problem) {
+                continue;
+            }
+            state.warned.insert((*user).to_owned(), problem.clone());
+            ctx.metrics.invalid_limit();
+            let note = format!("{problem}; user {user} gets {} (plan {})", r.limit, r.plan);
+            warn!(user = %user, problem = %problem, limit = r.limit, "unusable limit; using the fallback");
+            let oldest = queued.iter().filter(|c| c.user == *user).min_by(|a, b| {
+                a.stream_id
+                    .cmp(&b.stream_id)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
+            if let Some(rj) = oldest.and_then(|c| by_name.get(&c.name)) {
+                ctx.publish(
+                    rj,
+                    Event {
+                        type_: EventType::Warning,
+                        reason: reasons::INVALID_LIMIT.into(),
+                        note: Some(note),
+                        action: "Admit".into(),
+                        secondary: None,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Text from Redis for a status message: one line, bounded.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect()
 }
 
 /// The RepoboxJob a Job holds a slot for: its controller owner, else the RepoboxJob of the

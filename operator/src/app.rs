@@ -68,7 +68,21 @@ pub async fn run_with_client(
         server_stop.cancel();
         return Ok(());
     };
-    let outcomes = Outcomes::new(manager).with_output_ttl(cfg.output_ttl());
+    let outcomes = Outcomes::new(manager.clone()).with_output_ttl(cfg.output_ttl());
+    metrics.set_plan_limits(&cfg.plan_limits()?, cfg.max_jobs_per_user);
+
+    // Every replica, standbys included, shows the pause in /readyz and /metrics.
+    let admitter = Arc::new(Admitter::default());
+    let pause_stop = CancellationToken::new();
+    // Known before the intake can start, so a restart while paused reads nothing.
+    crate::pause::refresh(&mut manager.clone(), &health, &metrics).await;
+    let pause_task = tokio::spawn(crate::pause::watch(
+        manager,
+        health.clone(),
+        metrics.clone(),
+        admitter.clone(),
+        pause_stop.clone(),
+    ));
 
     let leadership = if cfg.leader_election {
         let elector = LeaderElector::from_config(client.clone(), &cfg)?
@@ -82,6 +96,7 @@ pub async fn run_with_client(
         {
             Some(l) => Some(l),
             None => {
+                pause_stop.cancel();
                 server_stop.cancel();
                 return Ok(());
             }
@@ -103,7 +118,6 @@ pub async fn run_with_client(
 
     let (store, writer) = reflector::store();
     let (jobs, job_writer) = reflector::store();
-    let admitter = Arc::new(Admitter::default());
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -166,6 +180,8 @@ pub async fn run_with_client(
     {
         warn!(error = %e, "releasing the Lease failed; a standby takes over when it expires");
     }
+    pause_stop.cancel();
+    let _ = pause_task.await;
     server_stop.cancel();
     let _ = server.await;
     if lost {

@@ -189,6 +189,17 @@ pub struct Config {
     #[arg(long, env = "MAX_QUEUED", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queued: u32,
 
+    /// At most this many queued jobs per user (0: no per-user cap): a user's entry beyond it
+    /// fails at intake with a clear error, so one user cannot fill the queue.
+    #[arg(long, env = "MAX_QUEUED_PER_USER", default_value_t = 0)]
+    pub max_queued_per_user: u32,
+
+    /// Quota tiers: a JSON object of plan name → running limit per user, e.g.
+    /// `{"free": 1, "pro": 4}`. A job's `plan` (or the user's value in `runner:user_limits`)
+    /// selects one; users without a usable plan get `MAX_JOBS_PER_USER`.
+    #[arg(long, env = "PLAN_LIMITS", default_value = "")]
+    pub plan_limits: String,
+
     /// Default job timeout in seconds (the Job's `activeDeadlineSeconds`); a RepoboxJob's
     /// `spec.timeoutSeconds` overrides it.
     #[arg(long, env = "JOB_TIMEOUT", default_value_t = 3600, value_parser = clap::value_parser!(u32).range(1..))]
@@ -631,6 +642,16 @@ impl Config {
         }
     }
 
+    /// `PLAN_LIMITS`, parsed (checked by [`Config::validate`] at start-up).
+    pub fn plan_limits(&self) -> Result<crate::tiers::PlanLimits> {
+        crate::tiers::PlanLimits::parse(&self.plan_limits).map_err(|e| invalid("PLAN_LIMITS", e))
+    }
+
+    /// `MAX_QUEUED_PER_USER`; `None` when off.
+    pub fn max_queued_per_user(&self) -> Option<usize> {
+        (self.max_queued_per_user > 0).then_some(self.max_queued_per_user as usize)
+    }
+
     /// `CLAIM_MIN_IDLE_SECONDS` as a duration.
     pub fn claim_min_idle(&self) -> Duration {
         Duration::from_secs(self.claim_min_idle_seconds)
@@ -732,6 +753,7 @@ impl Config {
             return Err(invalid("DEAD_LETTER_STREAM", "must differ from STREAM_KEY"));
         }
         self.validate_redis_tls()?;
+        self.plan_limits()?;
         self.job_config().map(|_| ())
     }
 
@@ -1220,6 +1242,8 @@ pub(crate) mod tests {
             "MAX_DELIVERIES",
             "CLAIM_MIN_IDLE_SECONDS",
             "MAX_QUEUED",
+            "MAX_QUEUED_PER_USER",
+            "PLAN_LIMITS",
             "RETENTION_SECONDS",
             "PENDING_TIMEOUT_SECONDS",
             "METRICS_ADDR",
@@ -1260,6 +1284,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn invalid_plan_limits_are_refused_at_start_up() {
+        for bad in ["{", r#"{"free": 0}"#, r#"{"default": 2}"#] {
+            let err = test_config(&[("PLAN_LIMITS", bad)]).validate().unwrap_err();
+            assert!(err.to_string().contains("PLAN_LIMITS"), "{err}");
+        }
+        test_config(&[("PLAN_LIMITS", r#"{"free": 1}"#)])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
     fn redis_url_is_required() {
         let err = parse_with_env(&[], &[]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
@@ -1290,6 +1325,11 @@ pub(crate) mod tests {
         assert_eq!(c.max_deliveries, 5);
         assert_eq!(c.claim_min_idle(), Duration::from_secs(60));
         assert_eq!(c.max_queued, 500);
+        assert_eq!(c.max_queued_per_user(), None);
+        assert_eq!(
+            c.plan_limits().unwrap(),
+            crate::tiers::PlanLimits::default()
+        );
         assert_eq!(c.retention(), Duration::from_secs(86400));
         assert_eq!(c.pending_timeout(), Duration::from_secs(600));
         assert_eq!(
@@ -1620,6 +1660,8 @@ pub(crate) mod tests {
             ("MAX_CONCURRENT_JOBS", "20"),
             ("MAX_JOBS_PER_USER", "4"),
             ("MAX_QUEUED", "50"),
+            ("MAX_QUEUED_PER_USER", "7"),
+            ("PLAN_LIMITS", r#"{"free": 1, "pro": 4}"#),
             ("JOB_TIMEOUT", "120"),
             ("RETENTION_SECONDS", "10"),
             ("PENDING_TIMEOUT_SECONDS", "11"),
@@ -1724,6 +1766,8 @@ pub(crate) mod tests {
             }
         );
         assert_eq!(c.max_queued, 50);
+        assert_eq!(c.max_queued_per_user(), Some(7));
+        assert_eq!(c.plan_limits().unwrap().get("pro"), Some(4));
         assert_eq!(c.job_timeout, 120);
         assert_eq!(c.retention(), Duration::from_secs(10));
         assert_eq!(c.pending_timeout(), Duration::from_secs(11));

@@ -102,6 +102,12 @@ pub struct RepoboxJobSpec {
     /// Set to `true` to cancel the job: a queued job is never started, a running one is stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<bool>,
+
+    /// The owner's plan when the job was submitted (the optional `plan` field of the stream
+    /// entry or job record); `PLAN_LIMITS` maps it to the owner's running limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub plan: Option<String>,
 }
 
 impl RepoboxJobSpec {
@@ -280,6 +286,10 @@ pub mod reasons {
     pub const USER_QUOTA_EXCEEDED: &str = "UserQuotaExceeded";
     /// Waiting: `MAX_CONCURRENT_JOBS` jobs are admitted cluster-wide.
     pub const CLUSTER_QUOTA_EXCEEDED: &str = "ClusterQuotaExceeded";
+    /// Waiting: admission is paused (`runner:paused`, or the user in `runner:paused_users`).
+    pub const PAUSED: &str = "Paused";
+    /// Warning: a user's limit from Redis or the job's plan is unusable; the default applies.
+    pub const INVALID_LIMIT: &str = "InvalidLimit";
     /// Queued, not yet evaluated by admission.
     pub const QUEUED: &str = "Queued";
     /// A quota slot was granted.
@@ -446,6 +456,7 @@ mod tests {
             base_branch: None,
             timeout_seconds: None,
             cancel: None,
+            plan: None,
         }
     }
 
@@ -471,6 +482,7 @@ mod tests {
             base_branch: Some("main".into()),
             timeout_seconds: Some(60),
             cancel: Some(true),
+            plan: Some("pro".into()),
             ..spec()
         };
         let v = serde_json::to_value(&full).unwrap();
@@ -478,6 +490,7 @@ mod tests {
         assert_eq!(v["baseBranch"], "main");
         assert_eq!(v["timeoutSeconds"], 60);
         assert_eq!(v["cancel"], true);
+        assert_eq!(v["plan"], "pro");
         let back: RepoboxJobSpec = serde_json::from_value(v).unwrap();
         assert_eq!(back, full);
         assert!(back.cancel_requested());

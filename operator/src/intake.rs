@@ -9,6 +9,19 @@
 //! none of them stops the loop. While `MAX_QUEUED` RepoboxJobs wait, reading pauses: entries
 //! wait safely in Redis.
 //!
+//! `MAX_QUEUED_PER_USER` is different: backpressure protects the cluster, this cap protects the
+//! other users. A user's entry that would make more than that many of their RepoboxJobs queued
+//! is refused: the job is marked failed with an error saying why and the entry acknowledged
+//! (it must not block the stream for everyone). The count is the one `MAX_QUEUED` uses (the
+//! cache plus the jobs created here that it does not show yet), reserved under a lock so the
+//! concurrent entries of one batch cannot all slip under the cap; a redelivered entry whose
+//! RepoboxJob exists is never refused.
+//!
+//! While the runner side is paused (`pause`), the intake reads nothing: entries stay in the
+//! stream and pending ones stay pending (no reclaim, so no delivery is counted against
+//! `MAX_DELIVERIES`). A read already blocking when the pause begins may still deliver what
+//! arrives in its last `BLOCK_MS`; those jobs wait queued with reason `Paused`.
+//!
 //! Redis must not grow without bound: the dead-letter stream is capped (`DEAD_LETTER_MAXLEN`,
 //! approximate), and after each reclaim pass the entries every consumer group of the stream has
 //! acknowledged are trimmed (`XTRIM MINID`, see [`trim_floor`]); entries still pending or never
@@ -69,8 +82,9 @@ pub struct Intake {
     pub store: Store<RepoboxJob>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Names created here that the cache may not show yet (see [`Intake::queued_now`]).
-    pub created: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Names created (or reserved to be created) here that the cache may not show yet, with
+    /// their user (see [`Intake::queued_now`] and [`user_queue_verdict`]).
+    pub created: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Intake {
@@ -114,12 +128,15 @@ impl Intake {
         *delay = Duration::from_millis(200);
         info!(consumer = %self.consumer(), stream = %self.cfg.stream_key, "intake connected");
 
+        if !self.wait_unpaused(cancel).await {
+            return Ok(());
+        }
         // Entries this consumer read but never acknowledged (a previous life of this pod).
         self.read(&mut con, "0", 0, BATCH).await?;
         let claim_every = (self.cfg.claim_min_idle() / 2).max(Duration::from_secs(1));
         let mut next_claim = tokio::time::Instant::now();
         loop {
-            if cancel.is_cancelled() {
+            if cancel.is_cancelled() || !self.wait_unpaused(cancel).await {
                 return Ok(());
             }
             let Some(room) = self.wait_for_room(cancel).await else {
@@ -182,13 +199,36 @@ impl Intake {
         }
     }
 
+    /// While paused (see `pause::watch`), waits for the resume; `false` when cancelled.
+    async fn wait_unpaused(&self, cancel: &CancellationToken) -> bool {
+        let mut changes = self.health.pause_changes();
+        let Some(reason) = changes.borrow_and_update().clone() else {
+            return true;
+        };
+        info!(reason = %reason, "paused: the intake reads no new entries");
+        loop {
+            // Waiting on purpose is progress: liveness stays green.
+            self.health.tick();
+            let resumed = tokio::time::timeout(Duration::from_secs(10), async {
+                changes.wait_for(Option::is_none).await.is_ok()
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = resumed => if r.unwrap_or(false) {
+                    info!("resumed: the intake reads the stream again");
+                    return true;
+                }
+            }
+        }
+    }
+
     /// Queued RepoboxJobs: those the cache shows, plus those created here and not cached yet.
     fn queued_now(&self) -> usize {
         let state = self.store.state();
         let mut unseen = self.created.lock().unwrap_or_else(|p| p.into_inner());
         let cached: std::collections::HashSet<String> =
             state.iter().map(|rj| rj.name_any()).collect();
-        unseen.retain(|name| !cached.contains(name));
+        unseen.retain(|name, _| !cached.contains(name));
         state
             .iter()
             .filter(|rj| rj.phase() == RepoboxJobPhase::Queued)
@@ -361,7 +401,7 @@ impl Intake {
                 detail: "the entry has no jobId field".into(),
             });
         };
-        let Some(record) = self.outcomes.record_fields(&job_id).await? else {
+        let Some(mut record) = self.outcomes.record_fields(&job_id).await? else {
             return Ok(Handled::Bad {
                 reason: "no_job_hash",
                 detail: format!("{} does not exist", keys::job(&job_id)),
@@ -391,19 +431,45 @@ impl Intake {
             });
         }
 
+        // The stream entry's plan wins over the job record's (the newer word of the web app).
+        if let Some(plan) = field("plan") {
+            record.insert("plan".into(), plan);
+        }
         let rj = repobox_job(&job_id, &user_id, &entry.id, &record);
         let name = rj.name_any();
         let api: Api<RepoboxJob> = Api::namespaced(self.client.clone(), self.cfg.jobs_namespace());
+        if let Some(cap) = self.cfg.max_queued_per_user()
+            && let Reservation::Full(queued) = self.reserve(&name, &user_id, cap)
+        {
+            // A redelivery of an accepted job (cache not caught up) is not a new job.
+            if api.get_opt(&name).await?.is_some() {
+                return Ok(Handled::Created { name });
+            }
+            let error = format!(
+                "too many queued jobs: user {user_id} already has {queued} jobs waiting to start \
+                 (MAX_QUEUED_PER_USER is {cap}); submit it again once some have started"
+            );
+            self.outcomes.fail(&job_id, &error).await?;
+            return Ok(Handled::Bad {
+                reason: "user_queue_full",
+                detail: error,
+            });
+        }
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        match api.create(&params, &rj).await {
+        let result = api.create(&params, &rj).await;
+        if matches!(&result, Err(e) if !matches!(e, kube::Error::Api(s) if s.code == 409)) {
+            // Not created: the reservation (if any) goes, a retry makes a new one.
+            self.unreserve(&name);
+        }
+        match result {
             Ok(_) => {
                 self.created
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.clone());
+                    .insert(name.clone(), user_id.clone());
                 let latency = EntryId::parse_or_max(&entry.id).ms;
                 let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
                 self.metrics
@@ -422,6 +488,31 @@ impl Intake {
             }
             Err(e) => Err(Error::Kube(e)),
         }
+    }
+
+    /// Reserves a queue place for `name` of `user` under `MAX_QUEUED_PER_USER` = `cap`.
+    fn reserve(&self, name: &str, user: &str, cap: usize) -> Reservation {
+        let state = self.store.state();
+        let cached: Vec<(String, &str, bool)> = state
+            .iter()
+            .map(|rj| {
+                (
+                    rj.name_any(),
+                    rj.spec.user_id.as_str(),
+                    rj.phase() == RepoboxJobPhase::Queued,
+                )
+            })
+            .collect();
+        let mut unseen = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        user_queue_verdict(name, user, cap, &cached, &mut unseen)
+    }
+
+    /// Drops the reservation of a RepoboxJob that was not created.
+    fn unreserve(&self, name: &str) {
+        self.created
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     /// Moves a poison entry to the dead-letter stream and fails its job.
@@ -463,6 +554,43 @@ impl Intake {
         warn!(entry = %entry.id, deliveries, "poison entry moved to the dead-letter stream");
         Ok(())
     }
+}
+
+/// The outcome of [`user_queue_verdict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The job exists already (cached or created here): a redelivery, never refused.
+    Known,
+    /// A place was reserved (the name is now in `unseen`).
+    Reserved,
+    /// The user already has this many jobs queued, at least the cap.
+    Full(usize),
+}
+
+/// Whether job `name` of `user` fits under `cap` queued jobs per user (pure). `cached` is the
+/// cache as (name, user, is queued); `unseen` the names created or reserved here with their
+/// user: names the cache now shows are dropped from it, and a reservation is added to it.
+pub fn user_queue_verdict(
+    name: &str,
+    user: &str,
+    cap: usize,
+    cached: &[(String, &str, bool)],
+    unseen: &mut HashMap<String, String>,
+) -> Reservation {
+    if unseen.contains_key(name) || cached.iter().any(|(n, _, _)| n == name) {
+        return Reservation::Known;
+    }
+    unseen.retain(|n, _| !cached.iter().any(|(c, _, _)| c == n));
+    let queued = cached
+        .iter()
+        .filter(|(_, u, queued)| *queued && *u == user)
+        .count()
+        + unseen.values().filter(|u| *u == user).count();
+    if queued >= cap {
+        return Reservation::Full(queued);
+    }
+    unseen.insert(name.to_owned(), user.to_owned());
+    Reservation::Reserved
 }
 
 /// Where one consumer group stands in the stream.
@@ -553,6 +681,10 @@ pub fn repobox_job(
     record: &HashMap<String, String>,
 ) -> RepoboxJob {
     let get = |k: &str| record.get(k).filter(|v| !v.is_empty()).cloned();
+    let plan = record
+        .get("plan")
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty());
     let name = object_name(job_id);
     let mut rj = RepoboxJob::new(
         &name,
@@ -565,6 +697,7 @@ pub fn repobox_job(
             base_branch: get("baseBranch"),
             timeout_seconds: None,
             cancel: None,
+            plan: plan.map(str::to_owned),
         },
     );
     rj.metadata = ObjectMeta {
@@ -607,6 +740,53 @@ mod tests {
         assert_eq!(rj.finalizers(), [FINALIZER]);
         assert_eq!(rj.labels()[LABEL_USER], label_value("user@example.com"));
         assert_eq!(rj.labels()[LABEL_MANAGED_BY], MANAGED_BY);
+    }
+
+    #[test]
+    fn per_user_queue_cap() {
+        let cached = vec![
+            ("q1".to_owned(), "ann", true),
+            ("r1".to_owned(), "ann", false), // admitted: not queued
+            ("q2".to_owned(), "bob", true),
+        ];
+        let mut unseen = HashMap::from([("u1".to_owned(), "ann".to_owned())]);
+        // ann: q1 + u1 queued = 2 < 3: reserved, and counted from now on.
+        assert_eq!(
+            user_queue_verdict("n1", "ann", 3, &cached, &mut unseen),
+            Reservation::Reserved
+        );
+        assert_eq!(unseen["n1"], "ann");
+        assert_eq!(
+            user_queue_verdict("n2", "ann", 3, &cached, &mut unseen),
+            Reservation::Full(3)
+        );
+        assert!(!unseen.contains_key("n2"));
+        // Other users are unaffected.
+        assert_eq!(
+            user_queue_verdict("n3", "bob", 3, &cached, &mut unseen),
+            Reservation::Reserved
+        );
+        // Known names (cached or reserved) are redeliveries, whatever the count.
+        assert_eq!(
+            user_queue_verdict("q1", "ann", 1, &cached, &mut unseen),
+            Reservation::Known
+        );
+        assert_eq!(
+            user_queue_verdict("n1", "ann", 1, &cached, &mut unseen),
+            Reservation::Known
+        );
+        // Once the cache shows a reserved name, it is counted once, not twice.
+        let mut cached2 = cached.clone();
+        cached2.push(("u1".to_owned(), "ann", true));
+        assert_eq!(
+            user_queue_verdict("n4", "ann", 3, &cached2, &mut unseen),
+            Reservation::Full(3),
+            "q1, u1 (cached, no longer unseen), n1 (reserved)"
+        );
+        assert_eq!(
+            user_queue_verdict("n4", "ann", 4, &cached2, &mut unseen),
+            Reservation::Reserved
+        );
     }
 
     fn id(ms: u64, seq: u64) -> EntryId {

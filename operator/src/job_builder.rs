@@ -674,6 +674,7 @@ mod tests {
                 base_branch: Some("main".into()),
                 timeout_seconds: None,
                 cancel: None,
+                plan: None,
             },
         );
         rj.metadata.namespace = Some("jobs".into());

@@ -18,11 +18,13 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod outcome;
+pub mod pause;
 pub mod reconcile;
 pub mod retry;
 pub mod scheduling;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod tiers;
 
 pub use error::{Error, Result};

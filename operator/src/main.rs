@@ -1,4 +1,6 @@
-//! `repobox-operator`: `run` (the default) runs the operator; `crdgen` prints the CRD.
+//! `repobox-operator`: `run` (the default) runs the operator; `crdgen` prints the CRD; `pause`,
+//! `resume` and `pause-status` switch the runner side off and on (see `pause`), run in the
+//! operator pod with `kubectl exec` so they use its Redis settings.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -31,10 +33,49 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Pause: no new entries are read and no queued job starts; running jobs finish.
+    Pause {
+        /// Shown on every queued RepoboxJob (reason `Paused`) and in `/readyz`.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+        #[command(flatten)]
+        target: PauseTarget,
+    },
+    /// Resume after `pause` (the same `--user` to resume one user).
+    Resume {
+        #[command(flatten)]
+        target: PauseTarget,
+    },
+    /// Print whether the runner side is paused.
+    PauseStatus {
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+}
+
+/// What `pause` / `resume` act on.
+#[derive(clap::Args, Debug)]
+struct PauseTarget {
+    /// Only this user's queued jobs (their new entries are still accepted).
+    #[arg(long)]
+    user: Option<String>,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+/// The Redis settings of the pause commands: the operator's own environment.
+#[derive(clap::Args, Debug)]
+struct RedisArgs {
+    /// Redis connection URL.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    /// A PEM CA bundle for `rediss://`.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
 }
 
 /// Subcommand names; anything else as the first argument means `run`.
-const SUBCOMMANDS: [&str; 3] = ["run", "crdgen", "help"];
+const SUBCOMMANDS: [&str; 6] = ["run", "crdgen", "help", "pause", "resume", "pause-status"];
 
 /// Inserts `run` when no subcommand is given, so `repobox-operator` and
 /// `repobox-operator --max-jobs-per-user 5` both run the operator. Top-level `--help` and
@@ -117,12 +158,70 @@ fn crdgen(out: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// What a pause command does.
+enum PauseAction {
+    Pause(String),
+    Resume,
+    Status,
+}
+
+/// Runs a pause command and prints the resulting state.
+fn pause_command(redis: &RedisArgs, user: Option<&str>, action: PauseAction) -> ExitCode {
+    use repobox_operator::pause;
+    let client =
+        match repobox_contract::redis_client(&redis.redis_url, redis.redis_ca_file.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("invalid Redis settings: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: repobox_operator::Result<pause::PauseState> = runtime.block_on(async {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        match action {
+            PauseAction::Pause(reason) => pause::pause(&mut con, user, &reason).await?,
+            PauseAction::Resume => pause::resume(&mut con, user).await?,
+            PauseAction::Status => {}
+        }
+        pause::read(&mut con).await
+    });
+    match result {
+        Ok(state) => {
+            println!("{}", pause::describe(&state));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Redis: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     repobox_contract::install_tls_provider();
     let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
     match cli.command {
         Command::Run(config) => run(*config),
         Command::Crdgen { out } => crdgen(out),
+        Command::Pause { reason, target } => pause_command(
+            &target.redis,
+            target.user.as_deref(),
+            PauseAction::Pause(reason),
+        ),
+        Command::Resume { target } => {
+            pause_command(&target.redis, target.user.as_deref(), PauseAction::Resume)
+        }
+        Command::PauseStatus { redis } => pause_command(&redis, None, PauseAction::Status),
     }
 }
 
@@ -185,5 +284,29 @@ mod tests {
         ])))
         .unwrap();
         assert!(matches!(cli.command, Command::Run(ref c) if c.redis_url.expose() == "redis://h"));
+        let cli = Cli::try_parse_from(with_default_subcommand(args(&[
+            "op",
+            "pause",
+            "--reason",
+            "db upgrade",
+            "--redis-url",
+            "redis://h",
+        ])))
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Pause { ref reason, ref target } if reason == "db upgrade" && target.user.is_none())
+        );
+        let cli = Cli::try_parse_from(with_default_subcommand(args(&[
+            "op",
+            "resume",
+            "--user",
+            "u1",
+            "--redis-url",
+            "redis://h",
+        ])))
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Resume { ref target } if target.user.as_deref() == Some("u1"))
+        );
     }
 }

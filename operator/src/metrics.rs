@@ -5,7 +5,9 @@
 //! series count stays bounded however many jobs pass through. The exception is
 //! `repobox_user_jobs{user,state}`, the queue depth per user: it holds series only for users with
 //! a queued or running job (at most `MAX_QUEUED` + `MAX_CONCURRENT_JOBS` users) and drops a user's
-//! series when the user has none left. Per-job detail belongs in logs and in the RepoboxJob
+//! series when the user has none left. The `plan` label of `repobox_plan_limit` and
+//! `repobox_users_by_plan` takes the configured plan names plus `default` and `custom` (see
+//! `tiers`), bounded by the configuration. Per-job detail belongs in logs and in the RepoboxJob
 //! status, not in Prometheus.
 //!
 //! One [`Metrics`] is created at start-up and shared as `Arc<Metrics>`; every recording method
@@ -28,13 +30,14 @@ use prometheus_client::registry::{Registry, Unit};
 pub const OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 /// The `reason` label values of `repobox_bad_entries_total`; anything else is `other`.
-pub const BAD_ENTRY_REASONS: [&str; 6] = [
+pub const BAD_ENTRY_REASONS: [&str; 7] = [
     "no_job_id",
     "no_job_hash",
     "no_user_id",
     "terminal",
     "dead_letter",
     "invalid",
+    "user_queue_full",
 ];
 
 /// The `reason` label values of `repobox_job_retries_total`: why a runner pod was lost and its job
@@ -87,6 +90,9 @@ type Label = [(&'static str, &'static str); 1];
 /// escaped, see [`escape_label_value`]).
 type UserLabel = [(&'static str, String); 2];
 
+/// The `{plan}` label set: plan names come from the configuration (validated by `tiers`).
+type PlanLabel = [(&'static str, String); 1];
+
 /// One user's jobs, the value of the map given to [`Metrics::set_user_jobs`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UserJobs {
@@ -118,9 +124,16 @@ pub struct Metrics {
     pods_waiting_for_node: Gauge,
     job_retries: Family<Label, Counter>,
     user_jobs: Family<UserLabel, Gauge>,
+    paused: Gauge,
+    paused_users: Gauge,
+    plan_limit: Family<PlanLabel, Gauge>,
+    users_by_plan: Family<PlanLabel, Gauge>,
+    invalid_limits: Counter,
     /// The (escaped) users `user_jobs` has series for, so the next snapshot can drop the ones
     /// that left.
     users_with_series: Mutex<BTreeSet<String>>,
+    /// The plan labels `users_by_plan` has series for.
+    plans_with_series: Mutex<BTreeSet<String>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -162,7 +175,13 @@ impl Metrics {
             pods_waiting_for_node: Gauge::default(),
             job_retries: Family::default(),
             user_jobs: Family::default(),
+            paused: Gauge::default(),
+            paused_users: Gauge::default(),
+            plan_limit: Family::default(),
+            users_by_plan: Family::default(),
+            invalid_limits: Counter::default(),
             users_with_series: Mutex::new(BTreeSet::new()),
+            plans_with_series: Mutex::new(BTreeSet::new()),
         };
         for outcome in OUTCOMES {
             let _ = m.jobs_finished.get_or_create(&[("outcome", outcome)]);
@@ -277,6 +296,31 @@ impl Metrics {
             "RepoboxJobs per user and state (queued or running); users without jobs have no series",
             m.user_jobs.clone(),
         );
+        registry.register(
+            "paused",
+            "1 while the runner side is paused (runner:paused): no intake, no admission",
+            m.paused.clone(),
+        );
+        registry.register(
+            "paused_users",
+            "Users whose queued jobs are held (runner:paused_users)",
+            m.paused_users.clone(),
+        );
+        registry.register(
+            "plan_limit",
+            "Running limit per user of each plan (PLAN_LIMITS; default is MAX_JOBS_PER_USER)",
+            m.plan_limit.clone(),
+        );
+        registry.register(
+            "users_by_plan",
+            "Users with queued or running jobs, by the plan their limit comes from",
+            m.users_by_plan.clone(),
+        );
+        registry.register(
+            "invalid_limits",
+            "Unusable per-user limits or plans met by admission (the default applied)",
+            m.invalid_limits.clone(),
+        );
         m
     }
 
@@ -353,6 +397,52 @@ impl Metrics {
     /// Whether intake is paused by backpressure (`MAX_QUEUED` reached).
     pub fn set_intake_paused(&self, paused: bool) {
         self.intake_paused.set(i64::from(paused));
+    }
+
+    /// Whether the runner side is paused, and how many users are held one by one.
+    pub fn set_paused(&self, paused: bool, users: i64) {
+        self.paused.set(i64::from(paused));
+        self.paused_users.set(users);
+    }
+
+    /// The configured limits: each plan's, and `default` (`MAX_JOBS_PER_USER`). Set once.
+    pub fn set_plan_limits(&self, plans: &crate::tiers::PlanLimits, default_limit: u32) {
+        let all = plans
+            .iter()
+            .chain([(crate::tiers::DEFAULT_PLAN, default_limit)]);
+        for (plan, limit) in all {
+            self.plan_limit
+                .get_or_create(&[("plan", escape_label_value(plan))])
+                .set(i64::from(limit));
+        }
+    }
+
+    /// Users with work per plan label, a snapshot: labels are the configured plans, `default`
+    /// and `custom`; every label seen once keeps a series (set to 0 when it has no user).
+    pub fn set_users_by_plan(&self, counts: &BTreeMap<String, i64>) {
+        let mut known = self
+            .plans_with_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for plan in known.iter() {
+            if !counts.contains_key(plan) {
+                self.users_by_plan
+                    .get_or_create(&[("plan", plan.clone())])
+                    .set(0);
+            }
+        }
+        for (plan, n) in counts {
+            let label = escape_label_value(plan);
+            self.users_by_plan
+                .get_or_create(&[("plan", label.clone())])
+                .set(*n);
+            known.insert(label);
+        }
+    }
+
+    /// Admission met an unusable limit or plan and applied the default.
+    pub fn invalid_limit(&self) {
+        self.invalid_limits.inc();
     }
 
     /// The Redis connection was re-established after a failure.

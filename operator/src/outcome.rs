@@ -26,6 +26,17 @@ end
 return 0
 ";
 
+/// The per-pass Redis inputs of admission (see [`Outcomes::pass_inputs`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassInputs {
+    /// `runner:paused`'s reason while admission is paused for everyone.
+    pub paused: Option<String>,
+    /// Users in `runner:paused_users`, with their reason.
+    pub paused_users: HashMap<String, String>,
+    /// Users' raw `runner:user_limits` values.
+    pub user_limits: HashMap<String, String>,
+}
+
 /// Redis access for outcomes, over an auto-reconnecting connection.
 #[derive(Clone)]
 pub struct Outcomes {
@@ -96,6 +107,38 @@ impl Outcomes {
         let mut con = self.con.clone();
         let _: () = con.set(keys::user_running(user_id), running).await?;
         Ok(())
+    }
+
+    /// What an admission pass reads besides the cluster, in one round trip: the global pause
+    /// reason, and for `users` (those with queued jobs) their pause reason and their
+    /// `runner:user_limits` value. HMGET of known fields only: never a scan of the hashes.
+    pub async fn pass_inputs(&self, users: &[&str]) -> Result<PassInputs> {
+        let mut con = self.con.clone();
+        let mut pipe = redis::pipe();
+        pipe.hget(keys::PAUSED, keys::PAUSED_REASON_FIELD);
+        if users.is_empty() {
+            let (paused,): (Option<String>,) = pipe.query_async(&mut con).await?;
+            return Ok(PassInputs {
+                paused,
+                ..PassInputs::default()
+            });
+        }
+        pipe.cmd("HMGET").arg(keys::PAUSED_USERS).arg(users);
+        pipe.cmd("HMGET").arg(keys::USER_LIMITS).arg(users);
+        let (paused, held, limits): (Option<String>, Vec<Option<String>>, Vec<Option<String>>) =
+            pipe.query_async(&mut con).await?;
+        let pair = |values: Vec<Option<String>>| -> HashMap<String, String> {
+            users
+                .iter()
+                .zip(values)
+                .filter_map(|(u, v)| Some(((*u).to_owned(), v?)))
+                .collect()
+        };
+        Ok(PassInputs {
+            paused,
+            paused_users: pair(held),
+            user_limits: pair(limits),
+        })
     }
 
     /// The user ids that have a `runner:user:{userId}:running` key, whoever wrote it (SCAN, so

@@ -10,6 +10,10 @@
 //!   controller's cache synced (leader only), not shutting down. The operator serves no traffic,
 //!   so readiness matters for rollouts (`maxUnavailable`) and for alerting.
 //!
+//! A paused runner side (`repobox-operator pause`) stays ready, since pausing is deliberate and
+//! must not block rollouts or page anyone; `/readyz` adds a `paused: <reason>` line to its
+//! body so whoever looks can see why nothing starts.
+//!
 //! A standby replica (leader election on, Lease held by another pod) is ready: it holds no work,
 //! runs no controller and so has no cache to sync, and it must count as available for a rolling
 //! update to proceed. It still needs Redis to be ready, since it must be able to take over.
@@ -52,6 +56,9 @@ pub struct Health {
     /// Milliseconds after `started` of the last [`Health::tick`].
     last_tick_ms: AtomicU64,
     stall_timeout: Duration,
+    /// The pause reason while `runner:paused` is set (see `pause::watch`); a watch channel so
+    /// the intake can await the resume instead of polling.
+    paused: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Default for Health {
@@ -72,7 +79,38 @@ impl Health {
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
             stall_timeout,
+            paused: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Records the global pause (`Some(reason)`) or its end; returns whether it changed.
+    pub fn set_paused(&self, reason: Option<String>) -> bool {
+        self.paused.send_if_modified(|current| {
+            if *current == reason {
+                false
+            } else {
+                *current = reason;
+                true
+            }
+        })
+    }
+
+    /// The pause reason, while paused.
+    pub fn paused(&self) -> Option<String> {
+        self.paused.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the pause (for awaiting the resume).
+    pub fn pause_changes(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.paused.subscribe()
+    }
+
+    /// Lines `/readyz` adds to its body whatever the verdict: today only the pause.
+    pub fn readiness_detail(&self) -> Vec<String> {
+        self.paused()
+            .map(|reason| format!("paused: {}", one_line(&reason)))
+            .into_iter()
+            .collect()
     }
 
     /// Whether the last Redis command or ping succeeded. Set by whoever owns the connection,
@@ -214,7 +252,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.health.readiness() {
+    let (code, mut body) = match state.health.readiness() {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(not_ready) => {
             let mut body = String::new();
@@ -223,7 +261,19 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
             }
             (StatusCode::SERVICE_UNAVAILABLE, body)
         }
+    };
+    for line in state.health.readiness_detail() {
+        let _ = writeln!(body, "{line}");
     }
+    (code, body)
+}
+
+/// Text from Redis on one line of a probe body (newlines would forge probe lines).
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect()
 }
 
 /// Binds `addr` and serves the endpoints until `shutdown` completes, then finishes in-flight
@@ -285,6 +335,25 @@ mod tests {
         assert_eq!(h.readiness(), Ok(()), "a standby needs no cache");
         h.set_shutting_down();
         assert_eq!(h.readiness(), Err(vec!["shutdown: in progress"]));
+    }
+
+    #[test]
+    fn pause_is_detail_not_unreadiness() {
+        let h = Health::default();
+        h.set_redis_ok(true);
+        let mut changes = h.pause_changes();
+        assert!(h.readiness_detail().is_empty());
+        assert!(h.set_paused(Some("db\nmigration".into())));
+        assert!(!h.set_paused(Some("db\nmigration".into())), "unchanged");
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(h.readiness(), Ok(()), "paused on purpose is still ready");
+        assert_eq!(h.readiness_detail(), ["paused: db migration"]);
+        assert_eq!(h.paused().as_deref(), Some("db\nmigration"));
+        changes.mark_unchanged();
+        assert!(h.set_paused(None));
+        assert!(changes.has_changed().unwrap());
+        assert!(h.readiness_detail().is_empty());
+        assert_eq!(one_line(&"x".repeat(500)).len(), 200);
     }
 
     #[test]

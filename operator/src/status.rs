@@ -395,6 +395,7 @@ mod tests {
                 base_branch: None,
                 timeout_seconds: None,
                 cancel: None,
+                plan: None,
             },
         );
         rj.metadata = ObjectMeta {

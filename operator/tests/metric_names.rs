@@ -29,6 +29,13 @@ fn exported() -> String {
     m.pod_started(Duration::from_secs(5));
     m.set_pods_waiting_for_node(1);
     m.job_retried("eviction");
+    m.set_paused(true, 1);
+    m.set_plan_limits(
+        &repobox_operator::tiers::PlanLimits::parse(r#"{"free": 1}"#).unwrap(),
+        3,
+    );
+    m.set_users_by_plan(&BTreeMap::from([("free".to_owned(), 2)]));
+    m.invalid_limit();
     m.set_user_jobs(&BTreeMap::from([(
         "alice".to_owned(),
         UserJobs {

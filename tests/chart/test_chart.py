@@ -518,6 +518,25 @@ def test_chart_defaults_match_config_rs_defaults():
     assert not diffs, f"chart default != config.rs default (chart, config.rs): {diffs}"
 
 
+def test_quota_tiers_and_per_user_queue_cap():
+    env = env_values(operator_container(render(VALUE_SETS["defaults"])))
+    assert env["PLAN_LIMITS"] == "" and env["MAX_QUEUED_PER_USER"] == "0"
+    objs = render(merge(VALUE_SETS["defaults"], {"config": {
+        "planLimits": {"free": 1, "pro": 4}, "maxQueuedPerUser": 20}}))
+    c = operator_container(objs)
+    assert json_env(c, "PLAN_LIMITS") == {"free": 1, "pro": 4}
+    assert env_values(c)["MAX_QUEUED_PER_USER"] == "20"
+
+
+@pytest.mark.parametrize("plans", [{"free": 0}, {"free": "1"}, {"default": 2}, {"a b": 1},
+                                   {"pro": 1001}])
+def test_schema_rejects_unusable_plan_limits(plans):
+    values = merge(REQUIRED, {"config": {"planLimits": plans}})
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(values)
+
+
 def test_runner_image_repository_matches_the_operator_default():
     src = (Path(CHART).parents[1] / "operator" / "src" / "config.rs").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())

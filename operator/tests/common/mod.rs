@@ -376,3 +376,76 @@ impl Gate {
 pub fn to_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap()
 }
+
+impl Bed {
+    /// What the web app does for a user on `plan`: the job hash with its optional `plan` field,
+    /// then the XADD.
+    pub async fn submit_with_plan(&mut self, job: &NewJob, plan: &str) -> String {
+        webapp::create_provider(
+            &mut self.con,
+            &job.user_id,
+            &job.provider_id,
+            &self.key,
+            TOKEN,
+            &self.git.base_url(),
+        )
+        .await
+        .unwrap();
+        webapp::create_job(&mut self.con, job).await.unwrap();
+        let _: () = self
+            .con
+            .hset(format!("job:{}", job.id), "plan", plan)
+            .await
+            .unwrap();
+        webapp::enqueue(&mut self.con, job).await.unwrap()
+    }
+
+    /// Waits (bounded polling: Redis sends no event for a hash write the test can await
+    /// without subscribing first) until `job:{id}` has `status` = `want`.
+    pub async fn eventually_status(&mut self, job_id: &str, want: &str) -> HashMap<String, String> {
+        for _ in 0..500 {
+            let rec = self.record(job_id).await;
+            if rec.get("status").map(String::as_str) == Some(want) {
+                return rec;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "job:{job_id} is {:?}, expected {want}",
+            self.record(job_id).await
+        );
+    }
+
+    /// The operator's `/readyz` status code and body.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr?;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        let code = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n")?.1.to_owned();
+        Some((code, body))
+    }
+
+    /// Runs the real `repobox-operator` binary with `args` against this bed's Redis (as
+    /// `kubectl exec deploy/repobox-operator -- repobox-operator …` would) and returns stdout.
+    pub async fn operator_cli(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_repobox-operator"))
+            .args(args)
+            .env("REDIS_URL", self.redis.url())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "repobox-operator {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
