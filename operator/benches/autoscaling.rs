@@ -90,7 +90,12 @@ async fn run_jobs(bed: &mut RealBed, label: &str, jobs: usize) -> Vec<Duration> 
     let times = times.lock().expect("times").clone();
     let mut out: Vec<Duration> = sent
         .iter()
-        .map(|(name, at)| times.get(name).map(|t| t.duration_since(*at)).unwrap_or_default())
+        .map(|(name, at)| {
+            times
+                .get(name)
+                .map(|t| t.duration_since(*at))
+                .unwrap_or_default()
+        })
         .collect();
     out.sort();
     out
