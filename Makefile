@@ -36,7 +36,7 @@ unit:
 	cargo build -p repobox-job-runner --bin repobox-job-runner
 	cargo test --workspace --lib --bins --tests
 
-## The Helm chart: lint, render under seven value sets, validate against the Kubernetes 1.28
+## The Helm chart: lint, render under eight value sets, validate against the Kubernetes 1.28
 ## schemas, check security properties and drift against the operator's settings.
 chart:
 	bash tests/chart/run.sh
