@@ -274,21 +274,36 @@ async fn a_drained_node_reruns_a_cloning_job_elsewhere_but_never_a_pushing_one()
         .await;
     bed.start_operator(&[("--disruption-retry-backoff-seconds", "1")]);
 
-    // Drained while the agent works: the job runs again on another node and pushes once.
-    let job = bed.job("drain001-agent", "gus");
+    // Drained mid-clone (the git host holds the fetch): the job runs again on another node and
+    // pushes once.
+    bed.git.hold_fetches();
+    let job = bed.job("drain001-clone", "gus");
     bed.submit(&job).await;
     let name = object_name(&job.id);
-    bed.wait_step(&job.id, "agent").await;
+    bed.wait_step(&job.id, "cloning").await;
+    let until = tokio::time::Instant::now() + WAIT;
+    while bed.git.fetches_held() == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the clone never reached the host"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let first_node = node_of(&bed, &name).await;
     autoscaler.drain(&first_node).await.expect("drain");
+    bed.git.release_fetches();
     let rj = bed
         .wait_rj(&name, "at attempt 2", |rj| {
             rj.status.as_ref().and_then(|s| s.attempt) == Some(2)
         })
         .await;
-    assert_eq!(
-        rj.status.and_then(|s| s.reason).as_deref(),
-        Some(reasons::RETRYING)
+    let s = rj.status.expect("status");
+    assert_eq!(s.reason.as_deref(), Some(reasons::RETRYING), "{s:?}");
+    assert!(
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("during the cloning step")),
+        "{s:?}"
     );
     let retry_job = format!("{name}-r2");
     bed.wait_rj(&name, "running again", |rj| {

@@ -93,6 +93,10 @@ struct Shared {
     repos: PathBuf,
     /// `HOME` for every git process, so the machine's `~/.gitconfig` never leaks in.
     home: PathBuf,
+    /// `true` while fetches are held ([`GitHost::hold_fetches`]).
+    fetch_gate: tokio::sync::watch::Sender<bool>,
+    /// Fetch requests that were held.
+    fetches_held: std::sync::atomic::AtomicUsize,
 }
 
 /// A running git host. The server stops and the repositories are deleted on drop.
@@ -162,6 +166,8 @@ impl GitHost {
             log: Mutex::new(Vec::new()),
             repos,
             home,
+            fetch_gate: tokio::sync::watch::Sender::new(false),
+            fetches_held: std::sync::atomic::AtomicUsize::new(0),
         });
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -410,6 +416,25 @@ impl GitHost {
         )
         .context("write the pre-receive hook")?;
         make_executable(&hook)
+    }
+
+    /// Holds every fetch (clone, ls-remote: the `git-upload-pack` POSTs) of every repository
+    /// until [`GitHost::release_fetches`], so a test can stop a runner in the middle of its
+    /// clone. [`GitHost::fetches_held`] counts the requests held so far.
+    pub fn hold_fetches(&self) {
+        self.shared.fetch_gate.send_replace(true);
+    }
+
+    /// How many fetch requests [`GitHost::hold_fetches`] has held.
+    pub fn fetches_held(&self) -> usize {
+        self.shared
+            .fetches_held
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets held fetches (and later ones) through.
+    pub fn release_fetches(&self) {
+        self.shared.fetch_gate.send_replace(false);
     }
 
     /// Installs a `pre-receive` hook in `name` that holds every push (before any ref moves)
@@ -665,6 +690,13 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     } else if !repo_exists(&shared.repos, &path) {
         plain(StatusCode::NOT_FOUND, "repository not found\n", false)
     } else {
+        if method == "POST" && path.ends_with("/git-upload-pack") && *shared.fetch_gate.borrow() {
+            shared
+                .fetches_held
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut gate = shared.fetch_gate.subscribe();
+            let _ = gate.wait_for(|held| !held).await;
+        }
         match run_backend(&shared, req).await {
             Ok(resp) => resp,
             Err(e) => {
