@@ -860,7 +860,12 @@ pub async fn run(
         .default_backoff()
         // The cache holds every RepoboxJob (finished ones for the retention period):
         // managedFields are never read, so they are not kept.
-        .modify(|rj| rj.managed_fields_mut().clear())
+        // Nor labels and annotations: the operator derives everything from spec and status.
+        .modify(|rj| {
+            rj.managed_fields_mut().clear();
+            rj.metadata.labels = None;
+            rj.metadata.annotations = None;
+        })
         .reflect(writer)
         .inspect(move |ev| match ev {
             Ok(watcher::Event::InitDone) => {
@@ -897,6 +902,7 @@ pub async fn run(
     .modify(|job| {
         job.metadata.managed_fields = None;
         job.metadata.annotations = None;
+        job.metadata.labels = None;
     })
     .reflect(job_writer)
     .touched_objects();
