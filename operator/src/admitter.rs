@@ -28,7 +28,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Mutex, Notify, Semaphore};
@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::admission::{self, Overrides, Running, WaitReason};
 use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
-use crate::job_builder::{self, MANAGED_BY_SELECTOR};
+use crate::job_builder::MANAGED_BY_SELECTOR;
 use crate::metrics::UserJobs;
 use crate::reconcile::Context;
 use crate::tiers;
@@ -468,7 +468,7 @@ async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
             ctx.admitter.poke();
             return;
         }
-        create_job(&ctx, &rj).await
+        ctx.create_job(&rj).await
     };
     match result {
         Ok(()) => {
@@ -511,30 +511,10 @@ async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
     }
 }
 
-/// Creates the Job of the current attempt at `rj` (idempotent: AlreadyExists is success).
-pub(crate) async fn create_job(ctx: &Context, rj: &RepoboxJob) -> Result<()> {
-    let job = job_builder::job_for(rj, &ctx.job_cfg)?;
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    match jobs
-        .create(
-            &PostParams {
-                field_manager: Some(crate::reconcile::FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            &job,
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job_builder;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     fn job(name: &str, owners: Vec<OwnerReference>) -> Job {

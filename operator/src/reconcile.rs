@@ -17,7 +17,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -124,6 +124,21 @@ impl Context {
 
     fn job_api(&self) -> Api<Job> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates the Job of the current attempt at `rj` (idempotent: AlreadyExists is success):
+    /// the admission loop for a first attempt, the reconciler for the next ones.
+    pub async fn create_job(&self, rj: &RepoboxJob) -> Result<()> {
+        let job = job_builder::job_for(rj, &self.job_cfg)?;
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match self.job_api().create(&params, &job).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn cached_job_api(&self) -> Api<CachedJob> {
@@ -332,7 +347,7 @@ async fn start_next_attempt(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
     if !wait.is_zero() {
         return Ok(Action::requeue(wait));
     }
-    crate::admitter::create_job(ctx, rj).await?;
+    ctx.create_job(rj).await?;
     info!(job = %rj.name_any(), attempt = job_builder::attempt(rj), "next attempt's Job created");
     // Its watch event brings the next reconcile; the requeue is a safety net.
     Ok(Action::requeue(Duration::from_secs(30)))
