@@ -16,14 +16,15 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admitter::Admitter;
 use crate::config::Config;
-use crate::intake::Intake;
-use crate::leader::LeaderElector;
-use crate::metrics::Metrics;
-use crate::outcome::Outcomes;
-use crate::reconcile::{self, Context};
-use crate::server::{self, Health};
+use crate::run::context::{Context, Wakeup};
+use crate::run::dispatcher::Dispatcher;
+use crate::run::intake::Intake;
+use crate::run::leader::LeaderElector;
+use crate::run::metrics::Metrics;
+use crate::run::reconcile;
+use crate::run::records::JobRecords;
+use crate::run::server::{self, Health};
 use crate::{Error, Result};
 
 /// Runs the operator with a client from the environment (in-cluster or kubeconfig).
@@ -68,19 +69,20 @@ pub async fn run_with_client(
         server_stop.cancel();
         return Ok(());
     };
-    let outcomes = Outcomes::new(manager.clone()).with_output_ttl(cfg.output_ttl());
+    let outcomes = JobRecords::new(manager.clone()).with_output_ttl(cfg.output_ttl());
     metrics.set_plan_limits(&cfg.plan_limits()?, cfg.max_jobs_per_user);
 
     // Every replica, standbys included, shows the pause in /readyz and /metrics.
-    let admitter = Arc::new(Admitter::default());
+    let wakeup = Wakeup::default();
+    let dispatcher = Arc::new(Dispatcher::new(wakeup.clone()));
     let pause_stop = CancellationToken::new();
     // Known before the intake can start, so a restart while paused reads nothing.
-    crate::pause::refresh(&mut manager.clone(), &health, &metrics).await;
-    let pause_task = tokio::spawn(crate::pause::watch(
+    crate::run::pause::refresh(&mut manager.clone(), &health, &metrics).await;
+    let pause_task = tokio::spawn(crate::run::pause::watch(
         manager,
         health.clone(),
         metrics.clone(),
-        admitter.clone(),
+        wakeup.clone(),
         pause_stop.clone(),
     ));
 
@@ -132,7 +134,7 @@ pub async fn run_with_client(
         outcomes.clone(),
         store.clone(),
         jobs,
-        admitter.clone(),
+        wakeup,
         metrics.clone(),
         recorder,
         health.clone(),
@@ -154,7 +156,7 @@ pub async fn run_with_client(
         let stop = intake_stop.clone();
         async move { intake.run(stop).await }
     });
-    let admitter_task = tokio::spawn(admitter.clone().run(ctx.clone(), work.child_token()));
+    let dispatcher_task = tokio::spawn(dispatcher.clone().run(ctx.clone(), work.child_token()));
 
     // The controller runs until `work` is cancelled; it then finishes in-flight reconciles.
     let controller_stop = CancellationToken::new();
@@ -171,7 +173,7 @@ pub async fn run_with_client(
     let _ = intake_task.await;
     controller_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
-    let _ = admitter_task.await;
+    let _ = dispatcher_task.await;
 
     let lost = leadership.as_ref().is_some_and(|l| l.is_lost()) && !shutdown.is_cancelled();
     if let Some(l) = leadership

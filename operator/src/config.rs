@@ -21,7 +21,10 @@ use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use repobox_contract::keys;
 
-use crate::admission::Limits;
+use crate::decide::job_config::{
+    AgentConfig, ConfigMapKeyRef, JobConfig, RunnerResources, SecretKeyRef,
+};
+use crate::decide::quota::Limits;
 use crate::error::{Error, Result};
 
 /// Default runner image: the job-runner image released with this operator version, so the two
@@ -463,119 +466,6 @@ pub struct Config {
     pub git_ca_key: String,
 }
 
-/// A reference to one key of a Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretKeyRef {
-    /// The Secret's name (same namespace as the Job).
-    pub name: String,
-    /// The key within the Secret.
-    pub key: String,
-}
-
-/// Resource requests and limits of a container; `None` means "not set".
-#[derive(Clone, Debug, PartialEq, Default)]
-pub struct RunnerResources {
-    /// CPU request.
-    pub cpu_request: Option<Quantity>,
-    /// CPU limit.
-    pub cpu_limit: Option<Quantity>,
-    /// Memory request.
-    pub memory_request: Option<Quantity>,
-    /// Memory limit.
-    pub memory_limit: Option<Quantity>,
-    /// `ephemeral-storage` request.
-    pub ephemeral_storage_request: Option<Quantity>,
-    /// `ephemeral-storage` limit.
-    pub ephemeral_storage_limit: Option<Quantity>,
-}
-
-/// The validated, typed settings [`crate::job_builder::job_for`] needs: everything about a runner
-/// Job that does not come from the RepoboxJob itself.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobConfig {
-    /// Runner image.
-    pub image: String,
-    /// `imagePullPolicy`: `Always`, `IfNotPresent` or `Never`.
-    pub image_pull_policy: String,
-    /// `imagePullSecrets` names.
-    pub image_pull_secrets: Vec<String>,
-    /// `serviceAccountName`.
-    pub service_account: String,
-    /// The runner container's resources.
-    pub resources: RunnerResources,
-    /// The agent container, when an agent command is set.
-    pub agent: Option<AgentConfig>,
-    /// `sizeLimit` of the work-tree `emptyDir`.
-    pub work_size_limit: Option<Quantity>,
-    /// `sizeLimit` of the `/tmp` `emptyDir`.
-    pub tmp_size_limit: Option<Quantity>,
-    /// `nodeSelector`.
-    pub node_selector: Option<BTreeMap<String, String>>,
-    /// `tolerations`.
-    pub tolerations: Option<Vec<Toleration>>,
-    /// `affinity`.
-    pub affinity: Option<Affinity>,
-    /// `priorityClassName`.
-    pub priority_class_name: Option<String>,
-    /// Runner pod annotations: the do-not-disrupt pair (`RUNNER_DO_NOT_DISRUPT`) and
-    /// `RUNNER_POD_ANNOTATIONS`.
-    pub pod_annotations: BTreeMap<String, String>,
-    /// `activeDeadlineSeconds` when the RepoboxJob does not override it.
-    pub default_timeout_seconds: i64,
-    /// `ttlSecondsAfterFinished`.
-    pub ttl_seconds_after_finished: i32,
-    /// `terminationGracePeriodSeconds`.
-    pub termination_grace_period_seconds: i64,
-    /// Where the runner's `REDIS_URL` comes from.
-    pub redis_secret: SecretKeyRef,
-    /// Where the runner's encryption key comes from.
-    pub encryption_key_secret: SecretKeyRef,
-    /// The work directory (`TEMP_DIR`), an `emptyDir` mount path.
-    pub temp_dir: String,
-    /// `CLEANUP_AFTER_JOB`.
-    pub cleanup_after_job: bool,
-    /// `GIT_AUTHOR_NAME`.
-    pub git_author_name: String,
-    /// `GIT_AUTHOR_EMAIL`.
-    pub git_author_email: String,
-    /// `GIT_CLONE_DEPTH`.
-    pub git_clone_depth: u32,
-    /// `ALLOW_INSECURE_HTTP`.
-    pub allow_insecure_http: bool,
-    /// `OPEN_PULL_REQUESTS`.
-    pub open_pull_requests: bool,
-    /// The git host's CA bundle (a ConfigMap key), when set.
-    pub git_ca: Option<ConfigMapKeyRef>,
-    /// The Redis CA (a Secret key) the runner verifies `rediss://` with, when set.
-    pub redis_ca: Option<SecretKeyRef>,
-}
-
-/// A reference to one key of a ConfigMap.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigMapKeyRef {
-    /// The ConfigMap's name (same namespace as the Job).
-    pub name: String,
-    /// The key within the ConfigMap.
-    pub key: String,
-}
-
-/// The agent container: hostile code's home, with nothing of the runner's.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AgentConfig {
-    /// `AGENT_COMMAND`.
-    pub command: String,
-    /// `AGENT_IMAGE`, defaulting to the runner image.
-    pub image: String,
-    /// `AGENT_UID` (also its group).
-    pub uid: i64,
-    /// The agent container's resources.
-    pub resources: RunnerResources,
-    /// `AGENT_EXTRA_ENV`, in name order.
-    pub extra_env: BTreeMap<String, String>,
-    /// Secrets referenced with `envFrom` (`RUNNER_ENV_FROM_SECRETS`).
-    pub env_from_secrets: Vec<String>,
-}
-
 /// Treats an empty or all-blank optional setting as unset.
 fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
@@ -634,7 +524,7 @@ impl Config {
             .unwrap_or_else(|| self.jobs_namespace())
     }
 
-    /// The quota limits for [`crate::admission::decide`].
+    /// The quota limits for [`crate::decide::quota::decide`].
     pub fn limits(&self) -> Limits {
         Limits {
             per_user: self.max_jobs_per_user as usize,
@@ -643,8 +533,9 @@ impl Config {
     }
 
     /// `PLAN_LIMITS`, parsed (checked by [`Config::validate`] at start-up).
-    pub fn plan_limits(&self) -> Result<crate::tiers::PlanLimits> {
-        crate::tiers::PlanLimits::parse(&self.plan_limits).map_err(|e| invalid("PLAN_LIMITS", e))
+    pub fn plan_limits(&self) -> Result<crate::decide::tiers::PlanLimits> {
+        crate::decide::tiers::PlanLimits::parse(&self.plan_limits)
+            .map_err(|e| invalid("PLAN_LIMITS", e))
     }
 
     /// `MAX_QUEUED_PER_USER`; `None` when off.
@@ -700,8 +591,8 @@ impl Config {
     }
 
     /// The retry policy for infrastructure disruptions.
-    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
-        crate::retry::RetryPolicy {
+    pub fn retry_policy(&self) -> crate::decide::retry::RetryPolicy {
+        crate::decide::retry::RetryPolicy {
             max_retries: self.max_disruption_retries,
             backoff: Duration::from_secs(self.disruption_retry_backoff_seconds),
         }
@@ -722,13 +613,13 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         repobox_contract::urls::check_redis_url(self.redis_url.expose())
             .map_err(|e| invalid("REDIS_URL", e.to_string()))?;
-        if !crate::names::is_dns1123_label(self.jobs_namespace()) {
+        if !crate::model::names::is_dns1123_label(self.jobs_namespace()) {
             return Err(invalid(
                 "JOBS_NAMESPACE",
                 format!("{:?} is not a valid namespace name", self.jobs_namespace()),
             ));
         }
-        if !crate::names::is_dns1123_label(self.lease_namespace()) {
+        if !crate::model::names::is_dns1123_label(self.lease_namespace()) {
             return Err(invalid(
                 "LEASE_NAMESPACE",
                 format!("{:?} is not a valid namespace name", self.lease_namespace()),
@@ -882,11 +773,11 @@ impl Config {
             || temp_dir.split('/').any(|c| c == ".." || c == ".")
             || temp_dir.contains("//")
             || [
-                crate::job_builder::TMP_DIR,
-                crate::job_builder::ENCRYPTION_KEY_DIR,
-                crate::job_builder::PRIVATE_DIR,
-                crate::job_builder::TOOLS_DIR,
-                crate::job_builder::GIT_CA_DIR,
+                crate::model::pod_layout::TMP_DIR,
+                crate::model::pod_layout::ENCRYPTION_KEY_DIR,
+                crate::model::pod_layout::PRIVATE_DIR,
+                crate::model::pod_layout::TOOLS_DIR,
+                crate::model::pod_layout::GIT_CA_DIR,
             ]
             .contains(&temp_dir.as_str())
         {
@@ -948,12 +839,12 @@ impl Config {
             }
             Some(i) => i.to_owned(),
         };
-        if self.agent_uid == crate::job_builder::RUNNER_UID {
+        if self.agent_uid == crate::model::pod_layout::RUNNER_UID {
             return Err(invalid(
                 "AGENT_UID",
                 format!(
                     "must differ from the runner's uid {}: the agent must not be able to read the runner's files",
-                    crate::job_builder::RUNNER_UID
+                    crate::model::pod_layout::RUNNER_UID
                 ),
             ));
         }
@@ -969,7 +860,7 @@ impl Config {
                     format!("{name:?} is not a valid environment variable name"),
                 ));
             }
-            if crate::job_builder::AGENT_RESERVED_ENV.contains(&name.as_str()) {
+            if crate::model::pod_layout::AGENT_RESERVED_ENV.contains(&name.as_str()) {
                 return Err(invalid(
                     "AGENT_EXTRA_ENV",
                     format!("{name} is set by the operator"),
@@ -1142,7 +1033,7 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
 /// True when `s` is a DNS-1123 subdomain (most object names): at most 253 characters, dot-separated
 /// DNS-1123 labels.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(crate::names::is_dns1123_label)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(crate::model::names::is_dns1123_label)
 }
 
 /// True when `s` is a valid Secret / ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253, not `.` or
@@ -1328,7 +1219,7 @@ pub(crate) mod tests {
         assert_eq!(c.max_queued_per_user(), None);
         assert_eq!(
             c.plan_limits().unwrap(),
-            crate::tiers::PlanLimits::default()
+            crate::decide::tiers::PlanLimits::default()
         );
         assert_eq!(c.retention(), Duration::from_secs(86400));
         assert_eq!(c.pending_timeout(), Duration::from_secs(600));
@@ -1540,7 +1431,7 @@ pub(crate) mod tests {
         assert_eq!(c.unschedulable_grace(), Duration::from_secs(60));
         assert_eq!(
             c.retry_policy(),
-            crate::retry::RetryPolicy {
+            crate::decide::retry::RetryPolicy {
                 max_retries: 2,
                 backoff: Duration::from_secs(10)
             }

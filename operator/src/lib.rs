@@ -2,29 +2,27 @@
 //! custom resources, admits them under per-user and global quotas, runs each as a batch/v1 Job
 //! and records the outcome.
 //!
-//! The pure parts live in their own modules so they can be tested exhaustively:
-//! [`crd`] (the custom resource), [`names`] (Kubernetes-safe names), [`config`] (settings),
-//! [`admission`] (quota decisions) and [`job_builder`] (RepoboxJob → Job).
+//! The modules form a one-way graph; each layer uses only the layers before it:
+//!
+//! ```text
+//! model → decide → config → run → app
+//! ```
+//!
+//! * [`model`]: the custom resource, names, labels, the runner pod's layout.
+//! * [`decide`]: pure decisions (quota, tiers, status, retry, scheduling, the Job builder),
+//!   unit-tested exhaustively.
+//! * [`config`]: the settings, validated into the inputs the decisions take.
+//! * [`run`]: the side effects — the shared context, the intake, dispatcher and reconcile
+//!   loops, leader election, pause, the metrics/health server.
+//! * [`app`]: wires it all together; `main.rs` is the command line.
+//!
+//! [`error`] is used by every layer. Test modules may reach across layers.
 
-pub mod admission;
-pub mod admitter;
 pub mod app;
 pub mod config;
-pub mod crd;
+pub mod decide;
 pub mod error;
-pub mod intake;
-pub mod job_builder;
-pub mod leader;
-pub mod metrics;
-pub mod names;
-pub mod outcome;
-pub mod pause;
-pub mod reconcile;
-pub mod retry;
-pub mod scheduling;
-pub mod server;
-pub mod status;
-pub mod telemetry;
-pub mod tiers;
+pub mod model;
+pub mod run;
 
 pub use error::{Error, Result};

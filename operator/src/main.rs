@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use repobox_operator::config::Config;
-use repobox_operator::crd;
+use repobox_operator::model::crd;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,7 @@ fn with_default_subcommand(mut args: Vec<OsString>) -> Vec<OsString> {
 }
 
 fn run(config: Config) -> ExitCode {
-    repobox_operator::telemetry::init(&config.log_level, config.log_format);
+    repobox_operator::run::telemetry::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -167,7 +167,7 @@ enum PauseAction {
 
 /// Runs a pause command and prints the resulting state.
 fn pause_command(redis: &RedisArgs, user: Option<&str>, action: PauseAction) -> ExitCode {
-    use repobox_operator::pause;
+    use repobox_operator::run::pause;
     let client =
         match repobox_contract::redis_client(&redis.redis_url, redis.redis_ca_file.as_deref()) {
             Ok(c) => c,

@@ -1,6 +1,6 @@
 """Image checks without a Docker engine: the Dockerfiles build the workspace's real binaries,
 run them as non-root from a runtime stage without a compiler, and the runner image provides the
-command the operator's Jobs run (RUNNER_COMMAND in operator/src/job_builder.rs)."""
+command the operator's Jobs run (RUNNER_COMMAND in operator/src/decide/job_builder.rs)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{/*
-Labels the operator puts on runner Jobs and pods (operator/src/job_builder.rs: APP_NAME,
+Labels the operator puts on runner Jobs and pods (operator/src/decide/job_builder.rs: APP_NAME,
 MANAGED_BY). The runner NetworkPolicy selects on them.
 */}}
 {{- define "repobox.runnerPodSelector" -}}

@@ -18,7 +18,7 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::emulator::Emulator;
 use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;

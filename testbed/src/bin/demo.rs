@@ -32,7 +32,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis::AsyncCommands;
 use repobox_contract::{EncryptionKey, keys, mask_token};
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::emulator::Emulator;
 use repobox_testbed::forge::ForgeKind;

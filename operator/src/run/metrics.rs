@@ -406,10 +406,10 @@ impl Metrics {
     }
 
     /// The configured limits: each plan's, and `default` (`MAX_JOBS_PER_USER`). Set once.
-    pub fn set_plan_limits(&self, plans: &crate::tiers::PlanLimits, default_limit: u32) {
+    pub fn set_plan_limits(&self, plans: &crate::decide::tiers::PlanLimits, default_limit: u32) {
         let all = plans
             .iter()
-            .chain([(crate::tiers::DEFAULT_PLAN, default_limit)]);
+            .chain([(crate::decide::tiers::DEFAULT_PLAN, default_limit)]);
         for (plan, limit) in all {
             self.plan_limit
                 .get_or_create(&[("plan", escape_label_value(plan))])

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Result;
-use crate::admitter::Admitter;
-use crate::metrics::Metrics;
-use crate::server::Health;
+use crate::run::context::Wakeup;
+use crate::run::metrics::Metrics;
+use crate::run::server::Health;
 
 /// How often [`watch`] reads the pause state.
 pub const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -146,13 +146,13 @@ pub async fn refresh(
     }
 }
 
-/// Keeps `health` and `metrics` in step with Redis until cancelled; pokes `admitter` when the
+/// Keeps `health` and `metrics` in step with Redis until cancelled; pokes the dispatcher when the
 /// state changes. See the module documentation.
 pub async fn watch(
     mut con: redis::aio::ConnectionManager,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    admitter: Arc<Admitter>,
+    dispatch: Wakeup,
     cancel: CancellationToken,
 ) {
     let mut last: Option<PauseState> = None;
@@ -160,7 +160,7 @@ pub async fn watch(
         if let Some(state) = refresh(&mut con, &health, &metrics).await
             && last.as_ref() != Some(&state)
         {
-            admitter.poke();
+            dispatch.poke();
             last = Some(state);
         }
         tokio::select! {

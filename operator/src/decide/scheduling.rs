@@ -13,7 +13,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Event;
 
-use crate::crd::reasons;
+use crate::model::crd::reasons;
 
 /// The cluster-autoscaler's Event reason: a scale-up was triggered for the pod.
 pub const TRIGGERED_SCALE_UP: &str = "TriggeredScaleUp";

@@ -26,7 +26,7 @@ end
 return 0
 ";
 
-/// The per-pass Redis inputs of admission (see [`Outcomes::pass_inputs`]).
+/// The per-pass Redis inputs of admission (see [`JobRecords::pass_inputs`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PassInputs {
     /// `runner:paused`'s reason while admission is paused for everyone.
@@ -39,14 +39,14 @@ pub struct PassInputs {
 
 /// Redis access for outcomes, over an auto-reconnecting connection.
 #[derive(Clone)]
-pub struct Outcomes {
+pub struct JobRecords {
     con: ConnectionManager,
     /// `OUTPUT_TTL_SECONDS`; `None` keeps outputs forever.
     output_ttl: Option<Duration>,
     expire_script: std::sync::Arc<redis::Script>,
 }
 
-impl Outcomes {
+impl JobRecords {
     pub fn new(con: ConnectionManager) -> Self {
         Self {
             con,

@@ -3,7 +3,7 @@
 //! 1. `runner:user_limits` (hash userId → an integer limit or a plan name), written by the web
 //!    app whenever it likes: the admission loop reads it with HMGET for the users that have
 //!    queued jobs, on every pass, so a change applies on the next pass (at most a second while
-//!    jobs wait, see `admitter`) and nothing is cached beyond a pass;
+//!    jobs wait, see `dispatcher`) and nothing is cached beyond a pass;
 //! 2. the plan of the user's newest unfinished job (`spec.plan`, copied at intake from the
 //!    optional `plan` field of the stream entry or job record), mapped through `PLAN_LIMITS`
 //!    (the chart's `config.planLimits`). The newest job carries the web app's latest word, so
@@ -11,7 +11,7 @@
 //! 3. `MAX_JOBS_PER_USER`, labelled plan `default` (today's behaviour when none is present).
 //!
 //! A value that cannot be used (not a limit in `1..=MAX_LIMIT`, an unknown plan) is skipped in
-//! favour of the next source and reported as a [`Resolved::problem`], which the admitter turns
+//! favour of the next source and reported as a [`Resolved::problem`], which the dispatcher turns
 //! into a Warning Event and a counter: a typo in Redis never stops admission or the operator.
 //! The plan label of a resolution is a configured plan name, `default` or `custom` (an integer
 //! override), so metrics labelled by it stay bounded by the configuration.
@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::admission::StreamId;
+use crate::decide::quota::StreamId;
 
 /// The largest limit accepted from `PLAN_LIMITS` or `runner:user_limits`: far above any real
 /// plan, low enough that a stray large number is recognised as a mistake.

@@ -8,7 +8,7 @@ use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::crd::{
+use crate::model::crd::{
     RepoboxJob, RepoboxJobPhase, RepoboxJobStatus, condition_types, duration_between,
     new_condition, reasons, set_condition,
 };
@@ -118,7 +118,7 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
         let Some(state) = cs.state.as_ref() else {
             continue;
         };
-        let is_runner = cs.name == crate::job_builder::CONTAINER_NAME;
+        let is_runner = cs.name == crate::model::pod_layout::CONTAINER_NAME;
         if let Some(t) = &state.terminated {
             if is_runner {
                 facts.terminated_reason = t.reason.clone();
@@ -266,7 +266,7 @@ pub struct Extras {
     pub start_time: Option<Time>,
     pub branch: Option<String>,
     pub commit_sha: Option<String>,
-    /// A new attempt (see [`crate::retry`]).
+    /// A new attempt (see [`crate::decide::retry`]).
     pub attempt: Option<u32>,
     /// When the new attempt's Job is created.
     pub next_attempt_time: Option<Time>,
@@ -371,7 +371,7 @@ pub fn with_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{RepoboxJobSpec, find_condition};
+    use crate::model::crd::{RepoboxJobSpec, find_condition};
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,

@@ -20,7 +20,7 @@
 //! * a limit of 0 admits nothing (the configuration rejects 0, this is defence in depth);
 //!   admitted counts above a limit (after the limit was lowered) admit nothing more for that
 //!   user / the cluster, and nothing is ever stopped;
-//! * per-pass [`Overrides`] (quota tiers and pause, read from Redis by the admitter each pass):
+//! * per-pass [`Overrides`] (quota tiers and pause, read from Redis by the dispatcher each pass):
 //!   a user's own running limit replaces `per_user` for that user; a paused user's jobs, or
 //!   every job while admission is paused, wait with [`WaitReason::Paused`] and take no slot.
 //!   Pausing never stops an admitted job.
@@ -32,7 +32,7 @@ use std::str::FromStr;
 
 use kube::ResourceExt;
 
-use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 
 /// A Redis stream entry id, `<milliseconds>-<sequence>`, ordered numerically.
 ///
@@ -660,7 +660,7 @@ mod tests {
 
     #[test]
     fn partition_by_phase() {
-        use crate::crd::{RepoboxJobSpec, RepoboxJobStatus};
+        use crate::model::crd::{RepoboxJobSpec, RepoboxJobStatus};
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
         let job = |name: &str, phase: Option<RepoboxJobPhase>, cancel: bool, deleting: bool| {
             let mut rj = RepoboxJob::new(

@@ -41,118 +41,14 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::config::{AgentConfig, JobConfig, RunnerResources};
-use crate::crd::RepoboxJob;
+use crate::decide::job_config::{AgentConfig, JobConfig, RunnerResources};
 use crate::error::{Error, Result};
-use crate::names::{is_dns1123_label, is_label_value, label_value};
+use crate::model::crd::RepoboxJob;
+use crate::model::names::{is_dns1123_label, is_label_value, label_value};
 
-/// `app.kubernetes.io/name` of runner Jobs and pods.
-pub const APP_NAME: &str = "repobox-job-runner";
-/// `app.kubernetes.io/component` of runner Jobs and pods.
-pub const COMPONENT: &str = "job";
-/// `app.kubernetes.io/part-of` of everything Repobox.
-pub const PART_OF: &str = "repobox";
-/// `app.kubernetes.io/managed-by` of the Jobs this operator creates.
-pub const MANAGED_BY: &str = "repobox-operator";
-
-/// Label key: `app.kubernetes.io/name`.
-pub const LABEL_NAME: &str = "app.kubernetes.io/name";
-/// Label key: `app.kubernetes.io/instance` (the RepoboxJob name).
-pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
-/// Label key: `app.kubernetes.io/component`.
-pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
-/// Label key: `app.kubernetes.io/part-of`.
-pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
-/// Label key: `app.kubernetes.io/managed-by`.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// Label key: the Repobox job id ([`label_value`] of `spec.jobId`).
-pub const LABEL_JOB_ID: &str = "repobox.dev/job-id";
-/// Label key: the Repobox user id ([`label_value`] of `spec.userId`).
-pub const LABEL_USER: &str = "repobox.dev/user";
-
-/// Label selector for the Jobs (and pods) this operator manages: what the controller's Job watch
-/// uses, so it never caches unrelated Jobs of the namespace.
-pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=repobox-operator";
-
-/// The runner container's name (referenced by the pod failure policy's exit-code rule).
-pub const CONTAINER_NAME: &str = "runner";
-/// The agent container's name.
-pub const AGENT_CONTAINER_NAME: &str = "agent";
-/// The init container that installs the agent wrapper and creates the shared directories.
-pub const INSTALL_CONTAINER_NAME: &str = "install";
-
-/// The runner container's command: the `repobox-job-runner` binary of the job-runner crate, on
-/// the image's `PATH`. Set explicitly so that an image whose entrypoint differs still runs the
-/// executor.
-pub const RUNNER_COMMAND: &str = "repobox-job-runner";
-
-/// Directory the encryption key Secret is mounted at; the file is the Secret key's name.
-pub const ENCRYPTION_KEY_DIR: &str = "/var/run/secrets/repobox/encryption-key";
-
-/// The writable `/tmp` (also `HOME`): the root file system is read-only.
-pub const TMP_DIR: &str = "/tmp";
-
-/// The runner's private directory (`PRIVATE_DIR`: the git directory, the commit message), on a
-/// volume only the runner container mounts.
-pub const PRIVATE_DIR: &str = "/var/lib/repobox";
-
-/// Where the init container installs the agent wrapper, mounted read-only in the agent.
-pub const TOOLS_DIR: &str = "/repobox/bin";
-
-/// The agent wrapper the agent container runs.
-pub const AGENT_WRAPPER: &str = "/repobox/bin/repobox-job-runner";
-
-/// The git host's CA bundle, mounted in the runner when configured.
-pub const GIT_CA_DIR: &str = "/var/run/secrets/repobox/git-ca";
-
-/// The Redis CA, mounted in the runner when configured.
-pub const REDIS_CA_DIR: &str = "/var/run/secrets/repobox/redis-ca";
-
+use crate::model::labels::*;
+use crate::model::pod_layout::*;
 use repobox_contract::pod;
-pub use repobox_contract::pod::{HANDOFF_SUBDIR, TREE_SUBDIR};
-
-/// Environment variables of the agent container that the operator sets itself.
-pub const AGENT_RESERVED_ENV: &[&str] = &[
-    "HANDOFF_DIR",
-    "AGENT_COMMAND",
-    "HOME",
-    "LOG_FORMAT",
-    "KILL_GRACE_SECONDS",
-    "REPOBOX_JOB_ID",
-    "REPOBOX_PROMPT_FILE",
-    "REPOBOX_REPO_URL",
-    "REPOBOX_BRANCH",
-    "REPOBOX_WORK_TREE",
-];
-
-/// UID, GID and fsGroup of the runner (the distroless `nonroot` user).
-pub const RUNNER_UID: i64 = 65532;
-
-/// Volume names.
-pub const WORK_VOLUME: &str = "work";
-/// The `/tmp` volume.
-pub const TMP_VOLUME: &str = "tmp";
-/// The runner's private volume ([`PRIVATE_DIR`]).
-pub const STATE_VOLUME: &str = "state";
-/// The agent's `/tmp`.
-pub const AGENT_TMP_VOLUME: &str = "agent-tmp";
-/// The agent wrapper's volume ([`TOOLS_DIR`]).
-pub const TOOLS_VOLUME: &str = "tools";
-/// The git host's CA bundle.
-pub const GIT_CA_VOLUME: &str = "git-ca";
-/// The Redis CA.
-pub const REDIS_CA_VOLUME: &str = "redis-ca";
-/// Size limit of the tools volume (one binary).
-pub const TOOLS_SIZE_LIMIT: &str = "128Mi";
-/// The encryption key volume.
-pub const ENCRYPTION_KEY_VOLUME: &str = "encryption-key";
-
-/// Mode of the mounted encryption key: owner read only (the kubelet adds group read for the
-/// pod's `fsGroup`, which is how the non-root runner reads it).
-pub const ENCRYPTION_KEY_MODE: i32 = 0o400;
-
-/// The Job's reason when its pod failure policy failed it (as the Job controller writes it).
-pub const POD_FAILURE_POLICY_REASON: &str = "PodFailurePolicy";
 
 /// The labels of a runner Job and its pods.
 pub fn labels(rj: &RepoboxJob) -> BTreeMap<String, String> {
@@ -196,7 +92,9 @@ pub fn job_name(name: &str, attempt: u32) -> String {
         return name.to_owned();
     }
     let suffix = format!("-r{attempt}");
-    let keep = name.len().min(crate::names::MAX_LABEL_LEN - suffix.len());
+    let keep = name
+        .len()
+        .min(crate::model::names::MAX_LABEL_LEN - suffix.len());
     let stem = name[..keep].trim_end_matches('-');
     format!("{stem}{suffix}")
 }
@@ -658,13 +556,13 @@ fn agent_container(cfg: &JobConfig, agent: &AgentConfig) -> Container {
 mod tests {
     use super::*;
     use crate::config::tests::test_job_config;
-    use crate::crd::RepoboxJobSpec;
+    use crate::model::crd::RepoboxJobSpec;
     use serde_json::{Value, json};
     use std::collections::BTreeSet;
 
     fn rj(job_id: &str, user_id: &str) -> RepoboxJob {
         let mut rj = RepoboxJob::new(
-            &crate::names::object_name(job_id),
+            &crate::model::names::object_name(job_id),
             RepoboxJobSpec {
                 job_id: job_id.into(),
                 user_id: user_id.into(),
@@ -771,16 +669,16 @@ mod tests {
         let job = build(&r, &[]);
         let labels = job.metadata.labels.as_ref().unwrap();
         for (k, v) in labels {
-            assert!(crate::names::is_label_value(v), "{k}={v}");
+            assert!(crate::model::names::is_label_value(v), "{k}={v}");
         }
         assert_eq!(
             labels[LABEL_USER],
-            crate::names::label_value("user@example.com")
+            crate::model::names::label_value("user@example.com")
         );
         assert_ne!(labels[LABEL_USER], "user@example.com");
         assert_eq!(
             labels[LABEL_JOB_ID],
-            crate::names::label_value(&r.spec.job_id)
+            crate::model::names::label_value(&r.spec.job_id)
         );
         assert!(is_dns1123_label(job.metadata.name.as_deref().unwrap()));
         // The plain JOB_ID env var carries the real id.
@@ -913,7 +811,7 @@ mod tests {
 
         let mut r = rj("job-1", "u");
         assert_eq!(attempt(&r), 1);
-        r.status = Some(crate::crd::RepoboxJobStatus {
+        r.status = Some(crate::model::crd::RepoboxJobStatus {
             attempt: Some(3),
             ..Default::default()
         });
@@ -1710,7 +1608,7 @@ mod tests {
         );
         assert_eq!(
             POD_FAILURE_POLICY_REASON,
-            crate::crd::reasons::POD_FAILURE_POLICY
+            crate::model::crd::reasons::POD_FAILURE_POLICY
         );
     }
 }

@@ -52,8 +52,8 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::server::Health;
+use crate::run::metrics::Metrics;
+use crate::run::server::Health;
 
 /// The periods derived from the lease duration (see the module docs for why these ratios).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use repobox_contract::record::step;
 
-use crate::crd::reasons;
-use crate::status::Explained;
+use crate::decide::status::Explained;
+use crate::model::crd::reasons;
 
 /// The longest wait before a retry, however many came before.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);

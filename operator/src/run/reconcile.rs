@@ -1,51 +1,41 @@
 //! The controller: RepoboxJob (+ owned Jobs) → status, outcome, cancellation and retention.
 //!
-//! Queued → (admission, see [`crate::admitter`]) → Starting → Running → Succeeded | Failed;
+//! Queued → (admission, see [`crate::run::dispatcher`]) → Starting → Running → Succeeded | Failed;
 //! Cancelled from any non-terminal phase. The reconciler is idempotent; it reads the Job from
 //! the controller's Job cache (the watch that triggers it), and from the API only when the cache
 //! lacks the Job of an admitted job, so a lagging cache never reads as "the Job is gone". Status
 //! is written with a named field manager and only when it differs from what is there.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
 use repobox_contract::JobStatus;
 use repobox_contract::transitions::FinishOutcome;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admitter::Admitter;
-use crate::config::{Config, JobConfig};
-use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
-use crate::job_builder::{self, MANAGED_BY_SELECTOR};
-use crate::metrics::Metrics;
-use crate::outcome::Outcomes;
-use crate::retry::{self, AfterDisruption};
-use crate::scheduling::{self, PodEvent, Waiting};
-use crate::server::Health;
-use crate::status::{self, Explained, Extras, JobState};
+use crate::decide::job_builder;
+use crate::decide::retry::{self, AfterDisruption};
+use crate::decide::scheduling::{self, PodEvent, Waiting};
+use crate::decide::status::{self, Explained, Extras, JobState};
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::model::labels::{FINALIZER, MANAGED_BY_SELECTOR};
+use crate::run::context::{CachedJob, Context, LIST_PAGE, event, now};
 use crate::{Error, Result};
 use repobox_contract::transitions::RetryOutcome;
 
-/// The field manager of every write the operator makes.
-pub const FIELD_MANAGER: &str = "repobox-operator";
 /// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
 const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
 
@@ -54,222 +44,6 @@ const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Reconciles running at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
-/// Objects per page of the caches' initial lists (the default is 500): a page is held, as text
-/// and decoded with its managed fields, until its objects are trimmed and cached, so smaller
-/// pages lower the startup peak with thousands of objects.
-pub const LIST_PAGE: u32 = 100;
-
-/// The finalizer that lets the operator record `cancelled` in Redis before a RepoboxJob goes.
-pub const FINALIZER: &str = "repobox.dev/cancel-in-redis";
-
-/// Everything the reconciler and the admission loop share.
-pub struct Context {
-    pub client: Client,
-    pub cfg: Arc<Config>,
-    pub job_cfg: JobConfig,
-    pub namespace: String,
-    pub outcomes: Outcomes,
-    pub store: Store<RepoboxJob>,
-    /// The operator's Jobs, metadata and status only.
-    pub jobs: Store<CachedJob>,
-    pub admitter: Arc<Admitter>,
-    pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
-    pub health: Arc<Health>,
-    pub synced: Arc<AtomicBool>,
-    /// Consecutive failures per object, for the error policy's backoff.
-    failures: std::sync::Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        client: Client,
-        cfg: Arc<Config>,
-        job_cfg: JobConfig,
-        outcomes: Outcomes,
-        store: Store<RepoboxJob>,
-        jobs: Store<CachedJob>,
-        admitter: Arc<Admitter>,
-        metrics: Arc<Metrics>,
-        recorder: Recorder,
-        health: Arc<Health>,
-    ) -> Self {
-        let namespace = cfg.jobs_namespace().to_owned();
-        Self {
-            client,
-            cfg,
-            job_cfg,
-            namespace,
-            outcomes,
-            store,
-            jobs,
-            admitter,
-            metrics,
-            recorder,
-            health,
-            synced: Arc::new(AtomicBool::new(false)),
-            failures: std::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Whether the cache holds the initial list (admission must not decide on a partial view).
-    pub fn store_ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed)
-    }
-
-    fn rj_api(&self) -> Api<RepoboxJob> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    fn job_api(&self) -> Api<Job> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    /// Creates the Job of the current attempt at `rj` (idempotent: AlreadyExists is success):
-    /// the admission loop for a first attempt, the reconciler for the next ones.
-    pub async fn create_job(&self, rj: &RepoboxJob) -> Result<()> {
-        let job = job_builder::job_for(rj, &self.job_cfg)?;
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match self.job_api().create(&params, &job).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn cached_job_api(&self) -> Api<CachedJob> {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    /// Publishes an event on the RepoboxJob; failures are logged, never fatal.
-    pub async fn publish(&self, rj: &RepoboxJob, ev: Event) {
-        if let Err(e) = self.recorder.publish(&ev, &rj.object_ref(&())).await {
-            warn!(job = %rj.name_any(), error = %e, "publishing an event failed");
-        }
-    }
-
-    /// Writes `status` when it differs from the RepoboxJob's current one.
-    async fn write_status(
-        &self,
-        rj: &RepoboxJob,
-        status: crate::crd::RepoboxJobStatus,
-    ) -> Result<bool> {
-        if rj.status.as_ref() == Some(&status) {
-            return Ok(false);
-        }
-        let patch = json!({
-            "apiVersion": RepoboxJob::api_version(&()),
-            "kind": RepoboxJob::kind(&()),
-            "status": status,
-        });
-        self.rj_api()
-            .patch_status(
-                &rj.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        Ok(true)
-    }
-
-    /// Writes a `Queued` status with its waiting reason (from the admission loop).
-    pub async fn ensure_queued(&self, rj: &RepoboxJob, reason: &str, message: &str) -> Result<()> {
-        let desired = status::with_phase(
-            rj,
-            RepoboxJobPhase::Queued,
-            reason,
-            message,
-            Extras::default(),
-            &now(),
-        );
-        if self.write_status(rj, desired).await?
-            && rj.status.as_ref().and_then(|s| s.reason.as_deref()) != Some(reason)
-        {
-            self.publish(rj, event(EventType::Normal, reason, message, "Queue"))
-                .await;
-        }
-        Ok(())
-    }
-
-    /// Ends a job that can never run (e.g. an invalid spec): status, Redis, event.
-    pub async fn fail_permanently(&self, rj: &RepoboxJob, reason: &str, message: &str) {
-        if let Err(e) = self
-            .finish(
-                rj,
-                RepoboxJobPhase::Failed,
-                reason,
-                message,
-                Extras::default(),
-                Some(message),
-            )
-            .await
-        {
-            warn!(job = %rj.name_any(), error = %e, "recording a permanent failure failed");
-        }
-    }
-
-    /// Moves a RepoboxJob to a terminal phase; `redis_error`, when given, is recorded as the
-    /// job's `failed` error unless the job record already ended.
-    async fn finish(
-        &self,
-        rj: &RepoboxJob,
-        phase: RepoboxJobPhase,
-        reason: &str,
-        message: &str,
-        extras: Extras,
-        redis_error: Option<&str>,
-    ) -> Result<Action> {
-        if let Some(error) = redis_error {
-            let outcome = if phase == RepoboxJobPhase::Cancelled {
-                self.outcomes.cancel(&rj.spec.job_id, error).await?
-            } else {
-                self.outcomes.fail(&rj.spec.job_id, error).await?
-            };
-            if let FinishOutcome::AlreadyTerminal(s) = outcome {
-                info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
-            }
-        }
-        // Before the status: whoever sees the job finished sees its output expiring.
-        self.outcomes.expire_output(&rj.spec.job_id).await;
-        let desired = status::with_phase(rj, phase, reason, message, extras, &now());
-        if self.write_status(rj, desired).await? {
-            let type_ = if phase == RepoboxJobPhase::Succeeded {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            self.publish(rj, event(type_, reason, message, "Finish"))
-                .await;
-            self.metrics.job_finished(match phase {
-                RepoboxJobPhase::Succeeded => "succeeded",
-                RepoboxJobPhase::Cancelled => "cancelled",
-                _ => "failed",
-            });
-            info!(job = %rj.name_any(), user = %rj.spec.user_id, phase = %phase, reason, "job finished");
-        }
-        self.admitter.poke();
-        Ok(Action::requeue(self.cfg.retention()))
-    }
-}
-
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
-
-fn event(type_: EventType, reason: &str, note: &str, action: &str) -> Event {
-    Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note.chars().take(1000).collect()),
-        action: action.to_owned(),
-        secondary: None,
-    }
-}
-
 /// Reconciles one RepoboxJob behind the finalizer.
 pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
@@ -309,7 +83,7 @@ async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
     };
     match (phase, job) {
         (RepoboxJobPhase::Queued, None) => {
-            ctx.admitter.poke();
+            ctx.dispatch.poke();
             Ok(Action::await_change())
         }
         (_, Some(job)) => observe(rj, &job, ctx).await,
@@ -721,7 +495,7 @@ async fn cleanup(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
         ctx.metrics.job_finished("cancelled");
         info!(job = %rj.name_any(), "job cancelled by deletion");
     }
-    ctx.admitter.poke();
+    ctx.dispatch.poke();
     Ok(Action::await_change())
 }
 
@@ -801,45 +575,6 @@ async fn first_pod(ctx: &Context, job_name: &str) -> Result<Option<Pod>> {
     Ok(list.items.into_iter().next())
 }
 
-/// A Job as the Job cache keeps it: metadata and status. The reconciler never reads a Job's
-/// spec, and `k8s_openapi`'s `Job` takes 2.5 KiB before anything is filled in (the pod template
-/// is inline), so the cache decodes only these two parts. Read the `Job` from the API when more
-/// is needed.
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct CachedJob {
-    pub metadata: ObjectMeta,
-    pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
-}
-
-impl Resource for CachedJob {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Job::kind(dt)
-    }
-
-    fn group(dt: &()) -> Cow<'_, str> {
-        Job::group(dt)
-    }
-
-    fn version(dt: &()) -> Cow<'_, str> {
-        Job::version(dt)
-    }
-
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Job::plural(dt)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// Transient errors requeue with per-object exponential backoff (1 s … 5 min); the failure is
 /// counted and logged.
 pub fn error_policy(rj: Arc<RepoboxJob>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -886,7 +621,7 @@ pub async fn run(
             Ok(watcher::Event::InitDone) => {
                 on_init.synced.store(true, Ordering::Relaxed);
                 on_init.health.set_cache_synced(true);
-                on_init.admitter.poke();
+                on_init.dispatch.poke();
             }
             // A new queued job wakes admission straight from the watch, not after its turn in
             // the reconcile queue (which a burst makes long).
@@ -894,7 +629,7 @@ pub async fn run(
                 if rj.phase() == RepoboxJobPhase::Queued
                     && rj.metadata.deletion_timestamp.is_none() =>
             {
-                on_init.admitter.poke();
+                on_init.dispatch.poke();
             }
             _ => {}
         })

@@ -3,7 +3,7 @@
 //! Admission needs a view of every job at once (quotas are per user and cluster-wide), so it
 //! runs as a single task rather than inside per-object reconciles: reconciles and finished jobs
 //! `poke` it, and each pass reads the controller's cache, applies the pure
-//! [`admission::decide`], creates the Jobs of the admitted and writes the waiting reason of the
+//! [`quota::decide`], creates the Jobs of the admitted and writes the waiting reason of the
 //! others. Counts come from the cluster's state, never from a counter that could leak; a restart
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
 //! an overlay, so a lagging cache can never admit a job twice or exceed a limit.
@@ -31,16 +31,16 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admission::{self, Overrides, Running, WaitReason};
-use crate::crd::{RepoboxJob, RepoboxJobPhase, reasons};
-use crate::job_builder::MANAGED_BY_SELECTOR;
-use crate::metrics::UserJobs;
-use crate::reconcile::Context;
-use crate::tiers;
+use crate::decide::quota::{self, Overrides, Running, WaitReason};
+use crate::decide::tiers;
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::model::labels::MANAGED_BY_SELECTOR;
+use crate::run::context::{Context, LIST_PAGE, Wakeup};
+use crate::run::metrics::UserJobs;
 use crate::{Error, Result};
 
 /// How often a pass runs even without a poke (a safety net, not the mechanism).
@@ -74,8 +74,8 @@ struct State {
     warned: HashMap<String, String>,
 }
 
-pub struct Admitter {
-    notify: Notify,
+pub struct Dispatcher {
+    wakeup: Wakeup,
     state: Mutex<State>,
     creates: Semaphore,
     events: Semaphore,
@@ -85,10 +85,11 @@ pub struct Admitter {
     waiting: AtomicBool,
 }
 
-impl Default for Admitter {
-    fn default() -> Self {
+impl Dispatcher {
+    /// A dispatcher woken by `wakeup` (the context's [`Context::dispatch`]).
+    pub fn new(wakeup: Wakeup) -> Self {
         Self {
-            notify: Notify::new(),
+            wakeup,
             state: Mutex::default(),
             creates: Semaphore::new(CREATE_CONCURRENCY),
             events: Semaphore::new(EVENT_CONCURRENCY),
@@ -98,10 +99,10 @@ impl Default for Admitter {
     }
 }
 
-impl Admitter {
+impl Dispatcher {
     /// Asks for a pass soon; many pokes before the pass runs coalesce into one.
     pub fn poke(&self) {
-        self.notify.notify_one();
+        self.wakeup.poke();
     }
 
     /// Runs passes until cancelled. The first pass seeds the overlay with the Jobs that exist,
@@ -118,7 +119,7 @@ impl Admitter {
             };
             tokio::select! {
                 _ = cancel.cancelled() => return self.drain().await,
-                _ = self.notify.notified() => {}
+                _ = self.wakeup.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
             }
             if !ctx.store_ready() {
@@ -138,7 +139,7 @@ impl Admitter {
         // peak memory.
         let mut params = ListParams::default()
             .labels(MANAGED_BY_SELECTOR)
-            .limit(crate::reconcile::LIST_PAGE);
+            .limit(LIST_PAGE);
         loop {
             let page = jobs.list_metadata(&params).await?;
             let mut state = self.state.lock().await;
@@ -158,7 +159,7 @@ impl Admitter {
     }
 
     /// One admission decision over the whole cache.
-    pub async fn pass(&self, ctx: &Arc<Context>) -> Result<()> {
+    pub async fn pass(self: &Arc<Self>, ctx: &Arc<Context>) -> Result<()> {
         let mut state = self.state.lock().await;
         let all = ctx.store.state();
         tracing::debug!(
@@ -181,7 +182,7 @@ impl Admitter {
                 user.clone_from(&rj.spec.user_id);
             }
         }
-        let (mut queued, mut running) = admission::partition(all.iter().map(Arc::as_ref));
+        let (mut queued, mut running) = quota::partition(all.iter().map(Arc::as_ref));
         queued.retain(|c| !state.overlay.contains_key(&c.name));
         running.extend(
             state
@@ -202,7 +203,7 @@ impl Admitter {
             (phase == RepoboxJobPhase::Queued || phase.is_admitted()).then(|| {
                 (
                     rj.spec.user_id.as_str(),
-                    admission::StreamId::parse_or_max(&rj.spec.stream_entry_id),
+                    quota::StreamId::parse_or_max(&rj.spec.stream_entry_id),
                     rj.spec.plan.as_deref(),
                 )
             })
@@ -227,7 +228,7 @@ impl Admitter {
             paused_users: inputs.paused_users.keys().cloned().collect(),
             paused: inputs.paused.is_some(),
         };
-        let decision = admission::decide_with(&queued, &running, limits, &overrides);
+        let decision = quota::decide_with(&queued, &running, limits, &overrides);
         self.report_problems(ctx, &mut state, &resolved, &queued, &by_name)
             .await;
         let mut by_plan: BTreeMap<String, i64> = BTreeMap::new();
@@ -244,7 +245,7 @@ impl Admitter {
             };
             state.overlay.insert(name.clone(), rj.spec.user_id.clone());
             running.push(Running::new(name.clone(), rj.spec.user_id.clone()));
-            tokio::spawn(admit(Arc::clone(ctx), Arc::clone(rj)));
+            tokio::spawn(Arc::clone(self).admit(Arc::clone(ctx), Arc::clone(rj)));
         }
 
         // Tell the waiting why they wait (only when that changed).
@@ -352,7 +353,7 @@ impl Admitter {
     }
 }
 
-impl Admitter {
+impl Dispatcher {
     /// Publishes each new unusable-limit problem once per user and value: a warning log, the counter, and a
     /// Warning Event on the user's oldest queued job (`kubectl get events` shows it). Users
     /// whose problem went away are forgotten, so a relapse is reported again.
@@ -361,7 +362,7 @@ impl Admitter {
         ctx: &Context,
         state: &mut State,
         resolved: &BTreeMap<&str, tiers::Resolved>,
-        queued: &[admission::Candidate],
+        queued: &[quota::Candidate],
         by_name: &HashMap<String, &Arc<RepoboxJob>>,
     ) {
         // Users without queued jobs this pass were not resolved: what was reported stands.
@@ -427,7 +428,7 @@ fn slot_holder(job: &ObjectMeta) -> String {
         .unwrap_or_default()
 }
 
-impl Admitter {
+impl Dispatcher {
     /// Takes a job whose Job could not be created out of the overlay, so a pass decides on it
     /// again.
     async fn forget(&self, name: &str) {
@@ -448,65 +449,67 @@ impl Admitter {
     }
 }
 
-/// Creates the Job of an admitted RepoboxJob, then publishes the `Admitted` Event. A transient
-/// failure frees the slot and retries through a later pass; an invalid spec fails the job.
-async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
-    let name = rj.name_any();
-    let result = {
-        let Ok(_slot) = ctx.admitter.creates.acquire().await else {
-            return; // never closed
-        };
-        if ctx.admitter.stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        // Deleted or cancelled while waiting for a slot: the reconciler has handled it.
-        let current = ctx.store.get(&ObjectRef::from_obj(rj.as_ref()));
-        if current
-            .is_none_or(|c| c.metadata.deletion_timestamp.is_some() || c.spec.cancel_requested())
-        {
-            ctx.admitter.forget(&name).await;
-            ctx.admitter.poke();
-            return;
-        }
-        ctx.create_job(&rj).await
-    };
-    match result {
-        Ok(()) => {
-            let waited = rj
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
-                .unwrap_or_default();
-            ctx.metrics.job_admitted(waited);
-            info!(job = %name, user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
-            let Ok(_slot) = ctx.admitter.events.acquire().await else {
-                return;
+impl Dispatcher {
+    /// Creates the Job of an admitted RepoboxJob, then publishes the `Admitted` Event. A transient
+    /// failure frees the slot and retries through a later pass; an invalid spec fails the job.
+    async fn admit(self: Arc<Self>, ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
+        let name = rj.name_any();
+        let result = {
+            let Ok(_slot) = self.creates.acquire().await else {
+                return; // never closed
             };
-            ctx.publish(
-                &rj,
-                Event {
-                    type_: EventType::Normal,
-                    reason: reasons::ADMITTED.into(),
-                    note: Some(format!("quota slot granted; Job {name} created")),
-                    action: "Admit".into(),
-                    secondary: None,
-                },
-            )
-            .await;
-        }
-        Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
-            // Permanent: this RepoboxJob can never become a Job.
-            ctx.admitter.forget(&name).await;
-            ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            // Deleted or cancelled while waiting for a slot: the reconciler has handled it.
+            let current = ctx.store.get(&ObjectRef::from_obj(rj.as_ref()));
+            if current.is_none_or(|c| {
+                c.metadata.deletion_timestamp.is_some() || c.spec.cancel_requested()
+            }) {
+                self.forget(&name).await;
+                self.poke();
+                return;
+            }
+            ctx.create_job(&rj).await
+        };
+        match result {
+            Ok(()) => {
+                let waited = rj
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+                    .unwrap_or_default();
+                ctx.metrics.job_admitted(waited);
+                info!(job = %name, user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
+                let Ok(_slot) = self.events.acquire().await else {
+                    return;
+                };
+                ctx.publish(
+                    &rj,
+                    Event {
+                        type_: EventType::Normal,
+                        reason: reasons::ADMITTED.into(),
+                        note: Some(format!("quota slot granted; Job {name} created")),
+                        action: "Admit".into(),
+                        secondary: None,
+                    },
+                )
                 .await;
-        }
-        Err(e) => {
-            warn!(job = %name, error = %e, "creating the Job failed; retrying");
-            ctx.metrics.reconcile_failed(e.metric_label());
-            ctx.admitter.forget(&name).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            ctx.admitter.poke();
+            }
+            Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
+                // Permanent: this RepoboxJob can never become a Job.
+                self.forget(&name).await;
+                ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
+                    .await;
+            }
+            Err(e) => {
+                warn!(job = %name, error = %e, "creating the Job failed; retrying");
+                ctx.metrics.reconcile_failed(e.metric_label());
+                self.forget(&name).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.poke();
+            }
         }
     }
 }
@@ -514,7 +517,7 @@ async fn admit(ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job_builder;
+    use crate::decide::job_builder;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     fn job(name: &str, owners: Vec<OwnerReference>) -> Job {
@@ -551,7 +554,7 @@ mod tests {
 
     #[test]
     fn built_jobs_map_back_to_their_repobox_job() {
-        let mut rj = crate::intake::repobox_job(
+        let mut rj = crate::run::intake::repobox_job(
             "Job@1",
             "user@example.com",
             "1-0",
@@ -566,6 +569,9 @@ mod tests {
         let built = job_builder::job_for(&rj, &cfg).unwrap();
         assert_eq!(slot_holder(&built.metadata), rj.name_any());
         // The label is not the user id: counting by it was the bug.
-        assert_ne!(built.labels()[job_builder::LABEL_USER], rj.spec.user_id);
+        assert_ne!(
+            built.labels()[crate::model::labels::LABEL_USER],
+            rj.spec.user_id
+        );
     }
 }

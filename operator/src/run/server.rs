@@ -33,7 +33,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::run::metrics::Metrics;
 
 /// The content type of the OpenMetrics text format that [`Metrics::encode`] produces.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

@@ -44,15 +44,16 @@ use repobox_contract::{JobStatus, keys};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admission::StreamId as EntryId;
 use crate::config::Config;
-use crate::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
-use crate::job_builder::{LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY};
-use crate::metrics::Metrics;
-use crate::names::{display_repo, label_value, object_name};
-use crate::outcome::Outcomes;
-use crate::reconcile::{FIELD_MANAGER, FINALIZER};
-use crate::server::Health;
+use crate::decide::quota::StreamId as EntryId;
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
+use crate::model::labels::{
+    FIELD_MANAGER, FINALIZER, LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY,
+};
+use crate::model::names::{display_repo, label_value, object_name};
+use crate::run::metrics::Metrics;
+use crate::run::records::JobRecords;
+use crate::run::server::Health;
 use crate::{Error, Result};
 
 /// Entries read per XREADGROUP / XAUTOCLAIM call.
@@ -78,7 +79,7 @@ pub struct Intake {
     pub cfg: Arc<Config>,
     pub client: Client,
     pub redis: redis::Client,
-    pub outcomes: Outcomes,
+    pub outcomes: JobRecords,
     pub store: Store<RepoboxJob>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,

@@ -1,0 +1,303 @@
+//! What the loops share: the API clients, the caches, the Redis job records, metrics, events,
+//! and the few writes more than one loop makes (the Job of an attempt, a status, a terminal
+//! phase). The dispatcher is woken through [`Wakeup`], so this module does not depend on it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use repobox_contract::transitions::FinishOutcome;
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::Result;
+use crate::config::Config;
+use crate::decide::job_builder;
+use crate::decide::job_config::JobConfig;
+use crate::decide::status::{self, Extras};
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
+use crate::model::labels::FIELD_MANAGER;
+use crate::run::metrics::Metrics;
+use crate::run::records::JobRecords;
+use crate::run::server::Health;
+
+/// Objects per page of the caches' initial lists (the default is 500): a page is held, as text
+/// and decoded with its managed fields, until its objects are trimmed and cached, so smaller
+/// pages lower the startup peak with thousands of objects.
+pub const LIST_PAGE: u32 = 100;
+
+/// Everything the reconciler and the admission loop share.
+pub struct Context {
+    pub client: Client,
+    pub cfg: Arc<Config>,
+    pub job_cfg: JobConfig,
+    pub namespace: String,
+    pub outcomes: JobRecords,
+    pub store: Store<RepoboxJob>,
+    /// The operator's Jobs, metadata and status only.
+    pub jobs: Store<CachedJob>,
+    /// Wakes the dispatcher (a slot may have freed up).
+    pub dispatch: Wakeup,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub health: Arc<Health>,
+    pub synced: Arc<AtomicBool>,
+    /// Consecutive failures per object, for the error policy's backoff.
+    pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        cfg: Arc<Config>,
+        job_cfg: JobConfig,
+        outcomes: JobRecords,
+        store: Store<RepoboxJob>,
+        jobs: Store<CachedJob>,
+        dispatch: Wakeup,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+        health: Arc<Health>,
+    ) -> Self {
+        let namespace = cfg.jobs_namespace().to_owned();
+        Self {
+            client,
+            cfg,
+            job_cfg,
+            namespace,
+            outcomes,
+            store,
+            jobs,
+            dispatch,
+            metrics,
+            recorder,
+            health,
+            synced: Arc::new(AtomicBool::new(false)),
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the cache holds the initial list (admission must not decide on a partial view).
+    pub fn store_ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rj_api(&self) -> Api<RepoboxJob> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub(crate) fn job_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates the Job of the current attempt at `rj` (idempotent: AlreadyExists is success):
+    /// the admission loop for a first attempt, the reconciler for the next ones.
+    pub async fn create_job(&self, rj: &RepoboxJob) -> Result<()> {
+        let job = job_builder::job_for(rj, &self.job_cfg)?;
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match self.job_api().create(&params, &job).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) fn cached_job_api(&self) -> Api<CachedJob> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Publishes an event on the RepoboxJob; failures are logged, never fatal.
+    pub async fn publish(&self, rj: &RepoboxJob, ev: Event) {
+        if let Err(e) = self.recorder.publish(&ev, &rj.object_ref(&())).await {
+            warn!(job = %rj.name_any(), error = %e, "publishing an event failed");
+        }
+    }
+
+    /// Writes `status` when it differs from the RepoboxJob's current one.
+    pub(crate) async fn write_status(
+        &self,
+        rj: &RepoboxJob,
+        status: RepoboxJobStatus,
+    ) -> Result<bool> {
+        if rj.status.as_ref() == Some(&status) {
+            return Ok(false);
+        }
+        let patch = json!({
+            "apiVersion": RepoboxJob::api_version(&()),
+            "kind": RepoboxJob::kind(&()),
+            "status": status,
+        });
+        self.rj_api()
+            .patch_status(
+                &rj.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Writes a `Queued` status with its waiting reason (from the admission loop).
+    pub async fn ensure_queued(&self, rj: &RepoboxJob, reason: &str, message: &str) -> Result<()> {
+        let desired = status::with_phase(
+            rj,
+            RepoboxJobPhase::Queued,
+            reason,
+            message,
+            Extras::default(),
+            &now(),
+        );
+        if self.write_status(rj, desired).await?
+            && rj.status.as_ref().and_then(|s| s.reason.as_deref()) != Some(reason)
+        {
+            self.publish(rj, event(EventType::Normal, reason, message, "Queue"))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Ends a job that can never run (e.g. an invalid spec): status, Redis, event.
+    pub async fn fail_permanently(&self, rj: &RepoboxJob, reason: &str, message: &str) {
+        if let Err(e) = self
+            .finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reason,
+                message,
+                Extras::default(),
+                Some(message),
+            )
+            .await
+        {
+            warn!(job = %rj.name_any(), error = %e, "recording a permanent failure failed");
+        }
+    }
+
+    /// Moves a RepoboxJob to a terminal phase; `redis_error`, when given, is recorded as the
+    /// job's `failed` error unless the job record already ended.
+    pub(crate) async fn finish(
+        &self,
+        rj: &RepoboxJob,
+        phase: RepoboxJobPhase,
+        reason: &str,
+        message: &str,
+        extras: Extras,
+        redis_error: Option<&str>,
+    ) -> Result<Action> {
+        if let Some(error) = redis_error {
+            let outcome = if phase == RepoboxJobPhase::Cancelled {
+                self.outcomes.cancel(&rj.spec.job_id, error).await?
+            } else {
+                self.outcomes.fail(&rj.spec.job_id, error).await?
+            };
+            if let FinishOutcome::AlreadyTerminal(s) = outcome {
+                info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
+            }
+        }
+        // Before the status: whoever sees the job finished sees its output expiring.
+        self.outcomes.expire_output(&rj.spec.job_id).await;
+        let desired = status::with_phase(rj, phase, reason, message, extras, &now());
+        if self.write_status(rj, desired).await? {
+            let type_ = if phase == RepoboxJobPhase::Succeeded {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            self.publish(rj, event(type_, reason, message, "Finish"))
+                .await;
+            self.metrics.job_finished(match phase {
+                RepoboxJobPhase::Succeeded => "succeeded",
+                RepoboxJobPhase::Cancelled => "cancelled",
+                _ => "failed",
+            });
+            info!(job = %rj.name_any(), user = %rj.spec.user_id, phase = %phase, reason, "job finished");
+        }
+        self.dispatch.poke();
+        Ok(Action::requeue(self.cfg.retention()))
+    }
+}
+
+/// A Job as the Job cache keeps it: metadata and status. The reconciler never reads a Job's
+/// spec, and `k8s_openapi`'s `Job` takes 2.5 KiB before anything is filled in (the pod template
+/// is inline), so the cache decodes only these two parts. Read the `Job` from the API when more
+/// is needed.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct CachedJob {
+    pub metadata: ObjectMeta,
+    pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
+}
+
+impl Resource for CachedJob {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Job::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        Job::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        Job::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Job::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Wakes the dispatcher for a pass soon; many wakes before the pass runs coalesce into one.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    /// Asks for a dispatcher pass.
+    pub fn poke(&self) {
+        self.0.notify_one();
+    }
+
+    /// Resolves at the next poke (or at once if one is pending).
+    pub async fn notified(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// Now, as a Kubernetes timestamp.
+pub fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// An Event on a RepoboxJob; the note is bounded as the API server requires.
+pub fn event(type_: EventType, reason: &str, note: &str, action: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_owned(),
+        secondary: None,
+    }
+}
