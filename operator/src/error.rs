@@ -89,6 +89,44 @@ pub enum Error {
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What an error means for whoever meets it. Decided here, once, for every error of the crate:
+/// the controller's error policy, the dispatcher and the intake all ask [`Error::category`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// The operator cannot start with its settings or environment (a setting, the metrics
+    /// port, leader election): the process exits and the Deployment needs fixing.
+    Startup,
+    /// This object can never be processed as it is (an invalid spec, a request the API server
+    /// rejects as invalid): report it and wait for the object to change. Retrying cannot help.
+    Permanent,
+    /// Worth retrying with backoff: the API server or Redis is unavailable, overloaded, or a
+    /// write lost a race.
+    Transient,
+}
+
+/// A Kubernetes API error of this HTTP status.
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// 404: the object does not exist (deleting it again is success).
+pub fn is_not_found(e: &kube::Error) -> bool {
+    api_code(e) == Some(404)
+}
+
+/// 409: the object exists already, or a write raced another (creates are idempotent on it).
+pub fn is_conflict(e: &kube::Error) -> bool {
+    api_code(e) == Some(409)
+}
+
+/// 400 / 422: the API server rejects the object itself (schema, CEL, admission): permanent.
+pub fn is_invalid(e: &kube::Error) -> bool {
+    matches!(api_code(e), Some(400 | 422))
+}
+
 impl Error {
     /// A short, stable, CamelCase label for the variant: suitable for a metric label or an
     /// event reason, where the full message would have unbounded cardinality.
@@ -105,6 +143,32 @@ impl Error {
             Error::Redis(_) => "Redis",
             Error::Finalizer(_) => "Finalizer",
             Error::LeadershipLost => "LeadershipLost",
+        }
+    }
+
+    /// Whether this error is fatal at start-up, permanent for its object, or transient.
+    pub fn category(&self) -> Category {
+        match self {
+            Error::InvalidConfig { .. }
+            | Error::MetricsServer { .. }
+            | Error::LeaderElection(_)
+            | Error::LeadershipLost => Category::Startup,
+            Error::MissingObjectKey { .. }
+            | Error::InvalidSpec { .. }
+            | Error::Serialization(_) => Category::Permanent,
+            Error::Kube(e) | Error::Lease { source: e, .. } if is_invalid(e) => Category::Permanent,
+            Error::Kube(_) | Error::Lease { .. } | Error::Redis(_) => Category::Transient,
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.category(),
+                kube::runtime::finalizer::Error::AddFinalizer(e)
+                | kube::runtime::finalizer::Error::RemoveFinalizer(e)
+                    if is_invalid(e) =>
+                {
+                    Category::Permanent
+                }
+                _ => Category::Transient,
+            },
         }
     }
 }
@@ -137,6 +201,80 @@ mod tests {
         assert_eq!(
             Error::Serialization("x".into()).to_string(),
             "serialization failed: x"
+        );
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("x", "Reason")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn api_errors_are_classified_by_status() {
+        assert!(is_not_found(&api_error(404)));
+        assert!(!is_not_found(&api_error(409)));
+        assert!(is_conflict(&api_error(409)));
+        assert!(!is_conflict(&api_error(404)));
+        for code in [400, 422] {
+            assert!(is_invalid(&api_error(code)), "{code}");
+            assert_eq!(Error::Kube(api_error(code)).category(), Category::Permanent);
+        }
+        for code in [401, 403, 404, 409, 410, 429, 500, 503, 504] {
+            assert!(!is_invalid(&api_error(code)), "{code}");
+            assert_eq!(
+                Error::Kube(api_error(code)).category(),
+                Category::Transient,
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_variant_has_a_category() {
+        let startup = [
+            Error::InvalidConfig {
+                setting: "X",
+                reason: String::new(),
+            },
+            Error::LeaderElection(String::new()),
+            Error::LeadershipLost,
+        ];
+        for e in startup {
+            assert_eq!(e.category(), Category::Startup, "{e}");
+        }
+        let permanent = [
+            Error::MissingObjectKey {
+                kind: "K",
+                name: String::new(),
+                field: "f",
+            },
+            Error::InvalidSpec {
+                name: String::new(),
+                reason: String::new(),
+            },
+            Error::Serialization(String::new()),
+        ];
+        for e in permanent {
+            assert_eq!(e.category(), Category::Permanent, "{e}");
+        }
+        let redis = redis::RedisError::from((redis::ErrorKind::Io, "down"));
+        assert_eq!(Error::Redis(redis).category(), Category::Transient);
+        // Behind the finalizer, the reconcile's own error decides.
+        let inner = Error::InvalidSpec {
+            name: String::new(),
+            reason: String::new(),
+        };
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            inner,
+        )));
+        assert_eq!(wrapped.category(), Category::Permanent);
+        let add = kube::runtime::finalizer::Error::<Error>::AddFinalizer(api_error(503));
+        assert_eq!(
+            Error::Finalizer(Box::new(add)).category(),
+            Category::Transient
         );
     }
 

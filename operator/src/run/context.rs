@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::decide::job_builder;
 use crate::decide::job_config::JobConfig;
 use crate::decide::status::{self, Extras};
+use crate::error::is_conflict;
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
 use crate::model::labels::FIELD_MANAGER;
 use crate::run::metrics::Metrics;
@@ -111,7 +112,7 @@ impl Context {
         };
         match self.job_api().create(&params, &job).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) if is_conflict(&e) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

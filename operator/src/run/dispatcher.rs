@@ -35,13 +35,14 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::Result;
 use crate::decide::quota::{self, Overrides, Running, WaitReason};
 use crate::decide::tiers;
+use crate::error::Category;
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::model::labels::MANAGED_BY_SELECTOR;
 use crate::run::context::{Context, LIST_PAGE, Wakeup};
 use crate::run::metrics::UserJobs;
-use crate::{Error, Result};
 
 /// How often a pass runs even without a poke (a safety net, not the mechanism).
 const IDLE_PASS: Duration = Duration::from_secs(15);
@@ -497,8 +498,8 @@ impl Dispatcher {
                 )
                 .await;
             }
-            Err(e @ (Error::InvalidSpec { .. } | Error::MissingObjectKey { .. })) => {
-                // Permanent: this RepoboxJob can never become a Job.
+            // Permanent (an invalid spec, a Job the API server rejects): it can never run.
+            Err(e) if e.category() == Category::Permanent => {
                 self.forget(&name).await;
                 ctx.fail_permanently(&rj, reasons::INVALID_SPEC, &e.to_string())
                     .await;

@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::decide::quota::StreamId as EntryId;
+use crate::error::{is_conflict, is_invalid};
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
 use crate::model::labels::{
     FIELD_MANAGER, FINALIZER, LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY,
@@ -461,7 +462,7 @@ impl Intake {
             ..Default::default()
         };
         let result = api.create(&params, &rj).await;
-        if matches!(&result, Err(e) if !matches!(e, kube::Error::Api(s) if s.code == 409)) {
+        if matches!(&result, Err(e) if !is_conflict(e)) {
             // Not created: the reservation (if any) goes, a retry makes a new one.
             self.unreserve(&name);
         }
@@ -477,10 +478,14 @@ impl Intake {
                     .job_received(Duration::from_millis(now_ms.saturating_sub(latency)));
                 Ok(Handled::Created { name })
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Handled::Created { name }),
+            Err(e) if is_conflict(&e) => Ok(Handled::Created { name }),
             // The API server refused the object itself (validation): retrying cannot help.
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
-                let error = format!("the job could not be accepted: {}", s.message);
+            Err(e) if is_invalid(&e) => {
+                let why = match &e {
+                    kube::Error::Api(s) => s.message.clone(),
+                    other => other.to_string(),
+                };
+                let error = format!("the job could not be accepted: {why}");
                 self.outcomes.fail(&job_id, &error).await?;
                 Ok(Handled::Bad {
                     reason: "invalid",

@@ -30,6 +30,7 @@ use crate::decide::job_builder;
 use crate::decide::retry::{self, AfterDisruption};
 use crate::decide::scheduling::{self, PodEvent, Waiting};
 use crate::decide::status::{self, Explained, Extras, JobState};
+use crate::error::{Category, is_not_found};
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::model::labels::{FINALIZER, MANAGED_BY_SELECTOR};
 use crate::run::context::{CachedJob, Context, LIST_PAGE, event, now};
@@ -523,7 +524,7 @@ async fn retention(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
             .await
         {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
         }
         return Ok(Action::await_change());
@@ -540,7 +541,7 @@ async fn delete_job(ctx: &Context, name: &str) -> Result<()> {
     };
     match ctx.job_api().delete(name, &params).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -575,21 +576,37 @@ async fn first_pod(ctx: &Context, job_name: &str) -> Result<Option<Pod>> {
     Ok(list.items.into_iter().next())
 }
 
-/// Transient errors requeue with per-object exponential backoff (1 s … 5 min); the failure is
-/// counted and logged.
+/// Decides what a failed reconcile means, from [`Error::category`] alone: a permanent error
+/// (the object can never be processed as it is) becomes a Warning Event on the RepoboxJob and
+/// waits for the object to change; anything else requeues with per-object exponential backoff
+/// (1 s … 5 min). Every failure is counted and logged.
 pub fn error_policy(rj: Arc<RepoboxJob>, err: &Error, ctx: Arc<Context>) -> Action {
     let name = rj.name_any();
     ctx.metrics.reconcile_failed(err.metric_label());
+    if err.category() == Category::Permanent {
+        warn!(job = %name, error = %err, "reconcile failed permanently; waiting for a change");
+        let note = err.to_string();
+        let reason = err.metric_label();
+        tokio::spawn(async move {
+            ctx.publish(&rj, event(EventType::Warning, reason, &note, "Reconcile"))
+                .await;
+        });
+        return Action::await_change();
+    }
     let attempts = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(name.clone()).or_insert(0);
         *n += 1;
         *n
     };
-    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1))
-        .min(Duration::from_secs(300));
+    let delay = backoff(attempts);
     warn!(job = %name, error = %err, attempts, retry_in_s = delay.as_secs(), "reconcile failed");
     Action::requeue(delay)
+}
+
+/// 1 s after the first failure, doubling, at most 5 minutes.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << (attempts.clamp(1, 10) - 1)).min(Duration::from_secs(300))
 }
 
 /// Runs the controller until `shutdown` fires. Status-only changes (our own writes) are
@@ -679,4 +696,15 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_five_minutes() {
+        let secs: Vec<u64> = (0..12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
 }
