@@ -89,6 +89,17 @@ pub enum Error {
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Whether an API call failed with `409`: a write conflict (stale `resourceVersion`) or
+/// `AlreadyExists` on create. Both mean another writer got there first.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists())
+}
+
+/// Whether an API call failed because the object does not exist (`404`).
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
 impl Error {
     /// A short, stable, CamelCase label for the variant: suitable for a metric label or an
     /// event reason, where the full message would have unbounded cardinality.
@@ -138,6 +149,22 @@ mod tests {
             Error::Serialization("x".into()).to_string(),
             "serialization failed: x"
         );
+    }
+
+    #[test]
+    fn api_errors_are_classified() {
+        let api = |reason: &str, code: u16| {
+            kube::Error::Api(
+                kube::core::Status::failure("m", reason)
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(is_conflict(&api("Conflict", 409)));
+        assert!(is_conflict(&api("AlreadyExists", 409)));
+        assert!(!is_conflict(&api("NotFound", 404)));
+        assert!(is_not_found(&api("NotFound", 404)));
+        assert!(!is_not_found(&api("Conflict", 409)));
     }
 
     #[test]
