@@ -36,6 +36,34 @@
 //!
 //! Fields newer than Kubernetes 1.28 (`strategy`, `preferredHolder`, coordinated leader election)
 //! are never set; whatever another writer put there is carried over untouched.
+//!
+//! # Why not a crate (evaluated November 2026, against kube 5 / k8s-openapi 0.29)
+//!
+//! What the operator needs: fencing on loss (give up after a renew deadline shorter than the
+//! lease, even while the API server is unreachable), release on shutdown, expiry that does not
+//! trust other nodes' clocks, a cancellable wait as a standby, and hooks for the
+//! `repobox_leader` gauge and the probes. kube-runtime 5.0.0 has no leader election.
+//!
+//! - `kube-lease-manager` 0.13.1 (2026-11-02; kube ^5, k8s-openapi ^0.29: the only one on our
+//!   versions, and maintained). No fencing: a failed renewal is logged and retried with backoff
+//!   while the state stays "leader"; it only turns false once a read succeeds and shows another
+//!   holder, so an old leader cut off from the API server keeps working past the lease. Expiry
+//!   compares the remote `renewTime` with the local wall clock (skew tolerated up to `grace`).
+//!   Renewals are strategic-merge patches without a `resourceVersion` precondition; exclusion
+//!   rests on server-side-apply field ownership of `holderIdentity` (our API emulator has no
+//!   field ownership, so it could not be tested there). Bad parameters panic.
+//! - `kube-leader-election` 0.44.0 (2026-06-16; kube ^4): a second kube in the tree, so its
+//!   `Lease` is not ours. Only a `try_acquire_or_renew` step (no renew loop, no deadline);
+//!   acquisition is an unconditional merge patch, so two racing candidates can both "win";
+//!   wall-clock expiry; its README says "without fencing".
+//! - `kube-coordinate` 2.0.0-rc.0 (2025-11-20, a release candidate; kube ^2; last stable 0.2.1
+//!   for kube <= 1): closest in design (a client-go port with local-clock expiry and a renew
+//!   deadline) but a second, old kube in the tree.
+//! - `kubert` 0.25.0 (2025-07-12; kube-client 1.1.x, k8s-openapi ^0.25): its `lease` module
+//!   comes with kubert's runtime, an old kube, and wall-clock expiry.
+//!
+//! Adopting `kube-lease-manager` would still need our own deadline watchdog around it (it
+//! exposes no "last successful renewal"), so it would not remove the hard part of this module.
 
 use std::fmt;
 use std::future::Future;
@@ -51,7 +79,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_conflict, is_not_found};
 use crate::run::metrics::Metrics;
 use crate::run::server::Health;
 
@@ -170,14 +198,6 @@ enum Renewal {
     Contended,
     /// The Lease is no longer ours.
     Lost(String),
-}
-
-fn is_conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists())
-}
-
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_not_found())
 }
 
 /// Waits until this replica holds the Lease; see the module docs for the protocol.
