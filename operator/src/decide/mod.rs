@@ -4,6 +4,7 @@
 
 pub mod job_builder;
 pub mod job_config;
+pub mod plan;
 pub mod quota;
 pub mod retry;
 pub mod scheduling;

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use repobox_contract::transitions::FinishOutcome;
+use repobox_contract::transitions::{FinishOutcome, RetryOutcome};
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -24,8 +24,9 @@ use crate::Result;
 use crate::config::Config;
 use crate::decide::job_builder;
 use crate::decide::job_config::JobConfig;
+use crate::decide::plan::{self, Announce, OnTerminal, Step};
 use crate::decide::status::{self, Extras};
-use crate::error::is_conflict;
+use crate::error::{is_conflict, is_not_found};
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
 use crate::model::labels::FIELD_MANAGER;
 use crate::run::metrics::Metrics;
@@ -154,21 +155,8 @@ impl Context {
 
     /// Writes a `Queued` status with its waiting reason (from the admission loop).
     pub async fn ensure_queued(&self, rj: &RepoboxJob, reason: &str, message: &str) -> Result<()> {
-        let desired = status::with_phase(
-            rj,
-            RepoboxJobPhase::Queued,
-            reason,
-            message,
-            Extras::default(),
-            &now(),
-        );
-        if self.write_status(rj, desired).await?
-            && rj.status.as_ref().and_then(|s| s.reason.as_deref()) != Some(reason)
-        {
-            self.publish(rj, event(EventType::Normal, reason, message, "Queue"))
-                .await;
-        }
-        Ok(())
+        let steps = plan::queued(rj, reason, message, jiff::Timestamp::now());
+        self.execute(rj, steps).await.map(drop)
     }
 
     /// Ends a job that can never run (e.g. an invalid spec): status, Redis, event.
@@ -188,8 +176,7 @@ impl Context {
         }
     }
 
-    /// Moves a RepoboxJob to a terminal phase; `redis_error`, when given, is recorded as the
-    /// job's `failed` error unless the job record already ended.
+    /// Moves a RepoboxJob to a terminal phase (see [`plan::finish`]).
     pub(crate) async fn finish(
         &self,
         rj: &RepoboxJob,
@@ -198,37 +185,153 @@ impl Context {
         message: &str,
         extras: Extras,
         redis_error: Option<&str>,
-    ) -> Result<Action> {
-        if let Some(error) = redis_error {
-            let outcome = if phase == RepoboxJobPhase::Cancelled {
-                self.outcomes.cancel(&rj.spec.job_id, error).await?
-            } else {
-                self.outcomes.fail(&rj.spec.job_id, error).await?
-            };
-            if let FinishOutcome::AlreadyTerminal(s) = outcome {
-                info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
+    ) -> Result<()> {
+        let steps = plan::finish(
+            rj,
+            phase,
+            reason,
+            message,
+            extras,
+            redis_error,
+            jiff::Timestamp::now(),
+        );
+        self.execute(rj, steps).await.map(drop)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Executed {
+    Done,
+    /// A Redis write found the job already ended by the runner: plan again.
+    Replan,
+}
+
+impl Context {
+    /// Carries out a plan's steps in order.
+    pub async fn execute(&self, rj: &RepoboxJob, steps: Vec<Step>) -> Result<Executed> {
+        let job_id = &rj.spec.job_id;
+        for step in steps {
+            match step {
+                Step::PokeDispatcher => self.dispatch.poke(),
+                Step::CreateJob => {
+                    self.create_job(rj).await?;
+                    info!(job = %rj.name_any(), attempt = job_builder::attempt(rj), "next attempt's Job created");
+                }
+                Step::DeleteJob(name) => self.delete_job(&name).await?,
+                Step::DeleteRepoboxJob => {
+                    info!(job = %rj.name_any(), "retention period over; deleting the RepoboxJob");
+                    match self
+                        .rj_api()
+                        .delete(&rj.name_any(), &DeleteParams::background())
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Step::RecordEnd {
+                    phase,
+                    error,
+                    on_terminal,
+                } => {
+                    let outcome = if phase == RepoboxJobPhase::Cancelled {
+                        self.outcomes.cancel(job_id, &error).await?
+                    } else {
+                        self.outcomes.fail(job_id, &error).await?
+                    };
+                    if let FinishOutcome::AlreadyTerminal(s) = outcome {
+                        if on_terminal == OnTerminal::Replan {
+                            return Ok(Executed::Replan);
+                        }
+                        info!(job = %rj.name_any(), status = %s, "job record had already ended; keeping it");
+                    }
+                }
+                Step::RecordRetry { attempt, note } => {
+                    match self.outcomes.retry(job_id, attempt, &note).await? {
+                        RetryOutcome::Retrying | RetryOutcome::AlreadyAt(_) => {}
+                        // The runner recorded its result before it was stopped (or the record
+                        // went): that decides, as for any ended Job.
+                        RetryOutcome::AlreadyTerminal(_) | RetryOutcome::Missing => {
+                            return Ok(Executed::Replan);
+                        }
+                    }
+                }
+                Step::ExpireOutput => self.outcomes.expire_output(job_id).await,
+                Step::WriteStatus { status, if_changed } => {
+                    if self.write_status(rj, *status).await? {
+                        for a in if_changed {
+                            self.announce(rj, a).await?;
+                        }
+                    }
+                }
+                Step::Announce(a) => self.announce(rj, a).await?,
             }
         }
-        // Before the status: whoever sees the job finished sees its output expiring.
-        self.outcomes.expire_output(&rj.spec.job_id).await;
-        let desired = status::with_phase(rj, phase, reason, message, extras, &now());
-        if self.write_status(rj, desired).await? {
-            let type_ = if phase == RepoboxJobPhase::Succeeded {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            self.publish(rj, event(type_, reason, message, "Finish"))
-                .await;
-            self.metrics.job_finished(match phase {
-                RepoboxJobPhase::Succeeded => "succeeded",
-                RepoboxJobPhase::Cancelled => "cancelled",
-                _ => "failed",
-            });
-            info!(job = %rj.name_any(), user = %rj.spec.user_id, phase = %phase, reason, "job finished");
+        Ok(Executed::Done)
+    }
+
+    /// Tells what happened: an Event, a metric, a log line.
+    async fn announce(&self, rj: &RepoboxJob, a: Announce) -> Result<()> {
+        match a {
+            Announce::Event {
+                type_,
+                reason,
+                note,
+                action,
+            } => {
+                self.publish(rj, event(type_, &reason, &note, action)).await;
+            }
+            Announce::Finished { phase, reason } => {
+                self.metrics.job_finished(match phase {
+                    RepoboxJobPhase::Succeeded => "succeeded",
+                    RepoboxJobPhase::Cancelled => "cancelled",
+                    _ => "failed",
+                });
+                info!(job = %rj.name_any(), user = %rj.spec.user_id, phase = %phase, %reason, "job finished");
+            }
+            Announce::Retried { attempt, kind } => {
+                self.metrics.job_retried(kind);
+                warn!(job = %rj.name_any(), attempt, kind, "runner pod disrupted; running the job again");
+            }
+            // Once per attempt: how long the pod waited for a node, then to start.
+            Announce::StartTimes { job_name, created } => {
+                if let Some(pod) = self.first_pod(&job_name).await? {
+                    let (scheduling, startup) =
+                        status::start_times(&pod, created.map(|t| t.0), jiff::Timestamp::now());
+                    if let Some(d) = scheduling {
+                        self.metrics.pod_scheduled(d);
+                    }
+                    if let Some(d) = startup {
+                        self.metrics.pod_started(d);
+                    }
+                }
+            }
         }
-        self.dispatch.poke();
-        Ok(Action::requeue(self.cfg.retention()))
+        Ok(())
+    }
+
+    /// Deletes the Job and, with background propagation, its pod (batch/v1 Jobs would otherwise
+    /// orphan their pods). A missing Job is fine.
+    pub async fn delete_job(&self, name: &str) -> Result<()> {
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..Default::default()
+        };
+        match self.job_api().delete(name, &params).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The (first) pod of a Job, to explain a failure or a long wait.
+    pub async fn first_pod(&self, job_name: &str) -> Result<Option<Pod>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let list = pods
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await?;
+        Ok(list.items.into_iter().next())
     }
 }
 
@@ -285,11 +388,6 @@ impl Wakeup {
     pub async fn notified(&self) {
         self.0.notified().await;
     }
-}
-
-/// Now, as a Kubernetes timestamp.
-pub fn now() -> Time {
-    Time(jiff::Timestamp::now())
 }
 
 /// An Event on a RepoboxJob; the note is bounded as the API server requires.

@@ -12,39 +12,34 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, watcher};
-use repobox_contract::JobStatus;
-use repobox_contract::transitions::FinishOutcome;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::decide::job_builder;
-use crate::decide::retry::{self, AfterDisruption};
-use crate::decide::scheduling::{self, PodEvent, Waiting};
-use crate::decide::status::{self, Explained, Extras, JobState};
-use crate::error::{Category, is_not_found};
-use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use crate::decide::plan::{self, JobFacts, Need, Observed, Plan, Settings, Then};
+use crate::decide::scheduling::PodEvent;
+use crate::decide::status;
+use crate::error::Category;
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase};
 use crate::model::labels::{FINALIZER, MANAGED_BY_SELECTOR};
-use crate::run::context::{CachedJob, Context, LIST_PAGE, event, now};
+use crate::run::context::{CachedJob, Context, Executed, LIST_PAGE, event};
 use crate::{Error, Result};
-use repobox_contract::transitions::RetryOutcome;
-
-/// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
-const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
-
-/// How often a pod waiting for a node is looked at again.
-const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Reconciles running at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
+
+/// Plans per reconcile before giving up for now: each gathers one fact or re-reads the record
+/// after a race with the runner, so a handful is plenty.
+const MAX_PLANS: usize = 8;
+
 /// Reconciles one RepoboxJob behind the finalizer.
 pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
@@ -63,487 +58,88 @@ pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action>
     })
 }
 
+/// Plans and executes until the plan is carried out (see [`plan`] for the decisions).
 async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
-    let phase = rj.phase();
-    if phase.is_terminal() {
-        return retention(rj, ctx).await;
-    }
-    if rj.spec.cancel_requested() {
-        return cancel(rj, ctx, "cancelled: spec.cancel was set")
-            .await
-            .map(|_| Action::requeue(ctx.cfg.retention()));
-    }
-    let name = current_job_name(rj);
-    let job = match ctx.jobs.get(&ObjectRef::new(&name).within(&ctx.namespace)) {
-        Some(job) => Some(job),
-        // Whether a queued job's Job exists is the admission loop's business (its overlay and
-        // AlreadyExists cover a lagging cache): nothing to ask the API.
-        None if phase == RepoboxJobPhase::Queued => None,
-        // An admitted job: confirm with the API before calling its Job gone.
-        None => ctx.cached_job_api().get_opt(&name).await?.map(Arc::new),
-    };
-    match (phase, job) {
-        (RepoboxJobPhase::Queued, None) => {
-            ctx.dispatch.poke();
-            Ok(Action::await_change())
-        }
-        (_, Some(job)) => observe(rj, &job, ctx).await,
-        (_, None) if awaits_next_attempt(rj) => start_next_attempt(rj, ctx).await,
-        (_, None) => job_missing(rj, ctx).await,
-    }
-}
-
-/// The Job of the attempt the RepoboxJob is at.
-fn current_job_name(rj: &RepoboxJob) -> String {
-    job_builder::job_name(&rj.name_any(), job_builder::attempt(rj))
-}
-
-/// A retry was decided and its Job is not created yet.
-fn awaits_next_attempt(rj: &RepoboxJob) -> bool {
-    rj.status
-        .as_ref()
-        .is_some_and(|s| s.reason.as_deref() == Some(reasons::RETRYING))
-        && job_builder::attempt(rj) > 1
-}
-
-/// Creates the next attempt's Job once its wait is over. The job keeps its quota slot all the
-/// while: its phase stays `Starting`.
-async fn start_next_attempt(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
-    let due = rj
-        .status
-        .as_ref()
-        .and_then(|s| s.next_attempt_time.as_ref())
-        .map(|t| t.0);
-    let wait = due
-        .map(|due| due.duration_since(jiff::Timestamp::now()))
-        .filter(|d| d.is_positive())
-        .map(|d| d.unsigned_abs())
-        .unwrap_or_default();
-    if !wait.is_zero() {
-        return Ok(Action::requeue(wait));
-    }
-    ctx.create_job(rj).await?;
-    info!(job = %rj.name_any(), attempt = job_builder::attempt(rj), "next attempt's Job created");
-    // Its watch event brings the next reconcile; the requeue is a safety net.
-    Ok(Action::requeue(Duration::from_secs(30)))
-}
-
-/// Follows the Job of an admitted RepoboxJob.
-async fn observe(rj: &RepoboxJob, job: &CachedJob, ctx: &Context) -> Result<Action> {
-    let name = job.name_any();
-    let extras = || Extras {
-        job_name: Some(name.clone()),
-        start_time: job.metadata.creation_timestamp.clone(),
-        ..Default::default()
-    };
-    match status::job_state_of(job.status.as_ref()) {
-        // Phases never go backwards (see `status::progress_phase`).
-        ref state @ (JobState::Pending | JobState::Running)
-            if status::progress_phase(rj.phase(), state).is_none() =>
-        {
-            Ok(Action::await_change())
-        }
-        JobState::Pending => {
-            let pending = job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
-                .unwrap_or_default();
-            // Most pods start within moments: only a pod still pending after a short debounce
-            // gets its own `Starting` write (one API write per job saved on the happy path).
-            if rj.phase() == RepoboxJobPhase::Queued && pending < STARTING_DEBOUNCE {
-                return Ok(Action::requeue(STARTING_DEBOUNCE - pending));
-            }
-            // Why the pod is not running: waiting for a node the autoscaler adds, or for none.
-            let pod = first_pod(ctx, &name).await?;
-            let facts = pod.as_ref().map(status::pod_facts);
-            let waiting = match (
-                &pod,
-                facts.as_ref().and_then(|f| f.unschedulable.as_deref()),
-            ) {
-                (Some(pod), Some(unschedulable)) => {
-                    let events = pod_events(ctx, pod).await;
-                    scheduling::waiting(Some(unschedulable), &events)
+    let settings = settings(rj, ctx);
+    let mut obs = Observed::default();
+    let mut pod = None;
+    for _ in 0..MAX_PLANS {
+        match plan::plan(rj, &obs, &settings, jiff::Timestamp::now()) {
+            Plan::Need(need) => gather(need, rj, ctx, &mut obs, &mut pod).await?,
+            Plan::Act(steps, then) => {
+                if ctx.execute(rj, steps).await? == Executed::Replan {
+                    // The runner ended the job first: adopt what it recorded.
+                    obs.record = None;
+                    obs.retry_refused = true;
+                    continue;
                 }
-                _ => Waiting::NotForNode,
-            };
-            if let Some(error) =
-                waiting.give_up(jiff::Timestamp::now(), ctx.cfg.unschedulable_grace())
-            {
-                delete_job(ctx, &name).await?;
-                return ctx
-                    .finish(
-                        rj,
-                        RepoboxJobPhase::Failed,
-                        reasons::UNSCHEDULABLE,
-                        &error,
-                        extras(),
-                        Some(&error),
-                    )
-                    .await;
+                return Ok(match then {
+                    Then::AwaitChange => Action::await_change(),
+                    Then::Requeue(d) => Action::requeue(d),
+                });
             }
-            let (reason, message) = match (waiting.reason(), waiting.message()) {
-                (Some(reason), Some(message)) => (reason, message),
-                _ => (reasons::JOB_CREATED, "waiting for the runner pod to start"),
-            };
-            let desired = status::with_phase(
-                rj,
-                RepoboxJobPhase::Starting,
-                reason,
-                message,
-                extras(),
-                &now(),
-            );
-            if ctx.write_status(rj, desired).await? && waiting.reason().is_some() {
-                ctx.publish(rj, event(EventType::Normal, reason, message, "Schedule"))
-                    .await;
-            }
-            let limit = ctx.cfg.pending_timeout();
-            if pending >= limit {
-                let Explained { reason, error } =
-                    status::explain_pending(limit.as_secs(), facts.as_ref());
-                delete_job(ctx, &name).await?;
-                return ctx
-                    .finish(
-                        rj,
-                        RepoboxJobPhase::Failed,
-                        reason,
-                        &error,
-                        extras(),
-                        Some(&error),
-                    )
-                    .await;
-            }
-            // A pod waiting for a node is looked at again soon: the autoscaler's word changes.
-            let recheck = if waiting == Waiting::NotForNode {
-                Duration::from_secs(60)
-            } else {
-                WAITING_RECHECK
-            };
-            Ok(Action::requeue((limit - pending).min(recheck)))
         }
-        JobState::Running => {
-            let desired = status::with_phase(
-                rj,
-                RepoboxJobPhase::Running,
-                reasons::POD_RUNNING,
-                "the runner is running",
-                extras(),
-                &now(),
-            );
-            if ctx.write_status(rj, desired).await? {
-                ctx.publish(
-                    rj,
-                    event(
-                        EventType::Normal,
-                        reasons::POD_RUNNING,
-                        "the runner pod is running",
-                        "Run",
-                    ),
-                )
-                .await;
-                // Once per attempt: how long the pod waited for a node, then to start.
-                if let Some(pod) = first_pod(ctx, &name).await? {
-                    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-                    let (scheduling, startup) =
-                        status::start_times(&pod, created, jiff::Timestamp::now());
-                    if let Some(d) = scheduling {
-                        ctx.metrics.pod_scheduled(d);
-                    }
-                    if let Some(d) = startup {
-                        ctx.metrics.pod_started(d);
-                    }
-                }
-            }
-            Ok(Action::await_change())
-        }
-        JobState::Succeeded => adopt_record(rj, ctx, None).await,
-        JobState::Failed { reason, message } => {
-            adopt_record(rj, ctx, Some((reason, message))).await
-        }
+    }
+    warn!(job = %rj.name_any(), "no settled plan after {MAX_PLANS} rounds; trying again shortly");
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// The decisions' settings for `rj`.
+fn settings(rj: &RepoboxJob, ctx: &Context) -> Settings {
+    Settings {
+        pending_timeout: ctx.cfg.pending_timeout(),
+        unschedulable_grace: ctx.cfg.unschedulable_grace(),
+        retention: ctx.cfg.retention(),
+        retry: ctx.cfg.retry_policy(),
+        timeout_seconds: job_builder::timeout_seconds(rj, &ctx.job_cfg),
     }
 }
 
-/// The Job ended: take the outcome the executor recorded, or record the one it could not.
-async fn adopt_record(
+fn job_facts(job: &CachedJob) -> JobFacts {
+    JobFacts {
+        name: job.name_any(),
+        created: job.metadata.creation_timestamp.clone(),
+        state: status::job_state_of(job.status.as_ref()),
+    }
+}
+
+/// Fetches the fact a plan asked for.
+async fn gather(
+    need: Need,
     rj: &RepoboxJob,
     ctx: &Context,
-    job_failure: Option<(String, String)>,
-) -> Result<Action> {
-    let name = current_job_name(rj);
-    let record = ctx.outcomes.record(&rj.spec.job_id).await?;
-    let recorded_step = record.as_ref().and_then(|r| r.step.clone());
-    let mut extras = Extras {
-        job_name: Some(name.clone()),
-        ..Default::default()
-    };
-    match record.as_ref().map(|r| r.status) {
-        Some(JobStatus::Success) => {
-            let r = record.as_ref();
-            extras.branch = r.and_then(|r| r.branch.clone());
-            extras.commit_sha = r.and_then(|r| r.commit_sha.clone());
-            extras.pr_url = r.and_then(|r| r.pr_url.clone());
-            extras.pr_number = r.and_then(|r| r.pr_number.as_deref()?.parse().ok());
-            extras.pr_error = r.and_then(|r| r.pr_error.clone());
-            let message = match &extras.branch {
-                Some(b) => format!("pushed {b}"),
-                None => "finished: no changes were needed".to_owned(),
-            };
-            ctx.finish(
-                rj,
-                RepoboxJobPhase::Succeeded,
-                reasons::SUCCEEDED,
-                &message,
-                extras,
-                None,
-            )
-            .await
+    obs: &mut Observed,
+    pod: &mut Option<Pod>,
+) -> Result<()> {
+    let name = plan::current_job_name(rj);
+    match need {
+        Need::CachedJob => {
+            let cached = ctx.jobs.get(&ObjectRef::new(&name).within(&ctx.namespace));
+            obs.cached_job = Some(cached.as_deref().map(job_facts));
         }
-        Some(JobStatus::Failed) => {
-            let error = record
-                .and_then(|r| r.error)
-                .unwrap_or_else(|| "the job failed".into());
-            ctx.finish(
-                rj,
-                RepoboxJobPhase::Failed,
-                reasons::JOB_FAILED,
-                &error,
-                extras,
-                None,
-            )
-            .await
+        Need::ApiJob => {
+            let job = ctx.cached_job_api().get_opt(&name).await?;
+            obs.api_job = Some(job.as_ref().map(job_facts));
         }
-        Some(JobStatus::Cancelled) => {
-            let why = record
-                .and_then(|r| r.error)
-                .unwrap_or_else(|| "cancelled".into());
-            ctx.finish(
-                rj,
-                RepoboxJobPhase::Cancelled,
-                reasons::CANCELLED,
-                &why,
-                extras,
-                None,
-            )
-            .await
+        Need::Pod => {
+            *pod = ctx.first_pod(&name).await?;
+            obs.pod = Some(pod.as_ref().map(status::pod_facts));
         }
-        None => {
-            let error = "the job record disappeared from Redis before the job finished";
-            ctx.finish(
-                rj,
-                RepoboxJobPhase::Failed,
-                reasons::JOB_FAILED,
-                error,
-                extras,
-                None,
-            )
-            .await
+        Need::PodEvents => {
+            obs.pod_events = Some(match pod.as_ref() {
+                Some(pod) => pod_events(ctx, pod).await,
+                None => Vec::new(),
+            });
         }
-        // The executor did not record an outcome: the pod was killed or never ran the job.
-        Some(JobStatus::Pending | JobStatus::Running) => {
-            let Explained { reason, error } = match &job_failure {
-                Some((job_reason, job_message)) => {
-                    let pod = first_pod(ctx, &name).await?;
-                    let facts = pod.as_ref().map(status::pod_facts);
-                    let timeout = job_builder::timeout_seconds(rj, &ctx.job_cfg);
-                    let explained = status::explain_job_failure(
-                        job_reason,
-                        job_message,
-                        timeout,
-                        facts.as_ref(),
-                    );
-                    if explained.reason != reasons::EVICTED {
-                        explained
-                    } else {
-                        // An infrastructure disruption: run again if that is safe.
-                        let disruption = facts.as_ref().and_then(|f| f.disruption.as_deref());
-                        let what = retry::describe(disruption);
-                        match retry::after_disruption(
-                            job_builder::attempt(rj),
-                            ctx.cfg.retry_policy(),
-                            recorded_step.as_deref(),
-                            &what,
-                        ) {
-                            AfterDisruption::Fail(e) => e,
-                            AfterDisruption::Retry {
-                                attempt,
-                                delay,
-                                message,
-                            } => {
-                                let kind = retry::kind(disruption);
-                                return schedule_retry(rj, ctx, attempt, delay, &message, kind)
-                                    .await;
-                            }
-                        }
-                    }
-                }
-                None => Explained {
-                    reason: reasons::JOB_FAILED,
-                    error: "the job runner exited without recording a result".into(),
-                },
-            };
-            // Record it; if the executor won a race and ended it meanwhile, adopt that instead.
-            match ctx.outcomes.fail(&rj.spec.job_id, &error).await? {
-                FinishOutcome::AlreadyTerminal(_) => {
-                    Box::pin(adopt_record(rj, ctx, job_failure)).await
-                }
-                _ => {
-                    ctx.finish(rj, RepoboxJobPhase::Failed, reason, &error, extras, None)
-                        .await
-                }
-            }
-        }
+        Need::Record => obs.record = Some(ctx.outcomes.record(&rj.spec.job_id).await?),
     }
-}
-
-/// Moves the job to its next attempt: Redis first (the attempt a runner may start, the note in
-/// the output), then the status with the time the new Job is due. Repeating it is harmless.
-async fn schedule_retry(
-    rj: &RepoboxJob,
-    ctx: &Context,
-    attempt: u32,
-    delay: Duration,
-    message: &str,
-    kind: &'static str,
-) -> Result<Action> {
-    let note = format!("==> {message}");
-    match ctx.outcomes.retry(&rj.spec.job_id, attempt, &note).await? {
-        RetryOutcome::Retrying | RetryOutcome::AlreadyAt(_) => {}
-        // The runner recorded its result before it was stopped (or the record went): that
-        // decides, as for any ended Job.
-        RetryOutcome::AlreadyTerminal(_) | RetryOutcome::Missing => {
-            return Box::pin(adopt_record(rj, ctx, None)).await;
-        }
-    }
-    let due = jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::try_from(delay).unwrap_or_default())
-        .unwrap_or_else(|_| jiff::Timestamp::now());
-    let desired = status::with_phase(
-        rj,
-        RepoboxJobPhase::Starting,
-        reasons::RETRYING,
-        message,
-        Extras {
-            job_name: Some(job_builder::job_name(&rj.name_any(), attempt)),
-            attempt: Some(attempt),
-            next_attempt_time: Some(Time(due)),
-            ..Default::default()
-        },
-        &now(),
-    );
-    if ctx.write_status(rj, desired).await? {
-        ctx.metrics.job_retried(kind);
-        warn!(job = %rj.name_any(), attempt, kind, "runner pod disrupted; running the job again");
-        ctx.publish(
-            rj,
-            event(EventType::Warning, reasons::RETRYING, message, "Retry"),
-        )
-        .await;
-    }
-    Ok(Action::requeue(delay))
-}
-
-/// An admitted RepoboxJob whose Job is gone (deleted by hand, or by TTL before we saw it end).
-async fn job_missing(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
-    match ctx
-        .outcomes
-        .record(&rj.spec.job_id)
-        .await?
-        .map(|r| r.status)
-    {
-        Some(s) if s.is_terminal() => adopt_record(rj, ctx, None).await,
-        _ => {
-            let error = "the Job was deleted before the job finished";
-            let extras = Extras {
-                job_name: Some(rj.name_any()),
-                ..Default::default()
-            };
-            ctx.finish(
-                rj,
-                RepoboxJobPhase::Failed,
-                reasons::JOB_MISSING,
-                error,
-                extras,
-                Some(error),
-            )
-            .await
-        }
-    }
-}
-
-/// Stops the job and records `cancelled` (status, Redis, event); frees the slot at once.
-async fn cancel(rj: &RepoboxJob, ctx: &Context, why: &str) -> Result<Action> {
-    delete_job(ctx, &current_job_name(rj)).await?;
-    ctx.finish(
-        rj,
-        RepoboxJobPhase::Cancelled,
-        reasons::CANCELLED,
-        why,
-        Extras::default(),
-        Some(why),
-    )
-    .await
+    Ok(())
 }
 
 /// The RepoboxJob is being deleted: an unfinished job is cancelled first.
 async fn cleanup(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
-    if !rj.phase().is_terminal() {
-        let why = "cancelled: the RepoboxJob was deleted";
-        delete_job(ctx, &current_job_name(rj)).await?;
-        ctx.outcomes.cancel(&rj.spec.job_id, why).await?;
-        ctx.outcomes.expire_output(&rj.spec.job_id).await;
-        ctx.metrics.job_finished("cancelled");
-        info!(job = %rj.name_any(), "job cancelled by deletion");
-    }
-    ctx.dispatch.poke();
+    ctx.execute(rj, plan::plan_cleanup(rj)).await?;
     Ok(Action::await_change())
-}
-
-/// Finished RepoboxJobs are deleted after the retention period.
-async fn retention(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
-    let finished = rj
-        .status
-        .as_ref()
-        .and_then(|s| s.completion_time.as_ref())
-        .map(|t| t.0);
-    let Some(finished) = finished else {
-        return Ok(Action::await_change());
-    };
-    let age = jiff::Timestamp::now()
-        .duration_since(finished)
-        .unsigned_abs();
-    let keep = ctx.cfg.retention();
-    if age >= keep {
-        info!(job = %rj.name_any(), "retention period over; deleting the RepoboxJob");
-        // A line pushed after the job was seen finished may have created the list anew.
-        ctx.outcomes.expire_output(&rj.spec.job_id).await;
-        match ctx
-            .rj_api()
-            .delete(&rj.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(keep - age))
-}
-
-/// Deletes the Job and, with background propagation, its pod (batch/v1 Jobs would otherwise
-/// orphan their pods). A missing Job is fine.
-async fn delete_job(ctx: &Context, name: &str) -> Result<()> {
-    let params = DeleteParams {
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..Default::default()
-    };
-    match ctx.job_api().delete(name, &params).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The Events on a pod (the scheduler's and the cluster autoscaler's), to explain a long wait.
@@ -565,15 +161,6 @@ async fn pod_events(ctx: &Context, pod: &Pod) -> Vec<PodEvent> {
             Vec::new()
         }
     }
-}
-
-/// The (first) pod of a Job, to explain a failure or a long wait.
-async fn first_pod(ctx: &Context, job_name: &str) -> Result<Option<Pod>> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let list = pods
-        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-        .await?;
-    Ok(list.items.into_iter().next())
 }
 
 /// Decides what a failed reconcile means, from [`Error::category`] alone: a permanent error

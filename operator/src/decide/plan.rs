@@ -1,0 +1,677 @@
+//! The reconciler's decisions as one pure function: from what is known about a RepoboxJob (its
+//! spec and status, its Job, the runner pod, the job record in Redis) to the steps that bring
+//! it where it should be.
+//!
+//! Facts are gathered lazily: when a decision needs one not gathered yet, [`plan`] returns
+//! [`Plan::Need`]; the executor (`run::reconcile`) fetches it and plans again. So the happy
+//! path reads nothing it does not need (a running Job costs no Redis read, a pending one no
+//! Event list unless its pod is unschedulable), and every branch is a unit test here.
+//!
+//! Two Redis writes can find that the runner got there first (it recorded its own result).
+//! Their steps say so ([`OnTerminal::Replan`], [`Step::RecordRetry`]): the executor then
+//! forgets the record it read and plans again, which adopts the runner's result.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use repobox_contract::{JobRecord, JobStatus};
+
+use crate::decide::job_builder;
+use crate::decide::retry::{self, AfterDisruption, RetryPolicy};
+use crate::decide::scheduling::{self, PodEvent, Waiting};
+use crate::decide::status::{self, Explained, Extras, JobState, PodFacts};
+use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus, reasons};
+
+/// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
+pub const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// How often a pod waiting for a node is looked at again (the autoscaler's word changes).
+pub const WAITING_RECHECK: Duration = Duration::from_secs(10);
+
+/// How often a pod pending for another reason is looked at again.
+pub const PENDING_RECHECK: Duration = Duration::from_secs(60);
+
+/// After the next attempt's Job is created its watch event brings the next reconcile; this
+/// requeue is the safety net.
+pub const AFTER_CREATE: Duration = Duration::from_secs(30);
+
+/// The settings the decisions take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `PENDING_TIMEOUT_SECONDS`.
+    pub pending_timeout: Duration,
+    /// `UNSCHEDULABLE_GRACE_SECONDS`.
+    pub unschedulable_grace: Duration,
+    /// How long a finished RepoboxJob is kept.
+    pub retention: Duration,
+    /// Retries after infrastructure disruptions.
+    pub retry: RetryPolicy,
+    /// The job's timeout (`activeDeadlineSeconds` of its Job).
+    pub timeout_seconds: i64,
+}
+
+/// The Job of the current attempt, as far as the decisions need it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobFacts {
+    pub name: String,
+    pub created: Option<Time>,
+    pub state: JobState,
+}
+
+/// What is known so far. `None` means "not gathered yet"; `Some(None)` means "looked, absent".
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// The current attempt's Job in the operator's cache.
+    pub cached_job: Option<Option<JobFacts>>,
+    /// The same Job read from the API (asked for only when the cache lacks an admitted job's
+    /// Job: a lagging cache must never read as "the Job is gone").
+    pub api_job: Option<Option<JobFacts>>,
+    /// The runner pod's facts.
+    pub pod: Option<Option<PodFacts>>,
+    /// The Events on the runner pod (the scheduler's and the cluster autoscaler's).
+    pub pod_events: Option<Vec<PodEvent>>,
+    /// The job record in Redis.
+    pub record: Option<Option<JobRecord>>,
+    /// Set when Redis refused a retry (the runner had recorded its result, or the record went):
+    /// the Job's failure is then not the outcome, the record is.
+    pub retry_refused: bool,
+}
+
+/// A fact to gather before deciding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    CachedJob,
+    ApiJob,
+    Pod,
+    PodEvents,
+    Record,
+}
+
+/// What to do after the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    AwaitChange,
+    Requeue(Duration),
+}
+
+/// When a Redis write finds the job already ended by the runner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTerminal {
+    /// Keep the runner's result and carry on.
+    Keep,
+    /// Forget the record read and plan again (which adopts the runner's result).
+    Replan,
+}
+
+/// Something worth telling once a status write changed something (or unconditionally, as a
+/// [`Step::Announce`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Announce {
+    /// An Event on the RepoboxJob.
+    Event {
+        type_: EventType,
+        reason: String,
+        note: String,
+        action: &'static str,
+    },
+    /// The job reached a terminal phase (the outcome counter, a log line).
+    Finished {
+        phase: RepoboxJobPhase,
+        reason: String,
+    },
+    /// A disruption is being retried (the retry counter, a log line).
+    Retried { attempt: u32, kind: &'static str },
+    /// The runner pod runs: record how long it waited for a node and then to start.
+    StartTimes {
+        job_name: String,
+        created: Option<Time>,
+    },
+}
+
+/// One side effect, in the order given.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Wake the dispatcher (a slot may have freed up, or a queued job wants one).
+    PokeDispatcher,
+    /// Create the Job of the attempt the RepoboxJob is at.
+    CreateJob,
+    /// Delete a Job (and its pod, background propagation); a missing Job is fine.
+    DeleteJob(String),
+    /// Delete the RepoboxJob itself (retention); a missing one is fine.
+    DeleteRepoboxJob,
+    /// End the job record: `failed`, or `cancelled` when `phase` is `Cancelled`.
+    RecordEnd {
+        phase: RepoboxJobPhase,
+        error: String,
+        on_terminal: OnTerminal,
+    },
+    /// Move the job record to a new attempt, with `note` appended to its output. If the
+    /// record has ended or gone, plan again with [`Observed::retry_refused`].
+    RecordRetry { attempt: u32, note: String },
+    /// Let the job's output expire (it is finished).
+    ExpireOutput,
+    /// Write the status if it differs from the current one; then announce.
+    WriteStatus {
+        status: Box<RepoboxJobStatus>,
+        if_changed: Vec<Announce>,
+    },
+    /// Announce regardless of any write.
+    Announce(Announce),
+}
+
+/// The decision: gather a fact first, or act.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    Need(Need),
+    Act(Vec<Step>, Then),
+}
+
+impl Plan {
+    fn act(steps: Vec<Step>, then: Then) -> Self {
+        Plan::Act(steps, then)
+    }
+
+    fn wait(then: Then) -> Self {
+        Plan::Act(Vec::new(), then)
+    }
+}
+
+/// The Job of the attempt `rj` is at.
+pub fn current_job_name(rj: &RepoboxJob) -> String {
+    job_builder::job_name(&rj.name_any(), job_builder::attempt(rj))
+}
+
+/// Decides the next steps for a RepoboxJob that is not being deleted.
+pub fn plan(rj: &RepoboxJob, obs: &Observed, s: &Settings, now: Timestamp) -> Plan {
+    let phase = rj.phase();
+    if phase.is_terminal() {
+        return retention(rj, s, now);
+    }
+    if rj.spec.cancel_requested() {
+        let why = "cancelled: spec.cancel was set";
+        let mut steps = vec![Step::DeleteJob(current_job_name(rj))];
+        steps.extend(finish(
+            rj,
+            RepoboxJobPhase::Cancelled,
+            reasons::CANCELLED,
+            why,
+            Extras::default(),
+            Some(why),
+            now,
+        ));
+        return Plan::act(steps, Then::Requeue(s.retention));
+    }
+    let Some(cached) = &obs.cached_job else {
+        return Plan::Need(Need::CachedJob);
+    };
+    let job = match (cached, phase) {
+        (Some(job), _) => Some(job),
+        // Whether a queued job's Job exists is the dispatcher's business (its overlay and
+        // AlreadyExists cover a lagging cache): nothing to ask the API.
+        (None, RepoboxJobPhase::Queued) => {
+            return Plan::act(vec![Step::PokeDispatcher], Then::AwaitChange);
+        }
+        // An admitted job: confirm with the API before calling its Job gone.
+        (None, _) => match &obs.api_job {
+            None => return Plan::Need(Need::ApiJob),
+            Some(job) => job.as_ref(),
+        },
+    };
+    match job {
+        Some(job) => observe(rj, job, obs, s, now),
+        None if awaits_next_attempt(rj) => next_attempt(rj, now),
+        None => job_missing(rj, obs, s, now),
+    }
+}
+
+/// What to do when the RepoboxJob is being deleted: an unfinished job is cancelled first.
+pub fn plan_cleanup(rj: &RepoboxJob) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if !rj.phase().is_terminal() {
+        let why = "cancelled: the RepoboxJob was deleted";
+        steps.extend([
+            Step::DeleteJob(current_job_name(rj)),
+            Step::RecordEnd {
+                phase: RepoboxJobPhase::Cancelled,
+                error: why.to_owned(),
+                on_terminal: OnTerminal::Keep,
+            },
+            Step::ExpireOutput,
+            Step::Announce(Announce::Finished {
+                phase: RepoboxJobPhase::Cancelled,
+                reason: reasons::CANCELLED.to_owned(),
+            }),
+        ]);
+    }
+    steps.push(Step::PokeDispatcher);
+    steps
+}
+
+/// A retry was decided and its Job is not created yet.
+fn awaits_next_attempt(rj: &RepoboxJob) -> bool {
+    rj.status
+        .as_ref()
+        .is_some_and(|s| s.reason.as_deref() == Some(reasons::RETRYING))
+        && job_builder::attempt(rj) > 1
+}
+
+/// Creates the next attempt's Job once its wait is over. The job keeps its quota slot all the
+/// while: its phase stays `Starting`.
+fn next_attempt(rj: &RepoboxJob, now: Timestamp) -> Plan {
+    let due = rj
+        .status
+        .as_ref()
+        .and_then(|s| s.next_attempt_time.as_ref())
+        .map(|t| t.0);
+    let wait = due
+        .map(|due| due.duration_since(now))
+        .filter(|d| d.is_positive())
+        .map(|d| d.unsigned_abs())
+        .unwrap_or_default();
+    if !wait.is_zero() {
+        return Plan::wait(Then::Requeue(wait));
+    }
+    Plan::act(vec![Step::CreateJob], Then::Requeue(AFTER_CREATE))
+}
+
+fn since(t: Option<&Time>, now: Timestamp) -> Duration {
+    t.map(|t| now.duration_since(t.0).unsigned_abs())
+        .unwrap_or_default()
+}
+
+/// Follows the Job of an admitted RepoboxJob.
+fn observe(rj: &RepoboxJob, job: &JobFacts, obs: &Observed, s: &Settings, now: Timestamp) -> Plan {
+    let extras = || Extras {
+        job_name: Some(job.name.clone()),
+        start_time: job.created.clone(),
+        ..Default::default()
+    };
+    match &job.state {
+        // Phases never go backwards (see `status::progress_phase`).
+        state @ (JobState::Pending | JobState::Running)
+            if status::progress_phase(rj.phase(), state).is_none() =>
+        {
+            Plan::wait(Then::AwaitChange)
+        }
+        JobState::Pending => {
+            let pending = since(job.created.as_ref(), now);
+            // Most pods start within moments: only a pod still pending after a short debounce
+            // gets its own `Starting` write (one API write per job saved on the happy path).
+            if rj.phase() == RepoboxJobPhase::Queued && pending < STARTING_DEBOUNCE {
+                return Plan::wait(Then::Requeue(STARTING_DEBOUNCE - pending));
+            }
+            // Why the pod is not running: waiting for a node the autoscaler adds, or for none.
+            let Some(facts) = &obs.pod else {
+                return Plan::Need(Need::Pod);
+            };
+            let waiting = match facts.as_ref().and_then(|f| f.unschedulable.as_deref()) {
+                Some(unschedulable) => match &obs.pod_events {
+                    None => return Plan::Need(Need::PodEvents),
+                    Some(events) => scheduling::waiting(Some(unschedulable), events),
+                },
+                None => Waiting::NotForNode,
+            };
+            if let Some(error) = waiting.give_up(now, s.unschedulable_grace) {
+                let mut steps = vec![Step::DeleteJob(job.name.clone())];
+                steps.extend(finish(
+                    rj,
+                    RepoboxJobPhase::Failed,
+                    reasons::UNSCHEDULABLE,
+                    &error,
+                    extras(),
+                    Some(&error),
+                    now,
+                ));
+                return Plan::act(steps, Then::Requeue(s.retention));
+            }
+            let (reason, message) = match (waiting.reason(), waiting.message()) {
+                (Some(reason), Some(message)) => (reason, message),
+                _ => (reasons::JOB_CREATED, "waiting for the runner pod to start"),
+            };
+            let desired = status::with_phase(
+                rj,
+                RepoboxJobPhase::Starting,
+                reason,
+                message,
+                extras(),
+                &Time(now),
+            );
+            let announce = waiting
+                .reason()
+                .map(|_| event(EventType::Normal, reason, message, "Schedule"));
+            let mut steps = vec![Step::WriteStatus {
+                status: Box::new(desired),
+                if_changed: announce.into_iter().collect(),
+            }];
+            let limit = s.pending_timeout;
+            if pending >= limit {
+                let Explained { reason, error } =
+                    status::explain_pending(limit.as_secs(), facts.as_ref());
+                steps.push(Step::DeleteJob(job.name.clone()));
+                steps.extend(finish(
+                    rj,
+                    RepoboxJobPhase::Failed,
+                    reason,
+                    &error,
+                    extras(),
+                    Some(&error),
+                    now,
+                ));
+                return Plan::act(steps, Then::Requeue(s.retention));
+            }
+            let recheck = if waiting == Waiting::NotForNode {
+                PENDING_RECHECK
+            } else {
+                WAITING_RECHECK
+            };
+            Plan::act(steps, Then::Requeue((limit - pending).min(recheck)))
+        }
+        JobState::Running => {
+            let desired = status::with_phase(
+                rj,
+                RepoboxJobPhase::Running,
+                reasons::POD_RUNNING,
+                "the runner is running",
+                extras(),
+                &Time(now),
+            );
+            let steps = vec![Step::WriteStatus {
+                status: Box::new(desired),
+                if_changed: vec![
+                    event(
+                        EventType::Normal,
+                        reasons::POD_RUNNING,
+                        "the runner pod is running",
+                        "Run",
+                    ),
+                    Announce::StartTimes {
+                        job_name: job.name.clone(),
+                        created: job.created.clone(),
+                    },
+                ],
+            }];
+            Plan::act(steps, Then::AwaitChange)
+        }
+        JobState::Succeeded => adopt_record(rj, obs, s, None, now),
+        JobState::Failed { reason, message } => {
+            adopt_record(rj, obs, s, Some((reason, message)), now)
+        }
+    }
+}
+
+/// The Job ended (or is gone): take the outcome the executor recorded, or record the one it
+/// could not.
+fn adopt_record(
+    rj: &RepoboxJob,
+    obs: &Observed,
+    s: &Settings,
+    job_failure: Option<(&str, &str)>,
+    now: Timestamp,
+) -> Plan {
+    let Some(record) = &obs.record else {
+        return Plan::Need(Need::Record);
+    };
+    let job_failure = job_failure.filter(|_| !obs.retry_refused);
+    let mut extras = Extras {
+        job_name: Some(current_job_name(rj)),
+        ..Default::default()
+    };
+    let (phase, reason, message) = match record.as_ref().map(|r| r.status) {
+        Some(JobStatus::Success) => {
+            let r = record.as_ref();
+            extras.branch = r.and_then(|r| r.branch.clone());
+            extras.commit_sha = r.and_then(|r| r.commit_sha.clone());
+            extras.pr_url = r.and_then(|r| r.pr_url.clone());
+            extras.pr_number = r.and_then(|r| r.pr_number.as_deref()?.parse().ok());
+            extras.pr_error = r.and_then(|r| r.pr_error.clone());
+            let message = match &extras.branch {
+                Some(b) => format!("pushed {b}"),
+                None => "finished: no changes were needed".to_owned(),
+            };
+            (RepoboxJobPhase::Succeeded, reasons::SUCCEEDED, message)
+        }
+        Some(JobStatus::Failed) => {
+            let error = record.as_ref().and_then(|r| r.error.clone());
+            let error = error.unwrap_or_else(|| "the job failed".into());
+            (RepoboxJobPhase::Failed, reasons::JOB_FAILED, error)
+        }
+        Some(JobStatus::Cancelled) => {
+            let why = record.as_ref().and_then(|r| r.error.clone());
+            let why = why.unwrap_or_else(|| "cancelled".into());
+            (RepoboxJobPhase::Cancelled, reasons::CANCELLED, why)
+        }
+        None => (
+            RepoboxJobPhase::Failed,
+            reasons::JOB_FAILED,
+            "the job record disappeared from Redis before the job finished".to_owned(),
+        ),
+        // The executor did not record an outcome: the pod was killed or never ran the job.
+        Some(JobStatus::Pending | JobStatus::Running) => {
+            let Explained { reason, error } = match job_failure {
+                Some((job_reason, job_message)) => {
+                    let Some(facts) = &obs.pod else {
+                        return Plan::Need(Need::Pod);
+                    };
+                    let explained = status::explain_job_failure(
+                        job_reason,
+                        job_message,
+                        s.timeout_seconds,
+                        facts.as_ref(),
+                    );
+                    if explained.reason != reasons::EVICTED {
+                        explained
+                    } else {
+                        // An infrastructure disruption: run again if that is safe.
+                        let disruption = facts.as_ref().and_then(|f| f.disruption.as_deref());
+                        let recorded_step = record.as_ref().and_then(|r| r.step.as_deref());
+                        match retry::after_disruption(
+                            job_builder::attempt(rj),
+                            s.retry,
+                            recorded_step,
+                            &retry::describe(disruption),
+                        ) {
+                            AfterDisruption::Fail(e) => e,
+                            AfterDisruption::Retry {
+                                attempt,
+                                delay,
+                                message,
+                            } => {
+                                let kind = retry::kind(disruption);
+                                return schedule_retry(rj, attempt, delay, &message, kind, now);
+                            }
+                        }
+                    }
+                }
+                None => Explained {
+                    reason: reasons::JOB_FAILED,
+                    error: "the job runner exited without recording a result".into(),
+                },
+            };
+            // Record it; if the executor won a race and ended it meanwhile, adopt that instead.
+            let mut steps = vec![Step::RecordEnd {
+                phase: RepoboxJobPhase::Failed,
+                error: error.clone(),
+                on_terminal: OnTerminal::Replan,
+            }];
+            steps.extend(finish(
+                rj,
+                RepoboxJobPhase::Failed,
+                reason,
+                &error,
+                extras,
+                None,
+                now,
+            ));
+            return Plan::act(steps, Then::Requeue(s.retention));
+        }
+    };
+    let steps = finish(rj, phase, reason, &message, extras, None, now);
+    Plan::act(steps, Then::Requeue(s.retention))
+}
+
+/// Moves the job to its next attempt: Redis first (the attempt a runner may start, the note in
+/// the output), then the status with the time the new Job is due. Repeating it is harmless.
+fn schedule_retry(
+    rj: &RepoboxJob,
+    attempt: u32,
+    delay: Duration,
+    message: &str,
+    kind: &'static str,
+    now: Timestamp,
+) -> Plan {
+    let due = jiff::SignedDuration::try_from(delay)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(now);
+    let desired = status::with_phase(
+        rj,
+        RepoboxJobPhase::Starting,
+        reasons::RETRYING,
+        message,
+        Extras {
+            job_name: Some(job_builder::job_name(&rj.name_any(), attempt)),
+            attempt: Some(attempt),
+            next_attempt_time: Some(Time(due)),
+            ..Default::default()
+        },
+        &Time(now),
+    );
+    let steps = vec![
+        Step::RecordRetry {
+            attempt,
+            note: format!("==> {message}"),
+        },
+        Step::WriteStatus {
+            status: Box::new(desired),
+            if_changed: vec![
+                Announce::Retried { attempt, kind },
+                event(EventType::Warning, reasons::RETRYING, message, "Retry"),
+            ],
+        },
+    ];
+    Plan::act(steps, Then::Requeue(delay))
+}
+
+/// An admitted RepoboxJob whose Job is gone (deleted by hand, or by TTL before we saw it end).
+fn job_missing(rj: &RepoboxJob, obs: &Observed, s: &Settings, now: Timestamp) -> Plan {
+    let Some(record) = &obs.record else {
+        return Plan::Need(Need::Record);
+    };
+    if record.as_ref().is_some_and(|r| r.status.is_terminal()) {
+        return adopt_record(rj, obs, s, None, now);
+    }
+    let error = "the Job was deleted before the job finished";
+    let extras = Extras {
+        job_name: Some(rj.name_any()),
+        ..Default::default()
+    };
+    let steps = finish(
+        rj,
+        RepoboxJobPhase::Failed,
+        reasons::JOB_MISSING,
+        error,
+        extras,
+        Some(error),
+        now,
+    );
+    Plan::act(steps, Then::Requeue(s.retention))
+}
+
+/// Finished RepoboxJobs are deleted after the retention period.
+fn retention(rj: &RepoboxJob, s: &Settings, now: Timestamp) -> Plan {
+    let finished = rj
+        .status
+        .as_ref()
+        .and_then(|st| st.completion_time.as_ref());
+    let Some(finished) = finished else {
+        return Plan::wait(Then::AwaitChange);
+    };
+    let age = since(Some(finished), now);
+    if age >= s.retention {
+        // A line pushed after the job was seen finished may have created the list anew.
+        return Plan::act(
+            vec![Step::ExpireOutput, Step::DeleteRepoboxJob],
+            Then::AwaitChange,
+        );
+    }
+    Plan::wait(Then::Requeue(s.retention - age))
+}
+
+fn event(type_: EventType, reason: &str, note: &str, action: &'static str) -> Announce {
+    Announce::Event {
+        type_,
+        reason: reason.to_owned(),
+        note: note.to_owned(),
+        action,
+    }
+}
+
+/// A queued job's waiting reason, the dispatcher's word; an Event when the reason changes.
+pub fn queued(rj: &RepoboxJob, reason: &str, message: &str, now: Timestamp) -> Vec<Step> {
+    let new_reason = rj.status.as_ref().and_then(|s| s.reason.as_deref()) != Some(reason);
+    let desired = status::with_phase(
+        rj,
+        RepoboxJobPhase::Queued,
+        reason,
+        message,
+        Extras::default(),
+        &Time(now),
+    );
+    vec![Step::WriteStatus {
+        status: Box::new(desired),
+        if_changed: new_reason
+            .then(|| event(EventType::Normal, reason, message, "Queue"))
+            .into_iter()
+            .collect(),
+    }]
+}
+
+/// Moves a RepoboxJob to a terminal phase; `redis_error`, when given, is recorded as the
+/// job's `failed` (or `cancelled`) error unless the job record already ended. The output
+/// expires before the status says finished: whoever sees the job finished sees it expiring.
+pub fn finish(
+    rj: &RepoboxJob,
+    phase: RepoboxJobPhase,
+    reason: &str,
+    message: &str,
+    extras: Extras,
+    redis_error: Option<&str>,
+    now: Timestamp,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if let Some(error) = redis_error {
+        steps.push(Step::RecordEnd {
+            phase,
+            error: error.to_owned(),
+            on_terminal: OnTerminal::Keep,
+        });
+    }
+    steps.push(Step::ExpireOutput);
+    let type_ = if phase == RepoboxJobPhase::Succeeded {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    steps.push(Step::WriteStatus {
+        status: Box::new(status::with_phase(
+            rj,
+            phase,
+            reason,
+            message,
+            extras,
+            &Time(now),
+        )),
+        if_changed: vec![
+            event(type_, reason, message, "Finish"),
+            Announce::Finished {
+                phase,
+                reason: reason.to_owned(),
+            },
+        ],
+    });
+    steps.push(Step::PokeDispatcher);
+    steps
+}
