@@ -675,3 +675,700 @@ pub fn finish(
     steps.push(Step::PokeDispatcher);
     steps
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::decide::scheduling::{NOT_TRIGGER_SCALE_UP, TRIGGERED_SCALE_UP};
+    use crate::model::crd::RepoboxJobSpec;
+
+    const NOW: &str = "2026-01-01T01:00:00Z";
+
+    fn now() -> Timestamp {
+        NOW.parse().unwrap()
+    }
+
+    /// `secs` seconds before [`NOW`].
+    fn ago(secs: i64) -> Time {
+        Time(now() - jiff::SignedDuration::from_secs(secs))
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            pending_timeout: Duration::from_secs(600),
+            unschedulable_grace: Duration::from_secs(60),
+            retention: Duration::from_secs(3600),
+            retry: RetryPolicy {
+                max_retries: 2,
+                backoff: Duration::from_secs(10),
+            },
+            timeout_seconds: 900,
+        }
+    }
+
+    fn rj(phase: Option<RepoboxJobPhase>) -> RepoboxJob {
+        let mut rj = RepoboxJob::new(
+            "job-1",
+            RepoboxJobSpec {
+                job_id: "job-1".into(),
+                user_id: "u".into(),
+                repo: "https://h/r.git".into(),
+                stream_entry_id: "1-0".into(),
+                provider_id: None,
+                base_branch: None,
+                timeout_seconds: None,
+                cancel: None,
+                plan: None,
+            },
+        );
+        rj.metadata = ObjectMeta {
+            name: Some("job-1".into()),
+            generation: Some(1),
+            creation_timestamp: Some(ago(100)),
+            ..Default::default()
+        };
+        rj.status = phase.map(|phase| RepoboxJobStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        rj
+    }
+
+    fn job(state: JobState, age_secs: i64) -> JobFacts {
+        JobFacts {
+            name: "job-1".into(),
+            created: Some(ago(age_secs)),
+            state,
+        }
+    }
+
+    fn record(status: &str, extra: &[(&str, &str)]) -> JobRecord {
+        let mut map: HashMap<String, String> = [
+            ("userId", "u"),
+            ("providerId", "p"),
+            ("repoUrl", "https://h/r.git"),
+            ("status", status),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        map.retain(|_, v| !v.is_empty());
+        JobRecord::from_hash("job-1", map).unwrap()
+    }
+
+    /// What the plan comes to once every fact it asks for is taken from `facts`; panics if it
+    /// asks for one that `facts` lacks, and returns the needs in the order asked.
+    fn settle(rj: &RepoboxJob, facts: &Observed) -> (Vec<Need>, Vec<Step>, Then) {
+        let mut obs = Observed {
+            retry_refused: facts.retry_refused,
+            ..Default::default()
+        };
+        let mut needs = Vec::new();
+        loop {
+            match plan(rj, &obs, &settings(), now()) {
+                Plan::Act(steps, then) => return (needs, steps, then),
+                Plan::Need(need) => {
+                    needs.push(need);
+                    match need {
+                        Need::CachedJob => {
+                            obs.cached_job = Some(facts.cached_job.clone().expect("cached job"))
+                        }
+                        Need::ApiJob => obs.api_job = Some(facts.api_job.clone().expect("api job")),
+                        Need::Pod => obs.pod = Some(facts.pod.clone().expect("pod")),
+                        Need::PodEvents => {
+                            obs.pod_events = Some(facts.pod_events.clone().expect("events"))
+                        }
+                        Need::Record => obs.record = Some(facts.record.clone().expect("record")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The phase and reason a step list writes last.
+    fn written(steps: &[Step]) -> Vec<(RepoboxJobPhase, String)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::WriteStatus { status, .. } => {
+                    Some((status.phase.unwrap(), status.reason.clone().unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(steps: &[Step]) -> Vec<&'static str> {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::PokeDispatcher => "poke",
+                Step::CreateJob => "create-job",
+                Step::DeleteJob(_) => "delete-job",
+                Step::DeleteRepoboxJob => "delete-rj",
+                Step::RecordEnd { .. } => "record-end",
+                Step::RecordRetry { .. } => "record-retry",
+                Step::ExpireOutput => "expire-output",
+                Step::WriteStatus { .. } => "write-status",
+                Step::Announce(_) => "announce",
+            })
+            .collect()
+    }
+
+    fn finished(rj: &mut RepoboxJob, phase: RepoboxJobPhase, secs_ago: Option<i64>) {
+        let status = rj.status.get_or_insert_default();
+        status.phase = Some(phase);
+        status.completion_time = secs_ago.map(ago);
+    }
+
+    #[test]
+    fn finished_jobs_are_deleted_after_retention_and_not_before() {
+        for phase in [
+            RepoboxJobPhase::Succeeded,
+            RepoboxJobPhase::Failed,
+            RepoboxJobPhase::Cancelled,
+        ] {
+            let mut r = rj(None);
+            finished(&mut r, phase, None);
+            assert_eq!(
+                settle(&r, &Observed::default()),
+                (vec![], vec![], Then::AwaitChange)
+            );
+            finished(&mut r, phase, Some(600));
+            assert_eq!(
+                settle(&r, &Observed::default()),
+                (vec![], vec![], Then::Requeue(Duration::from_secs(3000)))
+            );
+            finished(&mut r, phase, Some(3600));
+            let (needs, steps, then) = settle(&r, &Observed::default());
+            assert!(needs.is_empty());
+            assert_eq!(steps, [Step::ExpireOutput, Step::DeleteRepoboxJob]);
+            assert_eq!(then, Then::AwaitChange);
+        }
+    }
+
+    #[test]
+    fn spec_cancel_deletes_the_job_and_records_cancelled_without_reading_anything() {
+        for phase in [
+            None,
+            Some(RepoboxJobPhase::Queued),
+            Some(RepoboxJobPhase::Running),
+        ] {
+            let mut r = rj(phase);
+            r.spec.cancel = Some(true);
+            let (needs, steps, then) = settle(&r, &Observed::default());
+            assert!(needs.is_empty());
+            assert_eq!(
+                kinds(&steps),
+                [
+                    "delete-job",
+                    "record-end",
+                    "expire-output",
+                    "write-status",
+                    "poke"
+                ]
+            );
+            assert_eq!(steps[0], Step::DeleteJob("job-1".into()));
+            assert!(matches!(
+                &steps[1],
+                Step::RecordEnd {
+                    phase: RepoboxJobPhase::Cancelled,
+                    on_terminal: OnTerminal::Keep,
+                    ..
+                }
+            ));
+            assert_eq!(
+                written(&steps),
+                [(RepoboxJobPhase::Cancelled, reasons::CANCELLED.to_owned())]
+            );
+            assert_eq!(then, Then::Requeue(Duration::from_secs(3600)));
+        }
+    }
+
+    #[test]
+    fn a_queued_job_without_a_job_pokes_the_dispatcher_and_never_asks_the_api() {
+        for phase in [None, Some(RepoboxJobPhase::Queued)] {
+            let facts = Observed {
+                cached_job: Some(None),
+                ..Default::default()
+            };
+            let (needs, steps, then) = settle(&rj(phase), &facts);
+            assert_eq!(needs, [Need::CachedJob]);
+            assert_eq!(steps, [Step::PokeDispatcher]);
+            assert_eq!(then, Then::AwaitChange);
+        }
+    }
+
+    #[test]
+    fn an_admitted_job_missing_from_the_cache_is_confirmed_with_the_api() {
+        let r = rj(Some(RepoboxJobPhase::Running));
+        let facts = Observed {
+            cached_job: Some(None),
+            api_job: Some(Some(job(JobState::Running, 50))),
+            ..Default::default()
+        };
+        let (needs, steps, _) = settle(&r, &facts);
+        assert_eq!(needs, [Need::CachedJob, Need::ApiJob]);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Running, reasons::POD_RUNNING.to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_job_gone_before_the_end_fails_unless_the_runner_recorded_the_outcome() {
+        let r = rj(Some(RepoboxJobPhase::Running));
+        let mut facts = Observed {
+            cached_job: Some(None),
+            api_job: Some(None),
+            record: Some(Some(record("running", &[]))),
+            ..Default::default()
+        };
+        let (needs, steps, _) = settle(&r, &facts);
+        assert_eq!(needs, [Need::CachedJob, Need::ApiJob, Need::Record]);
+        assert_eq!(
+            kinds(&steps),
+            ["record-end", "expire-output", "write-status", "poke"]
+        );
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Failed, reasons::JOB_MISSING.to_owned())]
+        );
+
+        facts.record = Some(Some(record("success", &[("branch", "repobox/job-1")])));
+        let (_, steps, _) = settle(&r, &facts);
+        assert_eq!(kinds(&steps), ["expire-output", "write-status", "poke"]);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Succeeded, reasons::SUCCEEDED.to_owned())]
+        );
+    }
+
+    fn retrying(due_in_secs: i64) -> RepoboxJob {
+        let mut r = rj(Some(RepoboxJobPhase::Starting));
+        let s = r.status.get_or_insert_default();
+        s.reason = Some(reasons::RETRYING.into());
+        s.attempt = Some(2);
+        s.next_attempt_time = Some(ago(-due_in_secs));
+        r
+    }
+
+    #[test]
+    fn the_next_attempt_is_created_when_due() {
+        let facts = Observed {
+            cached_job: Some(None),
+            api_job: Some(None),
+            ..Default::default()
+        };
+        let (needs, steps, then) = settle(&retrying(7), &facts);
+        assert_eq!(needs, [Need::CachedJob, Need::ApiJob]);
+        assert!(steps.is_empty());
+        assert_eq!(then, Then::Requeue(Duration::from_secs(7)));
+        let (_, steps, then) = settle(&retrying(-1), &facts);
+        assert_eq!(steps, [Step::CreateJob]);
+        assert_eq!(then, Then::Requeue(AFTER_CREATE));
+        assert_eq!(current_job_name(&retrying(0)), "job-1-r2");
+    }
+
+    #[test]
+    fn a_fresh_pending_pod_costs_nothing_during_the_debounce() {
+        let facts = Observed {
+            cached_job: Some(Some(job(JobState::Pending, 0))),
+            ..Default::default()
+        };
+        let (needs, steps, then) = settle(&rj(Some(RepoboxJobPhase::Queued)), &facts);
+        assert_eq!(needs, [Need::CachedJob]);
+        assert!(steps.is_empty());
+        assert_eq!(then, Then::Requeue(STARTING_DEBOUNCE));
+    }
+
+    #[test]
+    fn a_pod_pending_for_another_reason_shows_starting_quietly() {
+        let facts = Observed {
+            cached_job: Some(Some(job(JobState::Pending, 30))),
+            pod: Some(Some(PodFacts::default())),
+            ..Default::default()
+        };
+        let (needs, steps, then) = settle(&rj(Some(RepoboxJobPhase::Queued)), &facts);
+        assert_eq!(needs, [Need::CachedJob, Need::Pod]);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Starting, reasons::JOB_CREATED.to_owned())]
+        );
+        assert!(matches!(&steps[0], Step::WriteStatus { if_changed, .. } if if_changed.is_empty()));
+        assert_eq!(then, Then::Requeue(PENDING_RECHECK));
+    }
+
+    fn pod_event(reason: &str, secs_ago: i64) -> PodEvent {
+        let t = ago(secs_ago).0;
+        PodEvent {
+            reason: reason.into(),
+            message: format!("{reason} message"),
+            first: Some(t),
+            last: Some(t),
+        }
+    }
+
+    fn unschedulable(events: Vec<PodEvent>, age: i64) -> Observed {
+        Observed {
+            cached_job: Some(Some(job(JobState::Pending, age))),
+            pod: Some(Some(PodFacts {
+                unschedulable: Some("0/1 nodes are available".into()),
+                ..Default::default()
+            })),
+            pod_events: Some(events),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_waiting_for_a_scale_up_says_so_and_is_never_failed_for_it() {
+        let facts = unschedulable(vec![pod_event(TRIGGERED_SCALE_UP, 300)], 400);
+        let (needs, steps, then) = settle(&rj(Some(RepoboxJobPhase::Starting)), &facts);
+        assert_eq!(needs, [Need::CachedJob, Need::Pod, Need::PodEvents]);
+        assert_eq!(
+            written(&steps),
+            [(
+                RepoboxJobPhase::Starting,
+                reasons::WAITING_FOR_NODE.to_owned()
+            )]
+        );
+        assert!(matches!(&steps[0], Step::WriteStatus { if_changed, .. } if if_changed.len() == 1));
+        assert_eq!(then, Then::Requeue(WAITING_RECHECK));
+    }
+
+    #[test]
+    fn a_pod_no_node_group_fits_fails_after_the_grace() {
+        let r = rj(Some(RepoboxJobPhase::Starting));
+        let within = unschedulable(vec![pod_event(NOT_TRIGGER_SCALE_UP, 30)], 40);
+        let (_, steps, _) = settle(&r, &within);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Starting, reasons::UNSCHEDULABLE.to_owned())]
+        );
+        let past = unschedulable(vec![pod_event(NOT_TRIGGER_SCALE_UP, 90)], 100);
+        let (_, steps, then) = settle(&r, &past);
+        assert_eq!(
+            kinds(&steps),
+            [
+                "delete-job",
+                "record-end",
+                "expire-output",
+                "write-status",
+                "poke"
+            ]
+        );
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Failed, reasons::UNSCHEDULABLE.to_owned())]
+        );
+        assert_eq!(then, Then::Requeue(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn a_pod_pending_past_the_timeout_fails_with_the_reason() {
+        let facts = Observed {
+            cached_job: Some(Some(job(JobState::Pending, 601))),
+            pod: Some(Some(PodFacts {
+                waiting_reason: Some("ImagePullBackOff".into()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let (_, steps, _) = settle(&rj(Some(RepoboxJobPhase::Starting)), &facts);
+        assert_eq!(
+            kinds(&steps),
+            [
+                "write-status",
+                "delete-job",
+                "record-end",
+                "expire-output",
+                "write-status",
+                "poke"
+            ]
+        );
+        let last = written(&steps).pop().unwrap();
+        assert_eq!(last.0, RepoboxJobPhase::Failed);
+    }
+
+    #[test]
+    fn a_running_pod_is_written_once_with_its_start_times() {
+        for phase in [
+            Some(RepoboxJobPhase::Queued),
+            Some(RepoboxJobPhase::Starting),
+        ] {
+            let facts = Observed {
+                cached_job: Some(Some(job(JobState::Running, 30))),
+                ..Default::default()
+            };
+            let (needs, steps, then) = settle(&rj(phase), &facts);
+            assert_eq!(needs, [Need::CachedJob]);
+            assert_eq!(
+                written(&steps),
+                [(RepoboxJobPhase::Running, reasons::POD_RUNNING.to_owned())]
+            );
+            let Step::WriteStatus { if_changed, .. } = &steps[0] else {
+                panic!("{steps:?}")
+            };
+            assert!(matches!(if_changed[1], Announce::StartTimes { .. }));
+            assert_eq!(then, Then::AwaitChange);
+        }
+    }
+
+    #[test]
+    fn phases_never_go_backwards() {
+        let facts = Observed {
+            cached_job: Some(Some(job(JobState::Pending, 30))),
+            ..Default::default()
+        };
+        let (needs, steps, then) = settle(&rj(Some(RepoboxJobPhase::Running)), &facts);
+        assert_eq!(
+            (needs, steps, then),
+            (vec![Need::CachedJob], vec![], Then::AwaitChange)
+        );
+    }
+
+    fn ended(state: JobState, record: JobRecord, pod: PodFacts) -> Observed {
+        Observed {
+            cached_job: Some(Some(job(state, 300))),
+            record: Some(Some(record)),
+            pod: Some(Some(pod)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_runners_recorded_outcome_is_adopted() {
+        let r = rj(Some(RepoboxJobPhase::Running));
+        let cases = [
+            ("success", RepoboxJobPhase::Succeeded, reasons::SUCCEEDED),
+            ("failed", RepoboxJobPhase::Failed, reasons::JOB_FAILED),
+            ("cancelled", RepoboxJobPhase::Cancelled, reasons::CANCELLED),
+        ];
+        for (status, phase, reason) in cases {
+            let facts = ended(
+                JobState::Succeeded,
+                record(status, &[("error", "boom")]),
+                PodFacts::default(),
+            );
+            let (needs, steps, _) = settle(&r, &facts);
+            assert_eq!(needs, [Need::CachedJob, Need::Record], "{status}");
+            assert_eq!(
+                kinds(&steps),
+                ["expire-output", "write-status", "poke"],
+                "{status}"
+            );
+            assert_eq!(written(&steps), [(phase, reason.to_owned())], "{status}");
+        }
+    }
+
+    #[test]
+    fn a_success_carries_branch_commit_and_pull_request() {
+        let rec = record(
+            "success",
+            &[
+                ("branch", "repobox/abc"),
+                ("commitSha", "c0ffee"),
+                ("prUrl", "https://h/pr/7"),
+                ("prNumber", "7"),
+            ],
+        );
+        let (_, steps, _) = settle(
+            &rj(Some(RepoboxJobPhase::Running)),
+            &ended(JobState::Succeeded, rec, PodFacts::default()),
+        );
+        let Step::WriteStatus { status, .. } = &steps[1] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(status.message.as_deref(), Some("pushed repobox/abc"));
+        assert_eq!(status.branch.as_deref(), Some("repobox/abc"));
+        assert_eq!(status.pr_number, Some(7));
+    }
+
+    #[test]
+    fn a_job_that_ended_without_a_recorded_result_is_explained_and_recorded() {
+        let r = rj(Some(RepoboxJobPhase::Running));
+        let oom = PodFacts {
+            terminated_reason: Some("OOMKilled".into()),
+            exit_code: Some(137),
+            ..Default::default()
+        };
+        let failed = JobState::Failed {
+            reason: "PodFailurePolicy".into(),
+            message: "Container runner exited with 137".into(),
+        };
+        let (needs, steps, _) = settle(&r, &ended(failed, record("running", &[]), oom));
+        assert_eq!(needs, [Need::CachedJob, Need::Record, Need::Pod]);
+        assert_eq!(
+            kinds(&steps),
+            ["record-end", "expire-output", "write-status", "poke"]
+        );
+        assert!(matches!(
+            &steps[0],
+            Step::RecordEnd {
+                on_terminal: OnTerminal::Replan,
+                ..
+            }
+        ));
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Failed, reasons::OOM_KILLED.to_owned())]
+        );
+        let deadline = JobState::Failed {
+            reason: "DeadlineExceeded".into(),
+            message: String::new(),
+        };
+        let (_, steps, _) = settle(
+            &r,
+            &ended(deadline, record("running", &[]), PodFacts::default()),
+        );
+        assert_eq!(
+            written(&steps),
+            [(
+                RepoboxJobPhase::Failed,
+                reasons::DEADLINE_EXCEEDED.to_owned()
+            )]
+        );
+        // A Job that succeeded although the runner recorded nothing.
+        let (needs, steps, _) = settle(
+            &r,
+            &ended(
+                JobState::Succeeded,
+                record("running", &[]),
+                PodFacts::default(),
+            ),
+        );
+        assert_eq!(needs, [Need::CachedJob, Need::Record]);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Failed, reasons::JOB_FAILED.to_owned())]
+        );
+    }
+
+    fn evicted() -> (JobState, PodFacts) {
+        (
+            JobState::Failed {
+                reason: "PodFailurePolicy".into(),
+                message: "Pod matched rule 0 (DisruptionTarget)".into(),
+            },
+            PodFacts {
+                disruption: Some("EvictionByEvictionAPI".into()),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_disruption_before_the_push_is_retried_as_a_new_attempt() {
+        let r = rj(Some(RepoboxJobPhase::Running));
+        let (state, pod) = evicted();
+        let (_, steps, then) = settle(
+            &r,
+            &ended(state, record("running", &[("step", "agent")]), pod),
+        );
+        assert_eq!(kinds(&steps), ["record-retry", "write-status"]);
+        assert!(
+            matches!(&steps[0], Step::RecordRetry { attempt: 2, note } if note.starts_with("==> "))
+        );
+        let Step::WriteStatus { status, if_changed } = &steps[1] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(status.phase, Some(RepoboxJobPhase::Starting));
+        assert_eq!(status.reason.as_deref(), Some(reasons::RETRYING));
+        assert_eq!(status.attempt, Some(2));
+        assert_eq!(status.job_name.as_deref(), Some("job-1-r2"));
+        assert_eq!(status.next_attempt_time, Some(ago(-10)));
+        assert!(matches!(
+            if_changed[0],
+            Announce::Retried {
+                attempt: 2,
+                kind: "eviction"
+            }
+        ));
+        assert_eq!(then, Then::Requeue(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_disruption_during_the_push_fails_the_job() {
+        let (state, pod) = evicted();
+        let rec = record("running", &[("step", "pushing")]);
+        let (_, steps, _) = settle(&rj(Some(RepoboxJobPhase::Running)), &ended(state, rec, pod));
+        assert_eq!(
+            kinds(&steps),
+            ["record-end", "expire-output", "write-status", "poke"]
+        );
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Failed, reasons::EVICTED.to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_refused_retry_adopts_the_record() {
+        let (state, pod) = evicted();
+        let mut facts = ended(state, record("success", &[("branch", "repobox/x")]), pod);
+        facts.retry_refused = true;
+        let (_, steps, _) = settle(&rj(Some(RepoboxJobPhase::Running)), &facts);
+        assert_eq!(
+            written(&steps),
+            [(RepoboxJobPhase::Succeeded, reasons::SUCCEEDED.to_owned())]
+        );
+        // Refused and still unfinished in Redis (a race): failed, not retried again.
+        let (state, pod) = evicted();
+        let mut facts = ended(state, record("running", &[("step", "agent")]), pod);
+        facts.retry_refused = true;
+        let (_, steps, _) = settle(&rj(Some(RepoboxJobPhase::Running)), &facts);
+        assert_eq!(
+            kinds(&steps),
+            ["record-end", "expire-output", "write-status", "poke"]
+        );
+    }
+
+    #[test]
+    fn a_vanished_record_fails_the_job() {
+        let facts = Observed {
+            cached_job: Some(Some(job(JobState::Succeeded, 300))),
+            record: Some(None),
+            ..Default::default()
+        };
+        let (_, steps, _) = settle(&rj(Some(RepoboxJobPhase::Running)), &facts);
+        assert_eq!(kinds(&steps), ["expire-output", "write-status", "poke"]);
+        let Step::WriteStatus { status, .. } = &steps[1] else {
+            panic!("{steps:?}")
+        };
+        assert!(status.message.as_deref().unwrap().contains("disappeared"));
+    }
+
+    #[test]
+    fn cleanup_cancels_only_unfinished_jobs() {
+        let steps = plan_cleanup(&rj(Some(RepoboxJobPhase::Running)));
+        assert_eq!(
+            kinds(&steps),
+            [
+                "delete-job",
+                "record-end",
+                "expire-output",
+                "announce",
+                "poke"
+            ]
+        );
+        let mut done = rj(None);
+        finished(&mut done, RepoboxJobPhase::Succeeded, Some(5));
+        assert_eq!(plan_cleanup(&done), [Step::PokeDispatcher]);
+    }
+
+    #[test]
+    fn a_queued_reason_is_announced_only_when_it_changes() {
+        let mut r = rj(Some(RepoboxJobPhase::Queued));
+        let steps = queued(&r, reasons::USER_QUOTA_EXCEEDED, "1 of 1 running", now());
+        assert!(matches!(&steps[0], Step::WriteStatus { if_changed, .. } if if_changed.len() == 1));
+        r.status.as_mut().unwrap().reason = Some(reasons::USER_QUOTA_EXCEEDED.into());
+        let steps = queued(&r, reasons::USER_QUOTA_EXCEEDED, "1 of 1 running", now());
+        assert!(matches!(&steps[0], Step::WriteStatus { if_changed, .. } if if_changed.is_empty()));
+    }
+}
