@@ -4,8 +4,9 @@
 //! the job record and its status machine ([`record`]), the atomic status transitions
 //! ([`transitions`]), the live events published with every output and status write
 //! ([`events`]), the token envelope ([`crypto`]), token masking ([`mask`]), the timestamp
-//! format ([`time`]) and the URL rules ([`urls`]: Redis URL validation, repository URL
-//! cleaning, provider host check). `docs/redis-contract.md` describes the same in prose.
+//! format ([`time`]), the URL rules ([`urls`]: Redis URL validation, repository URL
+//! cleaning, provider host check) and the jobs stream's entry ids ([`stream`]).
+//! `docs/redis-contract.md` describes the same in prose.
 
 pub mod crypto;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod keys;
 pub mod mask;
 pub mod pod;
 pub mod record;
+pub mod stream;
 pub mod time;
 pub mod transitions;
 pub mod urls;
@@ -20,6 +22,7 @@ pub mod urls;
 pub use crypto::{CryptoError, EncryptionKey, KeyError, Token};
 pub use mask::{Masker, mask_token};
 pub use record::{JobRecord, JobStatus, ProviderRecord, RecordError};
+pub use stream::{EntryId, ParseEntryIdError};
 
 /// Installs rustls' `ring` provider as the process default, once: `rediss://` connections (and
 /// kube's client in the operator) need one, and two providers in the build would otherwise

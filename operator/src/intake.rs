@@ -44,7 +44,6 @@ use repobox_contract::{JobStatus, keys};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admission::StreamId as EntryId;
 use crate::config::Config;
 use crate::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
 use crate::job_builder::{LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY};
@@ -54,6 +53,7 @@ use crate::outcome::Outcomes;
 use crate::reconcile::{FIELD_MANAGER, FINALIZER};
 use crate::server::Health;
 use crate::{Error, Result};
+use repobox_contract::EntryId;
 
 /// Entries read per XREADGROUP / XAUTOCLAIM call.
 const BATCH: usize = 100;
