@@ -5,8 +5,9 @@
 //! ([`transitions`]), the live events published with every output and status write
 //! ([`events`]), the token envelope ([`crypto`]), token masking ([`mask`]), the timestamp
 //! format ([`time`]), the URL rules ([`urls`]: Redis URL validation, repository URL
-//! cleaning, provider host check) and the jobs stream's entry ids ([`stream`]).
-//! `docs/redis-contract.md` describes the same in prose.
+//! cleaning, provider host check), the jobs stream's entry ids ([`stream`]), and between the
+//! operator and the runner pod: the pod's layout ([`pod`]) and the runner's environment
+//! ([`runner_env`]). `docs/redis-contract.md` describes the same in prose.
 
 pub mod crypto;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod keys;
 pub mod mask;
 pub mod pod;
 pub mod record;
+pub mod runner_env;
 pub mod stream;
 pub mod time;
 pub mod transitions;
