@@ -35,8 +35,16 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Reads the process environment.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
-        let get = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `get` (the environment in production, a map in tests).
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let get = |n: &str| get(n).filter(|v| !v.trim().is_empty());
         let missing = |setting| crate::config::ConfigError {
             setting,
             problem: "is required".into(),
