@@ -108,12 +108,21 @@ mod tests {
         let task = cancel_on_signals(token.clone(), move |name| {
             let _ = tx.send(name);
         });
-        // Let the task install its handlers before the signal arrives.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), token.cancelled())
-            .await
-            .unwrap();
+        // A listener of our own first, so that a SIGINT raised before the task's handlers are
+        // in place is caught rather than ending the test process; raise until one lands.
+        let _guard = signal(SignalKind::interrupt()).unwrap();
+        let mut cancelled = false;
+        for _ in 0..50 {
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT).unwrap();
+            if tokio::time::timeout(Duration::from_millis(100), token.cancelled())
+                .await
+                .is_ok()
+            {
+                cancelled = true;
+                break;
+            }
+        }
+        assert!(cancelled, "SIGINT did not cancel the token");
         assert_eq!(rx.await.unwrap(), "SIGINT");
         task.await.unwrap();
     }
