@@ -4,8 +4,10 @@
 //! the job record and its status machine ([`record`]), the atomic status transitions
 //! ([`transitions`]), the live events published with every output and status write
 //! ([`events`]), the token envelope ([`crypto`]), token masking ([`mask`]), the timestamp
-//! format ([`time`]) and the URL rules ([`urls`]: Redis URL validation, repository URL
-//! cleaning, provider host check). `docs/redis-contract.md` describes the same in prose.
+//! format ([`time`]), the URL rules ([`urls`]: Redis URL validation, repository URL
+//! cleaning, provider host check), the jobs stream's entry ids ([`stream`]), and between the
+//! operator and the runner pod: the pod's layout ([`pod`]) and the runner's environment
+//! ([`runner_env`]). `docs/redis-contract.md` describes the same in prose.
 
 pub mod crypto;
 pub mod events;
@@ -13,6 +15,8 @@ pub mod keys;
 pub mod mask;
 pub mod pod;
 pub mod record;
+pub mod runner_env;
+pub mod stream;
 pub mod time;
 pub mod transitions;
 pub mod urls;
@@ -20,6 +24,7 @@ pub mod urls;
 pub use crypto::{CryptoError, EncryptionKey, KeyError, Token};
 pub use mask::{Masker, mask_token};
 pub use record::{JobRecord, JobStatus, ProviderRecord, RecordError};
+pub use stream::{EntryId, ParseEntryIdError};
 
 /// Installs rustls' `ring` provider as the process default, once: `rediss://` connections (and
 /// kube's client in the operator) need one, and two providers in the build would otherwise

@@ -19,7 +19,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use repobox_contract::pod;
+use repobox_contract::runner_env as env;
 
 use crate::handoff::{self, Frame, Lock, Start};
 use crate::output::OutputHandle;
@@ -35,8 +35,16 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Reads the process environment.
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
-        let get = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `get` (the environment in production, a map in tests).
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let get = |n: &str| get(n).filter(|v| !v.trim().is_empty());
         let missing = |setting| crate::config::ConfigError {
             setting,
             problem: "is required".into(),
@@ -52,30 +60,24 @@ impl AgentConfig {
                 }),
             };
         Ok(Self {
-            handoff_dir: get(pod::ENV_HANDOFF_DIR)
+            handoff_dir: get(env::HANDOFF_DIR)
                 .map(PathBuf::from)
-                .ok_or_else(|| missing(pod::ENV_HANDOFF_DIR))?,
-            command: get(pod::ENV_AGENT_COMMAND).ok_or_else(|| missing(pod::ENV_AGENT_COMMAND))?,
-            kill_grace: secs("KILL_GRACE_SECONDS", 5)?,
-            wait_for_runner: secs("AGENT_WAIT_SECONDS", 600)?,
+                .ok_or_else(|| missing(env::HANDOFF_DIR))?,
+            command: get(env::AGENT_COMMAND).ok_or_else(|| missing(env::AGENT_COMMAND))?,
+            kill_grace: secs(env::KILL_GRACE_SECONDS, env::DEFAULT_KILL_GRACE_SECONDS)?,
+            wait_for_runner: secs(env::AGENT_WAIT_SECONDS, env::DEFAULT_AGENT_WAIT_SECONDS)?,
         })
     }
 }
 
 /// Variables the wrapper sets for the agent (on top of its own environment).
-pub const AGENT_VARS: &[&str] = &[
-    "REPOBOX_JOB_ID",
-    "REPOBOX_PROMPT_FILE",
-    "REPOBOX_REPO_URL",
-    "REPOBOX_BRANCH",
-    "REPOBOX_WORK_TREE",
-];
+pub use repobox_contract::runner_env::AGENT_VARS;
 
 /// Variables of the wrapper's own that the agent does not need.
 const WRAPPER_VARS: &[&str] = &[
-    pod::ENV_HANDOFF_DIR,
-    pod::ENV_AGENT_COMMAND,
-    "AGENT_WAIT_SECONDS",
+    env::HANDOFF_DIR,
+    env::AGENT_COMMAND,
+    env::AGENT_WAIT_SECONDS,
 ];
 
 /// How the wrapper ended (its exit code).
@@ -154,11 +156,11 @@ pub async fn run(cfg: &AgentConfig, stop: CancellationToken) -> std::io::Result<
     for name in WRAPPER_VARS {
         cmd.env_remove(name);
     }
-    cmd.env("REPOBOX_JOB_ID", &start.job_id)
-        .env("REPOBOX_PROMPT_FILE", &start.prompt_file)
-        .env("REPOBOX_REPO_URL", &start.repo_url)
-        .env("REPOBOX_BRANCH", &start.branch)
-        .env("REPOBOX_WORK_TREE", &start.work_tree);
+    cmd.env(env::REPOBOX_JOB_ID, &start.job_id)
+        .env(env::REPOBOX_PROMPT_FILE, &start.prompt_file)
+        .env(env::REPOBOX_REPO_URL, &start.repo_url)
+        .env(env::REPOBOX_BRANCH, &start.branch)
+        .env(env::REPOBOX_WORK_TREE, &start.work_tree);
     // Files the agent creates stay group-writable and readable for the runner (same group).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
     let watch = tokio::spawn(watch_runner(dir.clone(), stop.clone(), cancel.clone()));

@@ -1,4 +1,5 @@
-//! The executor's settings, all from the environment (names from the original design).
+//! The executor's settings, all from the environment: the names and defaults are
+//! `repobox_contract::runner_env`, which the operator's Job builder writes through too.
 //!
 //! A missing or malformed setting is an error that names the setting and never echoes
 //! a secret value; the process then exits before touching the job.
@@ -6,7 +7,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use repobox_contract::runner_env as env;
 use repobox_contract::{EncryptionKey, Masker, events};
+
+/// One definition for both binaries (`repobox_process`).
+pub use repobox_process::LogFormat;
 
 /// A setting that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,12 +26,6 @@ fn err(setting: &'static str, problem: impl Into<String>) -> ConfigError {
         setting,
         problem: problem.into(),
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 /// How output lines are shipped to `job:{id}:output` and `job:{id}:events`. The batch
@@ -50,7 +49,7 @@ impl Default for OutputConfig {
             flush_lines: events::MAX_BATCH_LINES,
             flush_bytes: events::MAX_BATCH_BYTES,
             flush_interval: events::MAX_BATCH_DELAY,
-            max_bytes: 1024 * 1024,
+            max_bytes: env::DEFAULT_OUTPUT_MAX_BYTES,
         }
     }
 }
@@ -170,115 +169,117 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
 
-        let job_id = get("JOB_ID").ok_or_else(|| err("JOB_ID", "is required"))?;
-        let redis_url = get("REDIS_URL").ok_or_else(|| err("REDIS_URL", "is required"))?;
+        let job_id = get(env::JOB_ID).ok_or_else(|| err(env::JOB_ID, "is required"))?;
+        let redis_url = get(env::REDIS_URL).ok_or_else(|| err(env::REDIS_URL, "is required"))?;
         let redis_url = redis_url.trim().to_owned();
         repobox_contract::urls::check_redis_url(&redis_url)
-            .map_err(|e| err("REDIS_URL", e.to_string()))?;
+            .map_err(|e| err(env::REDIS_URL, e.to_string()))?;
 
-        let encryption_key = match (get("ENCRYPTION_KEY_FILE"), get("ENCRYPTION_KEY")) {
+        let encryption_key = match (get(env::ENCRYPTION_KEY_FILE), get(env::ENCRYPTION_KEY)) {
             (Some(_), Some(_)) => {
                 return Err(err(
-                    "ENCRYPTION_KEY",
-                    "and ENCRYPTION_KEY_FILE are both set; set only one",
+                    env::ENCRYPTION_KEY,
+                    format!(
+                        "and {} are both set; set only one",
+                        env::ENCRYPTION_KEY_FILE
+                    ),
                 ));
             }
             (Some(path), None) => {
                 let text = std::fs::read_to_string(path.trim()).map_err(|e| {
                     err(
-                        "ENCRYPTION_KEY_FILE",
+                        env::ENCRYPTION_KEY_FILE,
                         format!("cannot be read ({}): {e}", path.trim()),
                     )
                 })?;
                 EncryptionKey::parse(&text)
-                    .map_err(|e| err("ENCRYPTION_KEY_FILE", format!("content {e}")))?
+                    .map_err(|e| err(env::ENCRYPTION_KEY_FILE, format!("content {e}")))?
             }
             (None, Some(v)) => {
-                EncryptionKey::parse(&v).map_err(|e| err("ENCRYPTION_KEY", e.to_string()))?
+                EncryptionKey::parse(&v).map_err(|e| err(env::ENCRYPTION_KEY, e.to_string()))?
             }
             (None, None) => {
                 return Err(err(
-                    "ENCRYPTION_KEY",
-                    "is required (or ENCRYPTION_KEY_FILE with the path of a file holding it)",
+                    env::ENCRYPTION_KEY,
+                    format!(
+                        "is required (or {} with the path of a file holding it)",
+                        env::ENCRYPTION_KEY_FILE
+                    ),
                 ));
             }
         };
 
         let max_ms = events::MAX_BATCH_DELAY.as_millis() as u64;
         let output = OutputConfig {
-            flush_lines: match get("OUTPUT_FLUSH_LINES") {
+            flush_lines: match get(env::OUTPUT_FLUSH_LINES) {
                 // 0 would never flush: it means 1.
-                Some(v) => bounded("OUTPUT_FLUSH_LINES", &v, 0, events::MAX_BATCH_LINES)?.max(1),
+                Some(v) => bounded(env::OUTPUT_FLUSH_LINES, &v, 0, events::MAX_BATCH_LINES)?.max(1),
                 None => OutputConfig::default().flush_lines,
             },
-            flush_bytes: match get("OUTPUT_FLUSH_BYTES") {
+            flush_bytes: match get(env::OUTPUT_FLUSH_BYTES) {
                 Some(v) => bounded(
-                    "OUTPUT_FLUSH_BYTES",
+                    env::OUTPUT_FLUSH_BYTES,
                     &v,
                     MIN_FLUSH_BYTES,
                     events::MAX_BATCH_BYTES,
                 )?,
                 None => OutputConfig::default().flush_bytes,
             },
-            flush_interval: match get("OUTPUT_FLUSH_MS") {
-                Some(v) => Duration::from_millis(bounded("OUTPUT_FLUSH_MS", &v, 0, max_ms)?),
+            flush_interval: match get(env::OUTPUT_FLUSH_MS) {
+                Some(v) => Duration::from_millis(bounded(env::OUTPUT_FLUSH_MS, &v, 0, max_ms)?),
                 None => OutputConfig::default().flush_interval,
             },
-            max_bytes: match get("OUTPUT_MAX_BYTES") {
-                Some(v) => parse_num("OUTPUT_MAX_BYTES", &v)?,
+            max_bytes: match get(env::OUTPUT_MAX_BYTES) {
+                Some(v) => parse_num(env::OUTPUT_MAX_BYTES, &v)?,
                 None => OutputConfig::default().max_bytes,
             },
         };
 
-        let temp_dir = get("TEMP_DIR")
+        let temp_dir = get(env::TEMP_DIR)
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/repobox"));
+            .unwrap_or_else(|| PathBuf::from(env::DEFAULT_TEMP_DIR));
         Ok(Self {
             job_id: job_id.trim().to_owned(),
             redis_url,
             encryption_key,
-            runner_id: get("RUNNER_ID")
-                .or_else(|| get("HOSTNAME"))
-                .unwrap_or_else(|| "runner-1".to_owned()),
-            attempt: match get(repobox_contract::pod::ENV_JOB_ATTEMPT) {
-                Some(v) => match parse_num::<u32>(repobox_contract::pod::ENV_JOB_ATTEMPT, &v)? {
-                    0 => {
-                        return Err(err(
-                            repobox_contract::pod::ENV_JOB_ATTEMPT,
-                            "must be 1 or more",
-                        ));
-                    }
+            runner_id: get(env::RUNNER_ID)
+                .or_else(|| get(env::HOSTNAME))
+                .unwrap_or_else(|| env::DEFAULT_RUNNER_ID.to_owned()),
+            attempt: match get(env::JOB_ATTEMPT) {
+                Some(v) => match parse_num::<u32>(env::JOB_ATTEMPT, &v)? {
+                    0 => return Err(err(env::JOB_ATTEMPT, "must be 1 or more")),
                     n => n,
                 },
-                None => 1,
+                None => env::DEFAULT_JOB_ATTEMPT,
             },
-            private_dir: get(repobox_contract::pod::ENV_PRIVATE_DIR)
+            private_dir: get(env::PRIVATE_DIR)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| temp_dir.clone()),
             temp_dir,
-            agent_container: match get(repobox_contract::pod::ENV_AGENT_CONTAINER) {
-                Some(v) => parse_bool(repobox_contract::pod::ENV_AGENT_CONTAINER, &v)?,
+            agent_container: match get(env::AGENT_CONTAINER) {
+                Some(v) => parse_bool(env::AGENT_CONTAINER, &v)?,
                 None => false,
             },
-            agent_start_timeout: match get("AGENT_START_TIMEOUT_SECONDS") {
-                Some(v) => Duration::from_secs(parse_num("AGENT_START_TIMEOUT_SECONDS", &v)?),
-                None => Duration::from_secs(600),
+            agent_start_timeout: Duration::from_secs(match get(env::AGENT_START_TIMEOUT_SECONDS) {
+                Some(v) => parse_num(env::AGENT_START_TIMEOUT_SECONDS, &v)?,
+                None => env::DEFAULT_AGENT_START_TIMEOUT_SECONDS,
+            }),
+            git_ca_file: get(env::GIT_SSL_CAINFO).map(PathBuf::from),
+            redis_ca_file: get(env::REDIS_CA_FILE).map(PathBuf::from),
+            cleanup_after_job: match get(env::CLEANUP_AFTER_JOB) {
+                Some(v) => parse_bool(env::CLEANUP_AFTER_JOB, &v)?,
+                None => env::DEFAULT_CLEANUP_AFTER_JOB,
             },
-            git_ca_file: get("GIT_SSL_CAINFO").map(PathBuf::from),
-            redis_ca_file: get("REDIS_CA_FILE").map(PathBuf::from),
-            cleanup_after_job: match get("CLEANUP_AFTER_JOB") {
-                Some(v) => parse_bool("CLEANUP_AFTER_JOB", &v)?,
-                None => true,
+            git_author_name: get(env::GIT_AUTHOR_NAME)
+                .unwrap_or_else(|| env::DEFAULT_GIT_AUTHOR_NAME.to_owned()),
+            git_author_email: get(env::GIT_AUTHOR_EMAIL)
+                .unwrap_or_else(|| env::DEFAULT_GIT_AUTHOR_EMAIL.to_owned()),
+            clone_depth: match get(env::GIT_CLONE_DEPTH) {
+                Some(v) => parse_num(env::GIT_CLONE_DEPTH, &v)?,
+                None => env::DEFAULT_GIT_CLONE_DEPTH,
             },
-            git_author_name: get("GIT_AUTHOR_NAME").unwrap_or_else(|| "Repobox".to_owned()),
-            git_author_email: get("GIT_AUTHOR_EMAIL")
-                .unwrap_or_else(|| "repobox@users.noreply.repobox.dev".to_owned()),
-            clone_depth: match get("GIT_CLONE_DEPTH") {
-                Some(v) => parse_num("GIT_CLONE_DEPTH", &v)?,
-                None => 1,
-            },
-            agent_command: get("AGENT_COMMAND"),
-            agent_env: get("AGENT_ENV")
+            agent_command: get(env::AGENT_COMMAND),
+            agent_env: get(env::AGENT_ENV)
                 .map(|v| {
                     v.split(',')
                         .map(|s| s.trim().to_owned())
@@ -287,31 +288,30 @@ impl Config {
                 })
                 .unwrap_or_default(),
             output,
-            allow_insecure_http: match get("ALLOW_INSECURE_HTTP") {
-                Some(v) => parse_bool("ALLOW_INSECURE_HTTP", &v)?,
-                None => false,
+            allow_insecure_http: match get(env::ALLOW_INSECURE_HTTP) {
+                Some(v) => parse_bool(env::ALLOW_INSECURE_HTTP, &v)?,
+                None => env::DEFAULT_ALLOW_INSECURE_HTTP,
             },
-            open_pull_requests: match get("OPEN_PULL_REQUESTS") {
-                Some(v) => parse_bool("OPEN_PULL_REQUESTS", &v)?,
-                None => true,
+            open_pull_requests: match get(env::OPEN_PULL_REQUESTS) {
+                Some(v) => parse_bool(env::OPEN_PULL_REQUESTS, &v)?,
+                None => env::DEFAULT_OPEN_PULL_REQUESTS,
             },
-            log_format: match get("LOG_FORMAT").as_deref().map(str::trim) {
-                None | Some("json") => LogFormat::Json,
-                Some("text") => LogFormat::Text,
-                Some(other) => {
-                    return Err(err(
-                        "LOG_FORMAT",
-                        format!("must be json or text, not `{other}`"),
-                    ));
-                }
+            log_format: match get(env::LOG_FORMAT).as_deref().map(str::trim) {
+                None => LogFormat::default(),
+                Some(name) => LogFormat::from_name(name).ok_or_else(|| {
+                    err(
+                        env::LOG_FORMAT,
+                        format!("must be json or text, not `{name}`"),
+                    )
+                })?,
             },
-            kill_grace: match get("KILL_GRACE_SECONDS") {
-                Some(v) => Duration::from_secs(parse_num("KILL_GRACE_SECONDS", &v)?),
-                None => Duration::from_secs(5),
-            },
-            git_bin: get("GIT_BIN")
+            kill_grace: Duration::from_secs(match get(env::KILL_GRACE_SECONDS) {
+                Some(v) => parse_num(env::KILL_GRACE_SECONDS, &v)?,
+                None => env::DEFAULT_KILL_GRACE_SECONDS,
+            }),
+            git_bin: get(env::GIT_BIN)
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("git")),
+                .unwrap_or_else(|| PathBuf::from(env::DEFAULT_GIT_BIN)),
         })
     }
 }

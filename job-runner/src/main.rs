@@ -1,10 +1,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use repobox_contract::runner_env;
 use repobox_job_runner::config::{Config, LogFormat};
 use repobox_job_runner::handoff::RunnerSide;
 use repobox_job_runner::{agent, askpass, run, telemetry};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code when the configuration is unusable (the job was not touched).
@@ -33,8 +33,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// `LOG_FORMAT` before (or without) the rest of the configuration: anything but `text` is
+/// JSON, so a log line about a bad setting still gets out.
 fn log_format_from_env() -> LogFormat {
-    match std::env::var("LOG_FORMAT").as_deref() {
+    match std::env::var(runner_env::LOG_FORMAT).as_deref() {
         Ok("text") => LogFormat::Text,
         _ => LogFormat::Json,
     }
@@ -56,20 +58,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// Cancels `token` on SIGTERM or SIGINT.
 fn cancel_on_signals(token: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
+    repobox_process::cancel_on_signals(token, |name| {
         tracing::warn!(signal = name, "stop requested");
-        token.cancel();
     })
 }
 
@@ -117,7 +107,7 @@ fn runner_main() -> ExitCode {
 /// The hand-off directory of an agent container (`AGENT_CONTAINER=true`), prepared from the
 /// raw environment, before the rest of the configuration is read.
 fn early_handoff() -> Option<std::io::Result<RunnerSide>> {
-    let on = std::env::var(repobox_contract::pod::ENV_AGENT_CONTAINER).is_ok_and(|v| {
+    let on = std::env::var(runner_env::AGENT_CONTAINER).is_ok_and(|v| {
         matches!(
             v.trim().to_ascii_lowercase().as_str(),
             "1" | "true" | "yes" | "on"
@@ -126,10 +116,10 @@ fn early_handoff() -> Option<std::io::Result<RunnerSide>> {
     if !on {
         return None;
     }
-    let temp = std::env::var_os("TEMP_DIR")
+    let temp = std::env::var_os(runner_env::TEMP_DIR)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/repobox"));
+        .unwrap_or_else(|| PathBuf::from(runner_env::DEFAULT_TEMP_DIR));
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
     let side = RunnerSide::prepare(&temp.join(repobox_contract::pod::HANDOFF_SUBDIR));
     nix::sys::stat::umask(old);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use repobox_contract::record::step;
+use repobox_contract::runner_env;
 use repobox_contract::transitions::{self, Finish, FinishOutcome, PullRequestFields, StartOutcome};
 use repobox_contract::{
     JobRecord, JobStatus, Masker, ProviderRecord, RecordError, Token, keys, time,
@@ -906,13 +907,13 @@ impl Job<'_> {
                 cmd.env(name, v);
             }
         }
-        cmd.env("HANDOFF_DIR", handoff)
-            .env("AGENT_COMMAND", command)
+        cmd.env(runner_env::HANDOFF_DIR, handoff)
+            .env(runner_env::AGENT_COMMAND, command)
             .env(
-                "KILL_GRACE_SECONDS",
+                runner_env::KILL_GRACE_SECONDS,
                 self.cfg.kill_grace.as_secs().to_string(),
             )
-            .env("LOG_FORMAT", "text")
+            .env(runner_env::LOG_FORMAT, "text")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);

@@ -1,32 +1,20 @@
 //! Logs: JSON lines by default (one object per event, with the span's `runner_id`,
 //! `job_id`, `user_id`), human-readable text with `LOG_FORMAT=text`. Level from `RUST_LOG`
-//! or `LOG_LEVEL` (default `info`). Logs go to stderr; job output goes to Redis.
+//! or `LOG_LEVEL` (default `info`). Logs go to stderr; job output goes to Redis. The set-up
+//! itself is the operator's too (`repobox_process::init_logging`).
 
-use tracing_subscriber::EnvFilter;
+use repobox_contract::runner_env;
 
 use crate::config::LogFormat;
 
+/// Installs the global subscriber at `LOG_LEVEL` (read here: it applies before the rest of
+/// the configuration is read, and to every subcommand).
 pub fn init(format: LogFormat) {
-    let level = std::env::var("LOG_LEVEL")
+    let level = std::env::var(runner_env::LOG_LEVEL)
         .ok()
         .filter(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| "info".to_owned());
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests) is harmless; ignore the error.
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+        .unwrap_or_else(|| runner_env::DEFAULT_LOG_LEVEL.to_owned());
+    repobox_process::init_logging(&level, format);
 }
 
 /// The process's peak resident set size in KiB (`VmHWM`), for the final log line and the

@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use repobox_contract::keys;
+use repobox_contract::{keys, runner_env};
 
 use crate::decide::job_config::{
     AgentConfig, ConfigMapKeyRef, JobConfig, RunnerResources, SecretKeyRef,
@@ -95,15 +95,8 @@ impl fmt::Display for RedisUrl {
     }
 }
 
-/// Log output format.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// One JSON object per line (for log collectors).
-    #[default]
-    Json,
-    /// Human-readable text.
-    Text,
-}
+/// Log output format: one definition for both binaries.
+pub use repobox_process::LogFormat;
 
 /// The operator's settings. Parse with `Config::parse()` (flags + environment).
 #[derive(clap::Parser, Clone, Debug, PartialEq)]
@@ -421,23 +414,23 @@ pub struct Config {
     pub temp_dir: String,
 
     /// Passed to the runner: delete the work tree after the job.
-    #[arg(long, env = "CLEANUP_AFTER_JOB", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "CLEANUP_AFTER_JOB", default_value_t = runner_env::DEFAULT_CLEANUP_AFTER_JOB, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub cleanup_after_job: bool,
 
     /// Passed to the runner: commit author name.
-    #[arg(long, env = "GIT_AUTHOR_NAME", default_value = "Repobox")]
+    #[arg(long, env = "GIT_AUTHOR_NAME", default_value = runner_env::DEFAULT_GIT_AUTHOR_NAME)]
     pub git_author_name: String,
 
     /// Passed to the runner: commit author e-mail.
     #[arg(
         long,
         env = "GIT_AUTHOR_EMAIL",
-        default_value = "repobox@users.noreply.repobox.dev"
+        default_value = runner_env::DEFAULT_GIT_AUTHOR_EMAIL
     )]
     pub git_author_email: String,
 
     /// Passed to the runner: `git clone --depth` (0: full clone).
-    #[arg(long, env = "GIT_CLONE_DEPTH", default_value_t = 1)]
+    #[arg(long, env = "GIT_CLONE_DEPTH", default_value_t = runner_env::DEFAULT_GIT_CLONE_DEPTH)]
     pub git_clone_depth: u32,
 
     /// The agent command, run with `sh -c` in the agent container (unset: no agent container,
@@ -448,12 +441,12 @@ pub struct Config {
 
     /// Passed to the runner: allow `http://` repository URLs (an in-cluster git host without
     /// TLS). The token then crosses the network in clear.
-    #[arg(long, env = "ALLOW_INSECURE_HTTP", default_value_t = false, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "ALLOW_INSECURE_HTTP", default_value_t = runner_env::DEFAULT_ALLOW_INSECURE_HTTP, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub allow_insecure_http: bool,
 
     /// Passed to the runner: after a push, open (or find) a pull / merge request from the
     /// job's branch into its base branch. A job can only turn it off (`openPullRequest=false`).
-    #[arg(long, env = "OPEN_PULL_REQUESTS", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "OPEN_PULL_REQUESTS", default_value_t = runner_env::DEFAULT_OPEN_PULL_REQUESTS, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub open_pull_requests: bool,
 
     /// A ConfigMap holding the CA bundle of the git host (a private CA), mounted into the

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use repobox_operator::config::Config;
 use repobox_operator::model::crd;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -103,21 +102,8 @@ fn run(config: Config) -> ExitCode {
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
+        repobox_process::cancel_on_signals(shutdown.clone(), |name| {
             tracing::info!(signal = name, "shutting down gracefully");
-            on_signal.cancel();
         });
         tracing::info!(
             runner_id = config.runner_id(),

@@ -48,7 +48,7 @@ use crate::model::names::{is_dns1123_label, is_label_value, label_value};
 
 use crate::model::labels::*;
 use crate::model::pod_layout::*;
-use repobox_contract::pod;
+use repobox_contract::runner_env as renv;
 
 /// The labels of a runner Job and its pods.
 pub fn labels(rj: &RepoboxJob) -> BTreeMap<String, String> {
@@ -404,13 +404,10 @@ fn work_subdir(cfg: &JobConfig, sub: &str) -> String {
 
 fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
     let mut env_vars = vec![
-        env("JOB_ID", rj.spec.job_id.clone()),
-        env(
-            repobox_contract::pod::ENV_JOB_ATTEMPT,
-            attempt(rj).to_string(),
-        ),
+        env(renv::JOB_ID, rj.spec.job_id.clone()),
+        env(renv::JOB_ATTEMPT, attempt(rj).to_string()),
         env_from(
-            "RUNNER_ID",
+            renv::RUNNER_ID,
             EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
                     api_version: None,
@@ -420,7 +417,7 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
             },
         ),
         env_from(
-            "REDIS_URL",
+            renv::REDIS_URL,
             EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
                     name: cfg.redis_secret.name.clone(),
@@ -430,31 +427,37 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
                 ..EnvVarSource::default()
             },
         ),
-        env("ENCRYPTION_KEY_FILE", encryption_key_file(cfg)),
-        env("TEMP_DIR", cfg.temp_dir.clone()),
-        env(pod::ENV_PRIVATE_DIR, PRIVATE_DIR),
-        env("HOME", TMP_DIR),
-        env("JOB_TIMEOUT", timeout.to_string()),
-        env("CLEANUP_AFTER_JOB", cfg.cleanup_after_job.to_string()),
-        env("GIT_AUTHOR_NAME", cfg.git_author_name.clone()),
-        env("GIT_AUTHOR_EMAIL", cfg.git_author_email.clone()),
-        env("GIT_CLONE_DEPTH", cfg.git_clone_depth.to_string()),
+        env(renv::ENCRYPTION_KEY_FILE, encryption_key_file(cfg)),
+        env(renv::TEMP_DIR, cfg.temp_dir.clone()),
+        env(renv::PRIVATE_DIR, PRIVATE_DIR),
+        env(renv::HOME, TMP_DIR),
+        env(renv::JOB_TIMEOUT, timeout.to_string()),
+        env(renv::CLEANUP_AFTER_JOB, cfg.cleanup_after_job.to_string()),
+        env(renv::GIT_AUTHOR_NAME, cfg.git_author_name.clone()),
+        env(renv::GIT_AUTHOR_EMAIL, cfg.git_author_email.clone()),
+        env(renv::GIT_CLONE_DEPTH, cfg.git_clone_depth.to_string()),
         // Always explicit: the runner's own default must not decide what the operator was told.
-        env("OPEN_PULL_REQUESTS", cfg.open_pull_requests.to_string()),
+        env(renv::OPEN_PULL_REQUESTS, cfg.open_pull_requests.to_string()),
     ];
     if cfg.agent.is_some() {
-        env_vars.push(env(pod::ENV_AGENT_CONTAINER, "true"));
+        env_vars.push(env(renv::AGENT_CONTAINER, "true"));
     }
     if cfg.allow_insecure_http {
-        env_vars.push(env("ALLOW_INSECURE_HTTP", "true"));
+        env_vars.push(env(renv::ALLOW_INSECURE_HTTP, "true"));
     }
     if let Some(ca) = &cfg.git_ca {
-        env_vars.push(env("GIT_SSL_CAINFO", format!("{GIT_CA_DIR}/{}", ca.key)));
+        env_vars.push(env(
+            renv::GIT_SSL_CAINFO,
+            format!("{GIT_CA_DIR}/{}", ca.key),
+        ));
     }
     if let Some(ca) = &cfg.redis_ca {
-        env_vars.push(env("REDIS_CA_FILE", format!("{REDIS_CA_DIR}/{}", ca.key)));
+        env_vars.push(env(
+            renv::REDIS_CA_FILE,
+            format!("{REDIS_CA_DIR}/{}", ca.key),
+        ));
     }
-    env_vars.push(env("LOG_FORMAT", "json"));
+    env_vars.push(env(renv::LOG_FORMAT, "json"));
 
     let mut mounts = vec![
         mount(WORK_VOLUME, cfg.temp_dir.clone(), false),
@@ -495,7 +498,7 @@ fn install_container(cfg: &JobConfig) -> Container {
             work_subdir(cfg, TREE_SUBDIR),
             work_subdir(cfg, HANDOFF_SUBDIR),
         ]),
-        env: Some(vec![env("LOG_FORMAT", "json")]),
+        env: Some(vec![env(renv::LOG_FORMAT, "json")]),
         resources: resource_requirements(&cfg.resources),
         volume_mounts: Some(vec![
             mount(TOOLS_VOLUME, TOOLS_DIR, false),
@@ -510,10 +513,10 @@ fn install_container(cfg: &JobConfig) -> Container {
 /// own `/tmp`, its own environment.
 fn agent_container(cfg: &JobConfig, agent: &AgentConfig) -> Container {
     let mut env_vars = vec![
-        env(pod::ENV_HANDOFF_DIR, work_subdir(cfg, HANDOFF_SUBDIR)),
-        env(pod::ENV_AGENT_COMMAND, agent.command.clone()),
-        env("HOME", TMP_DIR),
-        env("LOG_FORMAT", "json"),
+        env(renv::HANDOFF_DIR, work_subdir(cfg, HANDOFF_SUBDIR)),
+        env(renv::AGENT_COMMAND, agent.command.clone()),
+        env(renv::HOME, TMP_DIR),
+        env(renv::LOG_FORMAT, "json"),
     ];
     env_vars.extend(agent.extra_env.iter().map(|(k, v)| env(k, v.clone())));
     let sub_mount = |sub: &str| VolumeMount {

@@ -28,79 +28,16 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::str::FromStr;
 
 use kube::ResourceExt;
 
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 
-/// A Redis stream entry id, `<milliseconds>-<sequence>`, ordered numerically.
+/// A Redis stream entry id, ordered numerically: the contract's [`EntryId`], under the name
+/// the admission code uses.
 ///
-/// String comparison would be wrong: `"999-0" > "1000-0"` as strings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StreamId {
-    /// Milliseconds part (Unix time of the XADD).
-    pub ms: u64,
-    /// Sequence number within the millisecond.
-    pub seq: u64,
-}
-
-impl StreamId {
-    /// Sorts after every real id: used for ids that do not parse, so that a malformed id never
-    /// jumps ahead of well-formed ones.
-    pub const MAX: StreamId = StreamId {
-        ms: u64::MAX,
-        seq: u64::MAX,
-    };
-
-    /// Parses an id, falling back to [`StreamId::MAX`] when it is malformed (the CRD schema
-    /// rejects malformed ids, so this only guards against objects written around it).
-    pub fn parse_or_max(s: &str) -> StreamId {
-        s.parse().unwrap_or(StreamId::MAX)
-    }
-}
-
-/// The error of parsing a [`StreamId`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseStreamIdError;
-
-impl fmt::Display for ParseStreamIdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("not a Redis stream id (<milliseconds>-<sequence>)")
-    }
-}
-
-impl std::error::Error for ParseStreamIdError {}
-
-impl FromStr for StreamId {
-    type Err = ParseStreamIdError;
-
-    /// Accepts `<ms>-<seq>` and a bare `<ms>` (sequence 0), decimal digits only.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        fn num(s: &str) -> Result<u64, ParseStreamIdError> {
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ParseStreamIdError);
-            }
-            s.parse().map_err(|_| ParseStreamIdError)
-        }
-        match s.split_once('-') {
-            Some((ms, seq)) => Ok(StreamId {
-                ms: num(ms)?,
-                seq: num(seq)?,
-            }),
-            None => Ok(StreamId {
-                ms: num(s)?,
-                seq: 0,
-            }),
-        }
-    }
-}
-
-impl fmt::Display for StreamId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
+/// [`EntryId`]: repobox_contract::EntryId
+use repobox_contract::EntryId;
 
 /// A queued job waiting for admission.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,17 +47,17 @@ pub struct Candidate {
     /// The owner, as in `spec.userId`.
     pub user: String,
     /// The job's position in the stream (`spec.streamEntryId`).
-    pub stream_id: StreamId,
+    pub stream_id: EntryId,
 }
 
 impl Candidate {
     /// A candidate from a RepoboxJob's name, user and `streamEntryId` string (malformed ids sort
-    /// last, see [`StreamId::parse_or_max`]).
+    /// last, see [`EntryId::parse_or_max`]).
     pub fn new(name: impl Into<String>, user: impl Into<String>, stream_entry_id: &str) -> Self {
         Candidate {
             name: name.into(),
             user: user.into(),
-            stream_id: StreamId::parse_or_max(stream_entry_id),
+            stream_id: EntryId::parse_or_max(stream_entry_id),
         }
     }
 
@@ -302,7 +239,7 @@ pub fn decide_with(
     let mut admitted_now: BTreeSet<&str> = BTreeSet::new();
     while free > 0 {
         // Users with headroom and queued work, in turn order for this round.
-        let mut round: Vec<(usize, StreamId, &str, &str)> = queues
+        let mut round: Vec<(usize, EntryId, &str, &str)> = queues
             .iter()
             .filter_map(|(user, q)| {
                 let count = admitted.get(user).copied().unwrap_or(0);
@@ -375,46 +312,6 @@ mod tests {
 
     fn reason_of(d: &Decision, name: &str) -> Option<WaitReason> {
         d.waiting.iter().find(|w| w.name == name).map(|w| w.reason)
-    }
-
-    #[test]
-    fn stream_ids_parse_and_order_numerically() {
-        assert_eq!(
-            "1700000000000-0".parse(),
-            Ok(StreamId {
-                ms: 1_700_000_000_000,
-                seq: 0
-            })
-        );
-        assert_eq!("5".parse(), Ok(StreamId { ms: 5, seq: 0 }));
-        assert_eq!(
-            "18446744073709551615-18446744073709551615".parse(),
-            Ok(StreamId::MAX)
-        );
-        for bad in [
-            "",
-            "-",
-            "1-",
-            "-1",
-            "a-1",
-            "1-b",
-            "1-2-3",
-            "+1-0",
-            " 1-0",
-            "1-0 ",
-            "18446744073709551616-0",
-        ] {
-            assert_eq!(bad.parse::<StreamId>(), Err(ParseStreamIdError), "{bad:?}");
-        }
-        let a: StreamId = "999-0".parse().unwrap();
-        let b: StreamId = "1000-0".parse().unwrap();
-        assert!(a < b, "numeric, not lexicographic");
-        let x: StreamId = "1000-9".parse().unwrap();
-        let y: StreamId = "1000-10".parse().unwrap();
-        assert!(x < y);
-        assert_eq!(StreamId::parse_or_max("junk"), StreamId::MAX);
-        assert_eq!(a.to_string(), "999-0");
-        assert!(!ParseStreamIdError.to_string().is_empty());
     }
 
     #[test]
@@ -708,7 +605,7 @@ mod tests {
                 c("queued", "user-queued", "7-1")
             ]
         );
-        assert_eq!(q[0].stream_id, StreamId { ms: 7, seq: 1 });
+        assert_eq!(q[0].stream_id, EntryId { ms: 7, seq: 1 });
         let running: Vec<&str> = r.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             running,

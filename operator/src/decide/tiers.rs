@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::decide::quota::StreamId;
+use repobox_contract::EntryId;
 
 /// The largest limit accepted from `PLAN_LIMITS` or `runner:user_limits`: far above any real
 /// plan, low enough that a stray large number is recognised as a mistake.
@@ -169,9 +169,9 @@ fn shown(value: &str) -> String {
 /// The plan of each user's newest job (by stream order) among `jobs` (user, stream id, plan);
 /// a user whose newest job has no plan maps to `None`.
 pub fn newest_plans<'a>(
-    jobs: impl IntoIterator<Item = (&'a str, StreamId, Option<&'a str>)>,
+    jobs: impl IntoIterator<Item = (&'a str, EntryId, Option<&'a str>)>,
 ) -> BTreeMap<&'a str, Option<&'a str>> {
-    let mut newest: BTreeMap<&str, (StreamId, Option<&str>)> = BTreeMap::new();
+    let mut newest: BTreeMap<&str, (EntryId, Option<&str>)> = BTreeMap::new();
     for (user, id, plan) in jobs {
         match newest.get(user) {
             Some((seen, _)) if *seen >= id => {}
@@ -205,8 +205,8 @@ mod tests {
         PlanLimits::parse(r#"{"free": 1, "pro": 4, "team.v2": 10}"#).unwrap()
     }
 
-    fn id(ms: u64) -> StreamId {
-        StreamId { ms, seq: 0 }
+    fn id(ms: u64) -> EntryId {
+        EntryId { ms, seq: 0 }
     }
 
     #[test]

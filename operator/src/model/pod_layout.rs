@@ -3,6 +3,7 @@
 //! settings validate against them (e.g. a work directory must not shadow a mount).
 
 pub use repobox_contract::pod::{HANDOFF_SUBDIR, TREE_SUBDIR};
+use repobox_contract::runner_env as renv;
 
 /// The runner container's name (referenced by the pod failure policy's exit-code rule).
 pub const CONTAINER_NAME: &str = "runner";
@@ -38,18 +39,19 @@ pub const GIT_CA_DIR: &str = "/var/run/secrets/repobox/git-ca";
 /// The Redis CA, mounted in the runner when configured.
 pub const REDIS_CA_DIR: &str = "/var/run/secrets/repobox/redis-ca";
 
-/// Environment variables of the agent container that the operator sets itself.
+/// Environment variables of the agent container that the operator sets itself (or the agent
+/// wrapper sets for the agent).
 pub const AGENT_RESERVED_ENV: &[&str] = &[
-    "HANDOFF_DIR",
-    "AGENT_COMMAND",
-    "HOME",
-    "LOG_FORMAT",
-    "KILL_GRACE_SECONDS",
-    "REPOBOX_JOB_ID",
-    "REPOBOX_PROMPT_FILE",
-    "REPOBOX_REPO_URL",
-    "REPOBOX_BRANCH",
-    "REPOBOX_WORK_TREE",
+    renv::HANDOFF_DIR,
+    renv::AGENT_COMMAND,
+    renv::HOME,
+    renv::LOG_FORMAT,
+    renv::KILL_GRACE_SECONDS,
+    renv::REPOBOX_JOB_ID,
+    renv::REPOBOX_PROMPT_FILE,
+    renv::REPOBOX_REPO_URL,
+    renv::REPOBOX_BRANCH,
+    renv::REPOBOX_WORK_TREE,
 ];
 
 /// UID, GID and fsGroup of the runner (the distroless `nonroot` user).

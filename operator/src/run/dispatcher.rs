@@ -31,6 +31,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
+use repobox_contract::EntryId;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -204,7 +205,7 @@ impl Dispatcher {
             (phase == RepoboxJobPhase::Queued || phase.is_admitted()).then(|| {
                 (
                     rj.spec.user_id.as_str(),
-                    quota::StreamId::parse_or_max(&rj.spec.stream_entry_id),
+                    EntryId::parse_or_max(&rj.spec.stream_entry_id),
                     rj.spec.plan.as_deref(),
                 )
             })

@@ -45,7 +45,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::decide::quota::StreamId as EntryId;
 use crate::error::{is_conflict, is_invalid};
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec};
 use crate::model::labels::{
@@ -56,6 +55,7 @@ use crate::run::metrics::Metrics;
 use crate::run::records::JobRecords;
 use crate::run::server::Health;
 use crate::{Error, Result};
+use repobox_contract::EntryId;
 
 /// Entries read per XREADGROUP / XAUTOCLAIM call.
 const BATCH: usize = 100;
