@@ -471,8 +471,8 @@ impl Bed {
     }
 }
 
-/// A RepoboxJob as intake creates it (with the finalizer), in [`NS`], created `age` ago, in
-/// `phase` (no status for `Queued`).
+/// A RepoboxJob as intake creates it (with the finalizer), in [`NS`], created a minute ago,
+/// in `phase` (no status for `Queued`, as intake leaves it).
 pub(crate) fn repobox_job(job_id: &str, user: &str, phase: RepoboxJobPhase) -> RepoboxJob {
     let mut rj = crate::run::intake::repobox_job(
         job_id,

@@ -373,3 +373,81 @@ async fn a_finished_job_within_retention_calls_no_api() {
     assert!(!bed.dispatcher_poked());
     bed.finish(scenario).await;
 }
+
+#[tokio::test]
+async fn a_job_past_its_deadline_without_a_record_is_explained_and_recorded_failed() {
+    let (mut bed, api) = Bed::new(&[]).await;
+    bed.running_record(RJ, USER).await;
+    let rj = repobox_job(RJ, USER, RepoboxJobPhase::Running);
+    bed.cache_job(&cached_job(
+        RJ,
+        Duration::from_secs(3700),
+        json!({"failed": 1, "conditions": [{
+            "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+            "message": "Job was active longer than specified deadline",
+        }]}),
+    ));
+    let scenario = api.expect(vec![
+        // The pod explains the failure (OOM, eviction, or the deadline as here).
+        pod_list_of_job(vec![]),
+        status_patch(
+            &rj,
+            json!({"phase": "Failed", "reason": reasons::DEADLINE_EXCEEDED, "jobName": RJ}),
+        ),
+        event("Warning", reasons::DEADLINE_EXCEEDED, "Finish"),
+    ]);
+    run(&rj, &bed).await;
+    assert!(bed.dispatcher_poked());
+    assert_eq!(bed.record(RJ).await["status"], "failed");
+    bed.finish(scenario).await;
+}
+
+#[tokio::test]
+async fn an_evicted_runner_is_run_again_in_a_new_job() {
+    let (mut bed, api) = Bed::new(&[("DISRUPTION_RETRY_BACKOFF_SECONDS", "0")]).await;
+    bed.running_record(RJ, USER).await;
+    let rj = repobox_job(RJ, USER, RepoboxJobPhase::Running);
+    bed.cache_job(&cached_job(
+        RJ,
+        Duration::from_secs(60),
+        json!({"failed": 1, "conditions": [{
+            "type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+            "message": "Container runner for pod repobox/job-1-abcde failed with exit code 143 \
+                        matching FailJob rule at index 0; DisruptionTarget",
+        }]}),
+    ));
+    let evicted = pod(json!({
+        "phase": "Failed",
+        "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+    }));
+    let retry = "job-1-r2";
+    let scenario = api.expect(vec![
+        pod_list_of_job(vec![evicted]),
+        status_patch(
+            &rj,
+            json!({"phase": "Starting", "reason": reasons::RETRYING, "attempt": 2, "jobName": retry}),
+        ),
+        event("Warning", reasons::RETRYING, "Retry"),
+        // The next reconcile: the new attempt's Job is not cached; the API confirms, then it
+        // is created.
+        Expect::get(paths::job(retry))
+            .answer_with(|_| {
+                (
+                    StatusCode::NOT_FOUND,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                           "status": "Failure", "reason": "NotFound", "code": 404}),
+                )
+            })
+            .into(),
+        Expect::post(paths::jobs())
+            .query("fieldManager", "repobox-operator")
+            .body(json!({"metadata": {"name": retry, "ownerReferences": [{"name": RJ}]}}))
+            .created()
+            .into(),
+    ]);
+    run(&rj, &bed).await;
+    assert_eq!(bed.record(RJ).await["attempt"], "2");
+    let retrying = with_applied_status(&rj, &scenario.seen(), 1);
+    run(&retrying, &bed).await;
+    bed.finish(scenario).await;
+}
