@@ -8,6 +8,8 @@ pub mod dispatcher;
 pub mod intake;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api;
 pub mod pause;
 pub mod reconcile;
 pub mod records;
