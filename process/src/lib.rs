@@ -5,6 +5,8 @@
 //! log subscriber of its own; this one only gathers what both binaries already link
 //! (tracing-subscriber, tokio's signals, tokio-util), so neither binary grows.
 
+#![warn(missing_docs)]
+
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
