@@ -35,6 +35,7 @@ lint:
 unit:
 	cargo build -p repobox-job-runner --bin repobox-job-runner
 	cargo test --workspace --lib --bins --tests
+	cargo test --workspace --doc
 
 ## The Helm chart: lint, render under eight value sets, validate against the Kubernetes 1.28
 ## schemas, check security properties and drift against the operator's settings.

@@ -25,6 +25,14 @@ impl EntryId {
 
     /// Parses an id, falling back to [`EntryId::MAX`] when it is malformed (the CRD schema
     /// rejects malformed ids, so this only guards against objects written around it).
+    ///
+    /// ```
+    /// use repobox_contract::EntryId;
+    ///
+    /// assert_eq!(EntryId::parse_or_max("1700000000000-3"), EntryId { ms: 1_700_000_000_000, seq: 3 });
+    /// assert_eq!(EntryId::parse_or_max("garbage"), EntryId::MAX);
+    /// assert!(EntryId::parse_or_max("5-0") < EntryId::parse_or_max("5-1"));
+    /// ```
     pub fn parse_or_max(s: &str) -> EntryId {
         s.parse().unwrap_or(EntryId::MAX)
     }

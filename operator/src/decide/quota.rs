@@ -204,6 +204,23 @@ pub fn partition<'a>(
 /// `queued` may be in any order. Candidates whose name is also in `running` (the controller saw
 /// them admitted) and repeated names are ignored: they appear in neither list of the result.
 /// Every other candidate appears exactly once, in `admit` or in `waiting`.
+///
+/// ```
+/// use repobox_operator::decide::quota::{Candidate, Limits, Running, decide};
+///
+/// let queued = [
+///     Candidate::new("a-1", "alice", "100-0"),
+///     Candidate::new("a-2", "alice", "101-0"),
+///     Candidate::new("b-1", "bob", "102-0"),
+/// ];
+/// let running = [Running::new("a-0", "alice")];
+/// let d = decide(&queued, &running, Limits { per_user: 2, global: 3 });
+/// // alice has one slot left, bob one; the global limit allows two more. Users take turns,
+/// // fewest running first: bob, then alice.
+/// assert_eq!(d.admit, ["b-1", "a-1"]);
+/// assert_eq!(d.waiting.len(), 1);
+/// assert_eq!(d.waiting[0].name, "a-2");
+/// ```
 pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Decision {
     decide_with(queued, running, limits, &Overrides::default())
 }

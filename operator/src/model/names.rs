@@ -38,6 +38,15 @@ const EMPTY_LABEL_PREFIX: &str = "id";
 /// anything else is lowercased, every other character replaced with `-`, dashes collapsed and
 /// trimmed, truncated, and suffixed with `-` + 10 hex characters of the id's SHA-256 (so `ABC`
 /// and `abc` get different names).
+///
+/// ```
+/// use repobox_operator::model::names::object_name;
+///
+/// assert_eq!(object_name("job-42"), "job-42");
+/// let odd = object_name("Job_42");
+/// assert!(odd.starts_with("job-42-") && odd.len() == "job-42-".len() + 10);
+/// assert_ne!(object_name("ABC"), object_name("abc"));
+/// ```
 pub fn object_name(job_id: &str) -> String {
     if is_dns1123_label(job_id) && !has_hash_suffix(job_id) {
         return job_id.to_owned();
