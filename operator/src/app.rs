@@ -70,7 +70,7 @@ pub async fn run_with_client(
         return Ok(());
     };
     let outcomes = JobRecords::new(manager.clone()).with_output_ttl(cfg.output_ttl());
-    metrics.set_plan_limits(&cfg.plan_limits()?, cfg.max_jobs_per_user);
+    metrics.set_plan_limits(&cfg.plan_limits()?, cfg.quotas.max_jobs_per_user);
 
     // Every replica, standbys included, shows the pause in /readyz and /metrics.
     let wakeup = Wakeup::default();
@@ -86,11 +86,11 @@ pub async fn run_with_client(
         pause_stop.clone(),
     ));
 
-    let leadership = if cfg.leader_election {
+    let leadership = if cfg.lease.leader_election {
         let elector = LeaderElector::from_config(client.clone(), &cfg)?
             .with_metrics(metrics.clone())
             .with_health(health.clone());
-        info!(identity = %cfg.runner_id(), lease = %cfg.lease_name, "waiting for leadership");
+        info!(identity = %cfg.runner_id(), lease = %cfg.lease.lease_name, "waiting for leadership");
         let cancelled = shutdown.clone();
         match elector
             .acquire(async move { cancelled.cancelled().await })
@@ -196,15 +196,17 @@ pub async fn run_with_client(
 /// The Redis client. With `REDIS_CA_FILE`, TLS connections trust that CA (PEM) instead of the
 /// system roots.
 pub fn redis_client(cfg: &Config) -> Result<redis::Client> {
-    repobox_contract::redis_client(cfg.redis_url.expose(), cfg.redis_ca_file.as_deref()).map_err(
-        |e| Error::InvalidConfig {
-            setting: match e {
-                repobox_contract::RedisClientError::CaFile { .. } => "REDIS_CA_FILE",
-                _ => "REDIS_URL",
-            },
-            reason: e.to_string(),
-        },
+    repobox_contract::redis_client(
+        cfg.redis.redis_url.expose(),
+        cfg.redis.redis_ca_file.as_deref(),
     )
+    .map_err(|e| Error::InvalidConfig {
+        setting: match e {
+            repobox_contract::RedisClientError::CaFile { .. } => "REDIS_CA_FILE",
+            _ => "REDIS_URL",
+        },
+        reason: e.to_string(),
+    })
 }
 
 /// Connects the shared (auto-reconnecting) Redis connection, retrying with backoff until it

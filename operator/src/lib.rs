@@ -11,7 +11,8 @@
 //! * [`model`]: the custom resource, names, labels, the runner pod's layout.
 //! * [`decide`]: pure decisions (quota, tiers, status, retry, scheduling, the Job builder),
 //!   unit-tested exhaustively.
-//! * [`config`]: the settings, validated into the inputs the decisions take.
+//! * [`config`]: the settings, one clap group per concern (Redis, quotas, lease, runner pods),
+//!   validated into the inputs the decisions take.
 //! * [`run`]: the side effects — the shared context, the intake, dispatcher and reconcile
 //!   loops, leader election, pause, the metrics/health server.
 //! * [`app`]: wires it all together; `main.rs` is the command line.

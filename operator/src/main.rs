@@ -269,7 +269,9 @@ mod tests {
             "redis://h",
         ])))
         .unwrap();
-        assert!(matches!(cli.command, Command::Run(ref c) if c.redis_url.expose() == "redis://h"));
+        assert!(
+            matches!(cli.command, Command::Run(ref c) if c.redis.redis_url.expose() == "redis://h")
+        );
         let cli = Cli::try_parse_from(with_default_subcommand(args(&[
             "op",
             "pause",

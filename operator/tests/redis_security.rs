@@ -281,7 +281,7 @@ async fn the_operator_and_runner_acls_run_jobs_end_to_end() {
         "--output-ttl-seconds",
         "600",
     ]);
-    cfg.redis_url = user_url(&bed.redis, "repobox-operator", OPERATOR_PASSWORD).into();
+    cfg.redis.redis_url = user_url(&bed.redis, "repobox-operator", OPERATOR_PASSWORD).into();
     let stop = CancellationToken::new();
     let operator = tokio::spawn({
         let (client, stop) = (bed.client.clone(), stop.clone());

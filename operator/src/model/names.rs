@@ -12,6 +12,9 @@
 //!   to end the same way (`-` + 10 lowercase hex characters) is treated as "needs changing" too,
 //!   so an unchanged id can never be mistaken for a hashed one. Two changed ids could only
 //!   collide if they share the sanitised prefix *and* 40 bits of SHA-256.
+//!
+//! Beside them, the checks the settings need: DNS-1123 subdomains, Secret keys, qualified names
+//! (annotation keys) and Kubernetes quantities.
 
 use sha2::{Digest, Sha256};
 
@@ -168,11 +171,179 @@ pub fn display_repo(url: &str) -> String {
     repobox_contract::urls::sanitize_url(url)
 }
 
+/// A Kubernetes qualified name (annotation and label keys): an optional DNS subdomain prefix
+/// and `/`, then 1–63 characters of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+pub fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let b = name.as_bytes();
+    prefix.is_none_or(is_dns1123_subdomain)
+        && !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// The numeric value of a Kubernetes quantity (`<sign><number><suffix>`, suffix one of the
+/// binary `Ki Mi Gi Ti Pi Ei`, decimal `m k M G T P E` or none, or an exponent `e<n>`/`E<n>`),
+/// or `None` when it is not one. Approximate (f64): used for validation and comparisons only; the
+/// original string is what goes into the Job.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1.0, &s[1..]),
+        b'-' => (-1.0, &s[1..]),
+        _ => (1.0, s),
+    };
+    let num_end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    let (number, suffix) = rest.split_at(num_end);
+    let digits = number.replace('.', "");
+    if digits.is_empty() || number.matches('.').count() > 1 {
+        return None;
+    }
+    let value: f64 = number.parse().ok()?;
+    let multiplier = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exp if exp.starts_with(['e', 'E']) => {
+            let e = &exp[1..];
+            let unsigned = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            10f64.powi(e.parse().ok()?)
+        }
+        _ => return None,
+    };
+    Some(sign * value * multiplier)
+}
+
+/// True when `s` is a DNS-1123 subdomain (most object names): at most 253 characters, dot-separated
+/// DNS-1123 labels.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// True when `s` is a valid Secret / ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253, not `.` or
+/// `..`): also safe as a file name under a volume mount.
+pub fn is_secret_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn qualified_names() {
+        for ok in ["a", "example.com/x", "a.b-c_d", "x/Y9", &"a".repeat(63)] {
+            assert!(is_qualified_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/x",
+            "x/",
+            "-a",
+            "a-",
+            "bad key",
+            "UPPER.example/x",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_qualified_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        let cases: &[(&str, Option<f64>)] = &[
+            ("0", Some(0.0)),
+            ("1", Some(1.0)),
+            ("500m", Some(0.5)),
+            ("2", Some(2.0)),
+            ("1.5", Some(1.5)),
+            (".5", Some(0.5)),
+            ("5.", Some(5.0)),
+            ("+1", Some(1.0)),
+            ("-1", Some(-1.0)),
+            ("1k", Some(1e3)),
+            ("1M", Some(1e6)),
+            ("1G", Some(1e9)),
+            ("1T", Some(1e12)),
+            ("1P", Some(1e15)),
+            ("1E", Some(1e18)),
+            ("1Ki", Some(1024.0)),
+            ("512Mi", Some(512.0 * 1024.0 * 1024.0)),
+            ("2Gi", Some(2.0 * 1024f64.powi(3))),
+            ("1Ti", Some(1024f64.powi(4))),
+            ("1Pi", Some(1024f64.powi(5))),
+            ("1Ei", Some(1024f64.powi(6))),
+            ("1e3", Some(1e3)),
+            ("1E-3", Some(1e-3)),
+            ("1e+2", Some(1e2)),
+            ("", None),
+            ("m", None),
+            ("Gi", None),
+            (".", None),
+            ("1..2", None),
+            ("1.2.3", None),
+            ("1 Gi", None),
+            ("1GB", None),
+            ("1gi", None),
+            ("1K", None),
+            ("1e", None),
+            ("1e1.5", None),
+            ("--1", None),
+            ("0x10", None),
+        ];
+        for (s, want) in cases {
+            let got = parse_quantity(s);
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() <= w.abs() * 1e-12, "{s}: {g} != {w}"),
+                (g, w) => assert_eq!(g, *w, "{s}"),
+            }
+        }
+    }
+
+    #[test]
+    fn name_validators() {
+        assert!(is_dns1123_subdomain("a.b-c.d"));
+        assert!(!is_dns1123_subdomain(""));
+        assert!(!is_dns1123_subdomain("a..b"));
+        assert!(!is_dns1123_subdomain(".a"));
+        assert!(!is_dns1123_subdomain("A"));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+        assert!(is_secret_key("ENCRYPTION_KEY"));
+        assert!(is_secret_key(".dot-file_1"));
+        assert!(!is_secret_key(""));
+        assert!(!is_secret_key("."));
+        assert!(!is_secret_key(".."));
+        assert!(!is_secret_key("a/b"));
+        assert!(!is_secret_key("a b"));
+    }
 
     #[test]
     fn valid_ids_are_unchanged() {

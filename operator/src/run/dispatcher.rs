@@ -217,7 +217,7 @@ impl Dispatcher {
                     inputs.user_limits.get(*u).map(String::as_str),
                     newest.get(u).copied().flatten(),
                     &plans,
-                    ctx.cfg.max_jobs_per_user,
+                    ctx.cfg.quotas.max_jobs_per_user,
                 );
                 (*u, r)
             })

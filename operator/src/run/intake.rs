@@ -128,7 +128,7 @@ impl Intake {
         self.ensure_group(&mut con).await?;
         self.health.set_redis_ok(true);
         *delay = Duration::from_millis(200);
-        info!(consumer = %self.consumer(), stream = %self.cfg.stream_key, "intake connected");
+        info!(consumer = %self.consumer(), stream = %self.cfg.redis.stream_key, "intake connected");
 
         if !self.wait_unpaused(cancel).await {
             return Ok(());
@@ -147,7 +147,7 @@ impl Intake {
             if tokio::time::Instant::now() >= next_claim {
                 self.reclaim(&mut con).await?;
                 // Hygiene, never a reason to stop reading (e.g. an ACL without XTRIM).
-                match trim_acknowledged(&mut con, &self.cfg.stream_key).await {
+                match trim_acknowledged(&mut con, &self.cfg.redis.stream_key).await {
                     Ok(0) => {}
                     Ok(n) => debug!(entries = n, "trimmed acknowledged stream entries"),
                     Err(e) => warn!(error = %e, "trimming acknowledged stream entries failed"),
@@ -164,7 +164,11 @@ impl Intake {
 
     async fn ensure_group(&self, con: &mut MultiplexedConnection) -> Result<()> {
         let created: redis::RedisResult<()> = con
-            .xgroup_create_mkstream(&self.cfg.stream_key, &self.cfg.consumer_group, "0")
+            .xgroup_create_mkstream(
+                &self.cfg.redis.stream_key,
+                &self.cfg.redis.consumer_group,
+                "0",
+            )
             .await;
         match created {
             Ok(()) => Ok(()),
@@ -177,7 +181,7 @@ impl Intake {
     /// how many entries may be read now (`None` when cancelled while waiting). Jobs this intake
     /// created that the cache does not show yet count as queued, so the cap holds exactly.
     async fn wait_for_room(&self, cancel: &CancellationToken) -> Option<usize> {
-        let cap = self.cfg.max_queued as usize;
+        let cap = self.cfg.quotas.max_queued as usize;
         let mut paused = false;
         loop {
             let queued = self.queued_now();
@@ -247,13 +251,13 @@ impl Intake {
         count: usize,
     ) -> Result<()> {
         let mut opts = StreamReadOptions::default()
-            .group(&self.cfg.consumer_group, self.consumer())
+            .group(&self.cfg.redis.consumer_group, self.consumer())
             .count(count.max(1));
         if block_ms > 0 {
             opts = opts.block(block_ms);
         }
         let reply: Option<StreamReadReply> = con
-            .xread_options(&[&self.cfg.stream_key], &[from], &opts)
+            .xread_options(&[&self.cfg.redis.stream_key], &[from], &opts)
             .await?;
         let entries: Vec<StreamId> = reply
             .into_iter()
@@ -275,8 +279,8 @@ impl Intake {
         loop {
             let reply: redis::streams::StreamAutoClaimReply = con
                 .xautoclaim_options(
-                    &self.cfg.stream_key,
-                    &self.cfg.consumer_group,
+                    &self.cfg.redis.stream_key,
+                    &self.cfg.redis.consumer_group,
                     self.consumer(),
                     min_idle,
                     &start,
@@ -309,8 +313,8 @@ impl Intake {
         };
         let reply: StreamPendingCountReply = con
             .xpending_count(
-                &self.cfg.stream_key,
-                &self.cfg.consumer_group,
+                &self.cfg.redis.stream_key,
+                &self.cfg.redis.consumer_group,
                 &first.id,
                 &last.id,
                 entries.len(),
@@ -358,7 +362,11 @@ impl Intake {
         }
         if !acks.is_empty() {
             let _: usize = con
-                .xack(&self.cfg.stream_key, &self.cfg.consumer_group, &acks)
+                .xack(
+                    &self.cfg.redis.stream_key,
+                    &self.cfg.redis.consumer_group,
+                    &acks,
+                )
                 .await?;
         }
         Ok(())
@@ -392,7 +400,7 @@ impl Intake {
             _ => None,
         };
         let job_id = field("jobId");
-        if deliveries > self.cfg.max_deliveries as usize {
+        if deliveries > self.cfg.redis.max_deliveries as usize {
             self.dead_letter(entry, job_id.as_deref(), deliveries)
                 .await?;
             return Ok(Handled::DeadLettered);
@@ -548,10 +556,10 @@ impl Intake {
                 .fail(job_id, &format!("the job could not be started after {deliveries} attempts and was moved to the dead-letter stream"))
                 .await?;
         }
-        let maxlen = usize::try_from(self.cfg.dead_letter_maxlen).unwrap_or(usize::MAX);
+        let maxlen = usize::try_from(self.cfg.redis.dead_letter_maxlen).unwrap_or(usize::MAX);
         let _: Option<String> = con
             .xadd_maxlen(
-                &self.cfg.dead_letter_stream,
+                &self.cfg.redis.dead_letter_stream,
                 StreamMaxlen::Approx(maxlen),
                 "*",
                 &fields,

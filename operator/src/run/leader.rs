@@ -269,7 +269,7 @@ impl LeaderElector {
         Self::new(
             client,
             config.lease_namespace(),
-            &config.lease_name,
+            &config.lease.lease_name,
             config.runner_id(),
             config.lease_duration(),
         )
