@@ -16,8 +16,10 @@ import helm_python as helm
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "repobox-operator"
-CONFIG_RS = ROOT / "operator" / "src" / "config.rs"
-JOB_BUILDER_RS = ROOT / "operator" / "src" / "job_builder.rs"
+# The operator's settings (one file per concern) and the names its Jobs are built from.
+CONFIG_DIR = ROOT / "operator" / "src" / "config"
+JOB_BUILDER_RS = [ROOT / "operator" / "src" / "model" / f for f in ("pod_layout.rs", "labels.rs")]
+RUNNER_ENV_RS = ROOT / "contract" / "src" / "runner_env.rs"
 CRD_FILE = ROOT / "crds" / "repoboxjobs.repobox.dev.yaml"
 
 RELEASE = "repobox"
@@ -225,9 +227,19 @@ def rendered(request) -> tuple[str, list[dict]]:
 # ----- The operator's sources -----
 
 def config_rs_source() -> str:
-    src = CONFIG_RS.read_text()
-    # Only the definitions, not the unit tests.
-    return src.split("#[cfg(test)]", 1)[0]
+    """The settings' definitions in operator/src/config/ (not their unit tests)."""
+    parts = []
+    for path in sorted(CONFIG_DIR.glob("*.rs")):
+        if path.name != "tests.rs":
+            parts.append(path.read_text().split("#[cfg(test)]", 1)[0])
+    return "\n".join(parts)
+
+
+def runner_env_default(name: str) -> str:
+    """A `pub const DEFAULT_…` of contract::runner_env, as the literal it is."""
+    m = re.search(rf'pub const {name}: [^=]+= "?([^";]*)"?;', RUNNER_ENV_RS.read_text())
+    assert m, f"{name} not found in {RUNNER_ENV_RS}"
+    return m.group(1)
 
 
 def config_env_names() -> set[str]:
@@ -251,18 +263,25 @@ def config_defaults() -> dict[str, str]:
             v = d.group(1)
             if v.startswith("LogFormat::"):
                 v = v.split("::")[1].lower()
+            if v.startswith("runner_env::"):
+                v = runner_env_default(v.split("::")[1])
             out[m.group(1)] = v
     return out
 
 
-def rust_str_const(path: Path, name: str) -> str:
-    m = re.search(rf'pub const {name}: &str = "([^"]*)";', path.read_text())
+def _sources(path) -> str:
+    paths = path if isinstance(path, list) else [path]
+    return "\n".join(p.read_text() for p in paths)
+
+
+def rust_str_const(path, name: str) -> str:
+    m = re.search(rf'pub const {name}: &str = "([^"]*)";', _sources(path))
     assert m, f"{name} not found in {path}"
     return m.group(1)
 
 
-def rust_int_const(path: Path, name: str) -> int:
-    m = re.search(rf"pub const {name}: i\d+ = (\d+);", path.read_text())
+def rust_int_const(path, name: str) -> int:
+    m = re.search(rf"pub const {name}: i\d+ = (\d+);", _sources(path))
     assert m, f"{name} not found in {path}"
     return int(m.group(1))
 

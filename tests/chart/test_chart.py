@@ -17,7 +17,7 @@ from conftest import (
     CHART, CRD_FILE, JOB_BUILDER_RS, KUBE_VERSION, NAMESPACE, OPERATOR_REDIS_URL, RELEASE,
     REQUIRED, RUNNER_AFFINITY, RUNNER_NODE_SELECTOR, RUNNER_REDIS_URL, RUNNER_TOLERATIONS,
     SECRET_STRINGS, VALUE_SETS,
-    config_defaults, config_env_names, env_of, env_values, json_env, merge, of_kind, one,
+    config_defaults, config_env_names, config_rs_source, env_of, env_values, json_env, merge, of_kind, one,
     operator_container, operator_deployment, render, render_raw, rust_int_const, rust_str_const,
 )
 
@@ -538,7 +538,7 @@ def test_schema_rejects_unusable_plan_limits(plans):
 
 
 def test_runner_image_repository_matches_the_operator_default():
-    src = (Path(CHART).parents[1] / "operator" / "src" / "config.rs").read_text()
+    src = config_rs_source()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert f'"{values["runner"]["image"]["repository"]}:"' in src
 
