@@ -205,7 +205,7 @@ impl Config {
             termination_grace_period_seconds: self.runner_pod.runner_termination_grace_seconds,
             redis_secret,
             encryption_key_secret,
-            temp_dir,
+            work_dir: temp_dir,
             cleanup_after_job: self.runner_env.cleanup_after_job,
             git_author_name: self.runner_env.git_author_name.clone(),
             git_author_email: self.runner_env.git_author_email.clone(),

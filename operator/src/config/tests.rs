@@ -282,7 +282,7 @@ fn default_job_config() {
                 name: "repobox-encryption-key".into(),
                 key: "key".into()
             },
-            temp_dir: "/work".into(),
+            work_dir: "/work".into(),
             cleanup_after_job: true,
             git_author_name: "Repobox".into(),
             git_author_email: "repobox@users.noreply.repobox.dev".into(),
@@ -674,7 +674,7 @@ fn every_env_override() {
             key: "ENCRYPTION_KEY".into()
         }
     );
-    assert_eq!(j.temp_dir, "/data/work");
+    assert_eq!(j.work_dir, "/data/work");
     assert!(!j.cleanup_after_job);
     assert_eq!(j.git_author_name, "Bot");
     assert_eq!(j.git_author_email, "bot@example.com");

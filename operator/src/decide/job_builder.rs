@@ -399,7 +399,7 @@ fn restricted(uid: Option<i64>) -> SecurityContext {
 
 /// The path of a shared subdirectory of the work volume.
 fn work_subdir(cfg: &JobConfig, sub: &str) -> String {
-    format!("{}/{sub}", cfg.temp_dir)
+    format!("{}/{sub}", cfg.work_dir)
 }
 
 fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container {
@@ -428,7 +428,7 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
             },
         ),
         env(renv::ENCRYPTION_KEY_FILE, encryption_key_file(cfg)),
-        env(renv::TEMP_DIR, cfg.temp_dir.clone()),
+        env(renv::TEMP_DIR, cfg.work_dir.clone()),
         env(renv::PRIVATE_DIR, PRIVATE_DIR),
         env(renv::HOME, TMP_DIR),
         env(renv::JOB_TIMEOUT, timeout.to_string()),
@@ -460,7 +460,7 @@ fn runner_container(rj: &RepoboxJob, cfg: &JobConfig, timeout: i64) -> Container
     env_vars.push(env(renv::LOG_FORMAT, "json"));
 
     let mut mounts = vec![
-        mount(WORK_VOLUME, cfg.temp_dir.clone(), false),
+        mount(WORK_VOLUME, cfg.work_dir.clone(), false),
         mount(STATE_VOLUME, PRIVATE_DIR, false),
         mount(TMP_VOLUME, TMP_DIR, false),
         mount(ENCRYPTION_KEY_VOLUME, ENCRYPTION_KEY_DIR, true),
@@ -502,7 +502,7 @@ fn install_container(cfg: &JobConfig) -> Container {
         resources: resource_requirements(&cfg.resources),
         volume_mounts: Some(vec![
             mount(TOOLS_VOLUME, TOOLS_DIR, false),
-            mount(WORK_VOLUME, cfg.temp_dir.clone(), false),
+            mount(WORK_VOLUME, cfg.work_dir.clone(), false),
         ]),
         security_context: Some(restricted(None)),
         ..Container::default()

@@ -73,8 +73,9 @@ pub struct JobConfig {
     pub redis_secret: SecretKeyRef,
     /// Where the runner's encryption key comes from.
     pub encryption_key_secret: SecretKeyRef,
-    /// The work directory (`TEMP_DIR`), an `emptyDir` mount path.
-    pub temp_dir: String,
+    /// The work directory: the runner's `TEMP_DIR` (not `/tmp`, see `pod_layout::TMP_DIR`), an
+    /// `emptyDir` mount path.
+    pub work_dir: String,
     /// `CLEANUP_AFTER_JOB`.
     pub cleanup_after_job: bool,
     /// `GIT_AUTHOR_NAME`.

@@ -71,17 +71,17 @@ impl Candidate {
 
 /// An admitted job that has not finished (phase `Starting` or `Running`): it holds a slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running {
+pub struct SlotHolder {
     /// The RepoboxJob name.
     pub name: String,
     /// The owner.
     pub user: String,
 }
 
-impl Running {
+impl SlotHolder {
     /// An admitted job.
     pub fn new(name: impl Into<String>, user: impl Into<String>) -> Self {
-        Running {
+        SlotHolder {
             name: name.into(),
             user: user.into(),
         }
@@ -171,20 +171,20 @@ pub struct Decision {
 
 /// Splits RepoboxJobs into admission candidates and slot holders, by phase:
 ///
-/// * `Starting` / `Running` jobs hold a slot ([`Running`]) until they reach a terminal phase,
+/// * `Starting` / `Running` jobs hold a slot ([`SlotHolder`]) until they reach a terminal phase,
 ///   even when cancelled or being deleted (their pod may still run);
 /// * `Queued` jobs (including those without a status) are [`Candidate`]s, unless cancellation
 ///   was requested or they are being deleted: those must never start;
 /// * terminal jobs are neither.
 pub fn partition<'a>(
     jobs: impl IntoIterator<Item = &'a RepoboxJob>,
-) -> (Vec<Candidate>, Vec<Running>) {
+) -> (Vec<Candidate>, Vec<SlotHolder>) {
     let mut queued = Vec::new();
     let mut running = Vec::new();
     for rj in jobs {
         let phase = rj.phase();
         if phase.is_admitted() {
-            running.push(Running::new(rj.name_any(), rj.spec.user_id.clone()));
+            running.push(SlotHolder::new(rj.name_any(), rj.spec.user_id.clone()));
         } else if phase == RepoboxJobPhase::Queued
             && !rj.spec.cancel_requested()
             && rj.metadata.deletion_timestamp.is_none()
@@ -206,14 +206,14 @@ pub fn partition<'a>(
 /// Every other candidate appears exactly once, in `admit` or in `waiting`.
 ///
 /// ```
-/// use repobox_operator::decide::quota::{Candidate, Limits, Running, decide};
+/// use repobox_operator::decide::quota::{Candidate, Limits, SlotHolder, decide};
 ///
 /// let queued = [
 ///     Candidate::new("a-1", "alice", "100-0"),
 ///     Candidate::new("a-2", "alice", "101-0"),
 ///     Candidate::new("b-1", "bob", "102-0"),
 /// ];
-/// let running = [Running::new("a-0", "alice")];
+/// let running = [SlotHolder::new("a-0", "alice")];
 /// let d = decide(&queued, &running, Limits { per_user: 2, global: 3 });
 /// // alice has one slot left, bob one; the global limit allows two more. Users take turns,
 /// // fewest running first: bob, then alice.
@@ -221,14 +221,14 @@ pub fn partition<'a>(
 /// assert_eq!(d.waiting.len(), 1);
 /// assert_eq!(d.waiting[0].name, "a-2");
 /// ```
-pub fn decide(queued: &[Candidate], running: &[Running], limits: Limits) -> Decision {
+pub fn decide(queued: &[Candidate], running: &[SlotHolder], limits: Limits) -> Decision {
     decide_with(queued, running, limits, &Overrides::default())
 }
 
 /// [`decide`] with per-user limits and pauses (see [`Overrides`]).
 pub fn decide_with(
     queued: &[Candidate],
-    running: &[Running],
+    running: &[SlotHolder],
     limits: Limits,
     overrides: &Overrides,
 ) -> Decision {
@@ -319,8 +319,8 @@ mod tests {
         Candidate::new(name, user, id)
     }
 
-    fn r(name: &str, user: &str) -> Running {
-        Running::new(name, user)
+    fn r(name: &str, user: &str) -> SlotHolder {
+        SlotHolder::new(name, user)
     }
 
     fn limits(per_user: usize, global: usize) -> Limits {
@@ -497,7 +497,7 @@ mod tests {
 
     #[test]
     fn over_limit_after_lowering_admits_nothing_more() {
-        let running: Vec<Running> = (0..5).map(|i| r(&format!("r{i}"), "u1")).collect();
+        let running: Vec<SlotHolder> = (0..5).map(|i| r(&format!("r{i}"), "u1")).collect();
         let q = [c("a", "u1", "1-0"), c("b", "u2", "2-0")];
         // Per-user limit lowered to 2 while u1 runs 5: u1 waits, u2 still admitted.
         let d = decide(&q, &running, limits(2, 10));
@@ -735,7 +735,7 @@ mod tests {
     /// Checks every invariant of a decision; used by the property tests.
     fn check_invariants(
         queued: &[Candidate],
-        running: &[Running],
+        running: &[SlotHolder],
         l: Limits,
         d: &Decision,
     ) -> Result<(), TestCaseError> {
@@ -744,7 +744,7 @@ mod tests {
 
     fn check_invariants_with(
         queued: &[Candidate],
-        running: &[Running],
+        running: &[SlotHolder],
         l: Limits,
         ov: &Overrides,
         d: &Decision,
@@ -826,7 +826,7 @@ mod tests {
         Ok(())
     }
 
-    fn scenario() -> impl Strategy<Value = (Vec<Candidate>, Vec<Running>, Limits)> {
+    fn scenario() -> impl Strategy<Value = (Vec<Candidate>, Vec<SlotHolder>, Limits)> {
         let queued = prop::collection::vec((0u8..6, 0u64..50, 0u64..3), 0..60).prop_map(|v| {
             v.into_iter()
                 .enumerate()

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Result;
-use crate::decide::quota::{self, Overrides, Running, WaitReason};
+use crate::decide::quota::{self, Overrides, SlotHolder, WaitReason};
 use crate::decide::tiers;
 use crate::error::Category;
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
@@ -190,7 +190,7 @@ impl Dispatcher {
             state
                 .overlay
                 .iter()
-                .map(|(n, u)| Running::new(n.clone(), u.clone())),
+                .map(|(n, u)| SlotHolder::new(n.clone(), u.clone())),
         );
 
         let limits = ctx.cfg.limits();
@@ -246,7 +246,7 @@ impl Dispatcher {
                 continue;
             };
             state.overlay.insert(name.clone(), rj.spec.user_id.clone());
-            running.push(Running::new(name.clone(), rj.spec.user_id.clone()));
+            running.push(SlotHolder::new(name.clone(), rj.spec.user_id.clone()));
             tokio::spawn(Arc::clone(self).admit(Arc::clone(ctx), Arc::clone(rj)));
         }
 
