@@ -141,7 +141,7 @@ pub async fn run_with_client(
     ));
     health.set_leader(true);
 
-    let intake = Intake {
+    let intake = Arc::new(Intake {
         cfg: cfg.clone(),
         client: client.clone(),
         redis,
@@ -150,7 +150,7 @@ pub async fn run_with_client(
         metrics: metrics.clone(),
         health: health.clone(),
         created: Default::default(),
-    };
+    });
     let intake_stop = work.child_token();
     let intake_task = tokio::spawn({
         let stop = intake_stop.clone();

@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -41,6 +42,7 @@ use redis::streams::{
 };
 use redis::{AsyncCommands, AsyncConnectionConfig, Value};
 use repobox_contract::{JobStatus, keys};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -57,10 +59,25 @@ use crate::run::server::Health;
 use crate::{Error, Result};
 use repobox_contract::EntryId;
 
+/// The first error among the batches already handled, if any (finished tasks are collected).
+fn finished(in_flight: &mut JoinSet<Result<()>>) -> Option<Result<()>> {
+    while let Some(done) = in_flight.try_join_next() {
+        match done {
+            Ok(Err(e)) => return Some(Err(e)),
+            Ok(Ok(())) => {}
+            Err(e) => warn!(error = %e, "a batch handler panicked; its entries stay pending"),
+        }
+    }
+    None
+}
+
 /// Entries read per XREADGROUP / XAUTOCLAIM call.
 const BATCH: usize = 100;
 /// How long one XREADGROUP blocks; bounds how fast shutdown and backpressure are noticed.
 const BLOCK_MS: usize = 2000;
+/// Batches handled at once while the next one is read: at a steady trickle each read returns
+/// one entry, so a slow create no longer holds up the entries behind it.
+const MAX_BATCHES_IN_FLIGHT: usize = 32;
 
 /// What became of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +112,7 @@ impl Intake {
     }
 
     /// Runs until cancelled, reconnecting to Redis with exponential backoff.
-    pub async fn run(&self, cancel: CancellationToken) {
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.session(&cancel, &mut delay).await {
@@ -118,7 +135,11 @@ impl Intake {
 
     /// One connection's life: create the group, drain our own pending entries, then read and
     /// reclaim until cancelled or Redis fails.
-    async fn session(&self, cancel: &CancellationToken, delay: &mut Duration) -> Result<()> {
+    async fn session(
+        self: &Arc<Self>,
+        cancel: &CancellationToken,
+        delay: &mut Duration,
+    ) -> Result<()> {
         // The blocking read must not be cut short by a response timeout.
         let cfg = AsyncConnectionConfig::new().set_response_timeout(None);
         let mut con = self
@@ -135,17 +156,28 @@ impl Intake {
         }
         // Entries this consumer read but never acknowledged (a previous life of this pod).
         self.read(&mut con, "0", 0, BATCH).await?;
+        // The blocking XREADGROUP holds `con`; handled batches are acknowledged on their own
+        // connection, so the next read never waits for the previous batch's creates.
+        let ack_con = self.redis.get_multiplexed_async_connection().await?;
+        let mut in_flight: JoinSet<Result<()>> = JoinSet::new();
+        let entries_in_flight = Arc::new(AtomicUsize::new(0));
         let claim_every = (self.cfg.claim_min_idle() / 2).max(Duration::from_secs(1));
         let mut next_claim = tokio::time::Instant::now();
-        loop {
-            if cancel.is_cancelled() || !self.wait_unpaused(cancel).await {
-                return Ok(());
+        let result = loop {
+            // A batch that could not be acknowledged ends the session (Redis is gone).
+            if let Some(Err(e)) = finished(&mut in_flight) {
+                break Err(e);
             }
-            let Some(room) = self.wait_for_room(cancel).await else {
-                return Ok(());
+            if cancel.is_cancelled() || !self.wait_unpaused(cancel).await {
+                break Ok(());
+            }
+            let Some(room) = self.wait_for_room(cancel, &entries_in_flight).await else {
+                break Ok(());
             };
             if tokio::time::Instant::now() >= next_claim {
-                self.reclaim(&mut con).await?;
+                if let Err(e) = self.reclaim(&mut con).await {
+                    break Err(e);
+                }
                 // Hygiene, never a reason to stop reading (e.g. an ACL without XTRIM).
                 match trim_acknowledged(&mut con, &self.cfg.redis.stream_key).await {
                     Ok(0) => {}
@@ -154,12 +186,45 @@ impl Intake {
                 }
                 next_claim = tokio::time::Instant::now() + claim_every;
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                r = self.read(&mut con, ">", BLOCK_MS, room) => { r?; }
-            }
+            let entries = tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                r = self.read_entries(&mut con, ">", BLOCK_MS, room) => match r {
+                    Ok(entries) => entries,
+                    Err(e) => break Err(e),
+                },
+            };
             self.health.tick();
+            if entries.is_empty() {
+                continue;
+            }
+            // Handled in the background: the next read does not wait for this batch's creates.
+            let n = entries.len();
+            entries_in_flight.fetch_add(n, Ordering::Relaxed);
+            let (this, mut ack, counter) = (
+                Arc::clone(self),
+                ack_con.clone(),
+                Arc::clone(&entries_in_flight),
+            );
+            in_flight.spawn(async move {
+                let r = this.handle_batch(&mut ack, entries, &HashMap::new()).await;
+                counter.fetch_sub(n, Ordering::Relaxed);
+                r
+            });
+            // Bounded: a slow API server slows the reads down rather than piling up batches.
+            while in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+                if let Some(Ok(Err(e))) = in_flight.join_next().await {
+                    warn!(error = %e, "acknowledging a handled batch failed; its entries stay pending");
+                }
+            }
+        };
+        // Entries being handled are acknowledged before the session ends (those that fail
+        // stay pending, as always).
+        while let Some(done) = in_flight.join_next().await {
+            if let Ok(Err(e)) = done {
+                warn!(error = %e, "acknowledging a handled batch failed; its entries stay pending");
+            }
         }
+        result
     }
 
     async fn ensure_group(&self, con: &mut MultiplexedConnection) -> Result<()> {
@@ -180,11 +245,16 @@ impl Intake {
     /// Backpressure: waits until fewer than `MAX_QUEUED` RepoboxJobs are queued and returns
     /// how many entries may be read now (`None` when cancelled while waiting). Jobs this intake
     /// created that the cache does not show yet count as queued, so the cap holds exactly.
-    async fn wait_for_room(&self, cancel: &CancellationToken) -> Option<usize> {
+    async fn wait_for_room(
+        &self,
+        cancel: &CancellationToken,
+        in_flight: &AtomicUsize,
+    ) -> Option<usize> {
         let cap = self.cfg.quotas.max_queued as usize;
         let mut paused = false;
         loop {
-            let queued = self.queued_now();
+            // Entries being handled will be queued jobs too.
+            let queued = self.queued_now() + in_flight.load(Ordering::Relaxed);
             if queued < cap {
                 if paused {
                     info!(queued, cap, "queue below the cap; reading the stream again");
@@ -250,6 +320,23 @@ impl Intake {
         block_ms: usize,
         count: usize,
     ) -> Result<()> {
+        let entries = self.read_entries(con, from, block_ms, count).await?;
+        let deliveries = if from == ">" {
+            HashMap::new()
+        } else {
+            self.delivery_counts(con, &entries).await?
+        };
+        self.handle_batch(con, entries, &deliveries).await
+    }
+
+    /// Reads a batch without handling it.
+    async fn read_entries(
+        &self,
+        con: &mut MultiplexedConnection,
+        from: &str,
+        block_ms: usize,
+        count: usize,
+    ) -> Result<Vec<StreamId>> {
         let mut opts = StreamReadOptions::default()
             .group(&self.cfg.redis.consumer_group, self.consumer())
             .count(count.max(1));
@@ -259,17 +346,11 @@ impl Intake {
         let reply: Option<StreamReadReply> = con
             .xread_options(&[&self.cfg.redis.stream_key], &[from], &opts)
             .await?;
-        let entries: Vec<StreamId> = reply
+        Ok(reply
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .collect();
-        let deliveries = if from == ">" {
-            HashMap::new()
-        } else {
-            self.delivery_counts(con, &entries).await?
-        };
-        self.handle_batch(con, entries, &deliveries).await
+            .collect())
     }
 
     /// Claims entries idle longer than `CLAIM_MIN_IDLE_SECONDS` from any consumer.
