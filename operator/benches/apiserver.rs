@@ -58,7 +58,9 @@ use repobox_contract::EncryptionKey;
 use repobox_contract::transitions::{self, Finish};
 use repobox_operator::config::Config;
 use repobox_operator::decide::job_config::JobConfig;
-use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
+use repobox_operator::model::crd::{
+    RepoboxJob, RepoboxJobPhase, RepoboxJobStatus, condition_types, new_condition,
+};
 use repobox_operator::model::labels::FIELD_MANAGER;
 use repobox_operator::model::names::object_name;
 use repobox_testbed::control_plane::{ControlPlane, Options};
@@ -1534,7 +1536,25 @@ fn finished_rj(i: usize) -> (RepoboxJob, Value) {
         phase: Some(RepoboxJobPhase::Succeeded),
         reason: Some("Succeeded".into()),
         message: Some(format!("pushed repobox/{}", &id[..8])),
-        conditions: Vec::new(),
+        // As the operator leaves them: Admitted and Complete, with their messages.
+        conditions: vec![
+            new_condition(
+                condition_types::ADMITTED,
+                true,
+                "Admitted",
+                format!("Job {} created", rj.name_any()),
+                Some(1),
+                Time(done),
+            ),
+            new_condition(
+                condition_types::COMPLETE,
+                true,
+                "Succeeded",
+                format!("pushed repobox/{}", &id[..8]),
+                Some(1),
+                Time(done),
+            ),
+        ],
         job_name: Some(rj.name_any()),
         queued_at: Some(Time(started)),
         start_time: Some(Time(started)),

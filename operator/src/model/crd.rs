@@ -267,6 +267,26 @@ impl RepoboxJob {
             .and_then(|s| s.phase)
             .unwrap_or(RepoboxJobPhase::Queued)
     }
+
+    /// Trims a RepoboxJob to what the operator's cache must keep: it holds every RepoboxJob,
+    /// finished ones for the retention period (10,000 and more), so what is never read is not
+    /// kept. Never read: managed fields, labels and annotations (everything is derived from spec
+    /// and status); of a finished job's status, all but its phase and completion time (it is
+    /// only waited on for retention, and never written again).
+    pub fn trim_for_cache(&mut self) {
+        self.metadata.managed_fields = None;
+        self.metadata.labels = None;
+        self.metadata.annotations = None;
+        if self.phase().is_terminal()
+            && let Some(status) = self.status.as_mut()
+        {
+            *status = RepoboxJobStatus {
+                phase: status.phase,
+                completion_time: status.completion_time.take(),
+                ..RepoboxJobStatus::default()
+            };
+        }
+    }
 }
 
 /// Condition types set on a RepoboxJob.
@@ -443,6 +463,63 @@ mod tests {
         match k8s_openapi::jiff::Timestamp::from_second(s) {
             Ok(t) => Time(t),
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_cache_keeps_what_the_operator_reads() {
+        let full = || {
+            let mut rj = RepoboxJob::new("j1", spec());
+            rj.metadata.labels = Some([("a".to_owned(), "b".to_owned())].into());
+            rj.metadata.annotations = Some([("c".to_owned(), "d".to_owned())].into());
+            rj.metadata.finalizers = Some(vec!["repobox.dev/cancel-in-redis".into()]);
+            rj.status = Some(RepoboxJobStatus {
+                phase: Some(RepoboxJobPhase::Running),
+                reason: Some("PodRunning".into()),
+                message: Some("the runner is running".into()),
+                conditions: vec![new_condition(
+                    "Ready",
+                    true,
+                    "PodRunning",
+                    "m",
+                    Some(1),
+                    ts(5),
+                )],
+                job_name: Some("j1".into()),
+                start_time: Some(ts(5)),
+                completion_time: Some(ts(9)),
+                branch: Some("repobox/j1".into()),
+                ..Default::default()
+            });
+            rj
+        };
+        // An unfinished job keeps its whole spec and status (the reconciler writes it).
+        let mut running = full();
+        running.trim_for_cache();
+        assert_eq!(running.status, full().status);
+        assert_eq!(running.spec, full().spec);
+        assert_eq!(running.metadata.labels, None);
+        assert_eq!(running.metadata.annotations, None);
+        assert_eq!(running.metadata.finalizers, full().metadata.finalizers);
+        // A finished one keeps its phase and completion time (retention), and its spec.
+        for phase in [
+            RepoboxJobPhase::Succeeded,
+            RepoboxJobPhase::Failed,
+            RepoboxJobPhase::Cancelled,
+        ] {
+            let mut done = full();
+            done.status.as_mut().unwrap().phase = Some(phase);
+            done.trim_for_cache();
+            assert_eq!(
+                done.status,
+                Some(RepoboxJobStatus {
+                    phase: Some(phase),
+                    completion_time: Some(ts(9)),
+                    ..Default::default()
+                })
+            );
+            assert_eq!(done.spec, full().spec);
+            assert_eq!(done.phase(), phase);
         }
     }
 

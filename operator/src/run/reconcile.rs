@@ -212,14 +212,8 @@ pub async fn run(
         |rj| rj.metadata.deletion_timestamp.as_ref().map(|_| 1u64);
     let stream = watcher(rj_api, watcher::Config::default().page_size(LIST_PAGE))
         .default_backoff()
-        // The cache holds every RepoboxJob (finished ones for the retention period):
-        // managedFields are never read, so they are not kept.
-        // Nor labels and annotations: the operator derives everything from spec and status.
-        .modify(|rj| {
-            rj.managed_fields_mut().clear();
-            rj.metadata.labels = None;
-            rj.metadata.annotations = None;
-        })
+        // See `RepoboxJob::trim_for_cache` for what the cache keeps.
+        .modify(RepoboxJob::trim_for_cache)
         .reflect(writer)
         .inspect(move |ev| match ev {
             Ok(watcher::Event::InitDone) => {
