@@ -16,21 +16,29 @@ const KEY_LEN: usize = 32;
 /// Why an `ENCRYPTION_KEY` value was refused. Never carries the value itself.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
+    /// The value is empty or only whitespace.
     #[error("is empty")]
     Empty,
+    /// Neither hex, nor base64, nor raw text of the right length.
     #[error(
         "must be 32 bytes given as 64 hex characters, as base64 of 32 bytes, or as 32 raw characters (got {len} characters)"
     )]
-    BadFormat { len: usize },
+    BadFormat {
+        /// The value's length in characters (never the value).
+        len: usize,
+    },
 }
 
 /// Why a token could not be decrypted. Never carries key, ciphertext or plaintext.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
+    /// The value is not three base64 parts, or a part has the wrong length; the reason says which.
     #[error("encrypted token is not in the iv:authTag:ciphertext format ({0})")]
     Format(&'static str),
+    /// The GCM tag did not verify.
     #[error("encrypted token could not be decrypted: wrong ENCRYPTION_KEY or tampered ciphertext")]
     Authentication,
+    /// The plaintext decrypted but is not text, so it cannot be a token.
     #[error("decrypted token is not valid UTF-8")]
     NotUtf8,
 }
@@ -155,6 +163,7 @@ impl EncryptionKey {
 pub struct Token(Zeroizing<String>);
 
 impl Token {
+    /// Wraps a clear-text token (after decryption, or in tests).
     pub fn new(value: String) -> Self {
         Self(Zeroizing::new(value))
     }

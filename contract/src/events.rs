@@ -39,18 +39,26 @@ pub const MAX_BATCH_DELAY: Duration = Duration::from_secs(2);
 pub enum Event {
     /// Lines appended to `job:{jobId}:output`; `seq` is the list index of the first one.
     Output {
+        /// `seq`: the list index of `lines[0]`.
         seq: u64,
+        /// `lines`: the appended lines, exactly as pushed to the list.
         lines: Vec<String>,
+        /// `timestamp`: when the event was published.
         timestamp: String,
     },
     /// The job's status changed (or, while `running`, one of its fields: see
     /// [`crate::transitions::progress`]). `fields` are the other hash fields written in the
     /// same step; `seq` is the number of output lines written before it.
     Status {
+        /// `seq`: how many output lines were written before the change.
         seq: u64,
+        /// `status`: the job's status after the change.
         status: JobStatus,
+        /// `fields`: e.g. `startedAt` and `runnerId` on start; `finishedAt`, `error`, `branch`,
+        /// `commitSha` on the end.
         #[serde(default)]
         fields: BTreeMap<String, String>,
+        /// `timestamp`: when it was published (the `startedAt` / `finishedAt` it wrote).
         timestamp: String,
     },
 }
@@ -61,6 +69,7 @@ impl Event {
         serde_json::from_str(payload)
     }
 
+    /// The event's `seq`, whichever kind it is: what [`Follower::apply`] orders by.
     pub fn seq(&self) -> u64 {
         match self {
             Self::Output { seq, .. } | Self::Status { seq, .. } => *seq,
@@ -86,7 +95,7 @@ pub(crate) fn status_body(status: JobStatus, fields: &[(&str, &str)], timestamp:
     .to_string()
 }
 
-/// What the Lua helper [`PUBLISH_LUA`] sends: `seq` first, then the body's members. Kept in
+/// What the Lua helper `PUBLISH_LUA` sends: `seq` first, then the body's members. Kept in
 /// Rust so the splice is unit-tested; the Redis tests check the scripts do the same.
 pub fn with_seq(body: &str, seq: u64) -> String {
     format!("{{\"seq\":{seq},{}", body.get(1..).unwrap_or_default())
@@ -166,7 +175,12 @@ pub enum Step<'a> {
     /// Lines `from..to` were never seen (the subscription dropped messages): read them with
     /// `LRANGE job:{jobId}:output from to-1`, count them with [`Follower::read`], then apply
     /// the event again.
-    Gap { from: u64, to: u64 },
+    Gap {
+        /// The first missing list index (the follower's [`Follower::next`]).
+        from: u64,
+        /// The event's `seq`: one past the last missing index.
+        to: u64,
+    },
 }
 
 /// A subscriber's position in one job: how many lines of `job:{jobId}:output` it has shown
@@ -192,6 +206,7 @@ impl Follower {
         self.next
     }
 
+    /// The status held (`None` until the hash or a status event told it).
     pub fn status(&self) -> Option<JobStatus> {
         self.status
     }
@@ -201,6 +216,8 @@ impl Follower {
         self.next += count;
     }
 
+    /// Applies one received event and says what to show: a line already read is never shown
+    /// twice, and missing lines come back as a [`Step::Gap`].
     pub fn apply<'e>(&mut self, event: &'e Event) -> Step<'e> {
         if event.seq() > self.next {
             return Step::Gap {

@@ -9,6 +9,8 @@
 //! operator and the runner pod: the pod's layout ([`pod`]) and the runner's environment
 //! ([`runner_env`]). `docs/redis-contract.md` describes the same in prose.
 
+#![warn(missing_docs)]
+
 pub mod crypto;
 pub mod events;
 pub mod keys;
@@ -36,14 +38,20 @@ pub fn install_tls_provider() {
 /// Why a Redis client could not be built (never contains the URL's password).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisClientError {
+    /// `REDIS_URL` was refused by [`urls::check_redis_url`].
     #[error("REDIS_URL: {0}")]
     Url(#[from] urls::UrlError),
+    /// `REDIS_CA_FILE` could not be read.
     #[error("cannot read the Redis CA file {path}: {source}")]
     CaFile {
+        /// The file's path, as configured.
         path: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
+    /// The `redis` crate refused the URL or the CA (only the error kind is kept: the message might
+    /// quote the URL).
     #[error("cannot use the Redis URL with its CA: {0}")]
     Tls(String),
 }

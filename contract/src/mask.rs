@@ -34,6 +34,7 @@ impl std::fmt::Debug for Masker {
 }
 
 impl Masker {
+    /// A masker that hides only URL passwords until secrets are [`add`](Self::add)ed.
     pub fn new() -> Self {
         Self::default()
     }

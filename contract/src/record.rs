@@ -6,14 +6,20 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Written by the web app; waiting for admission and a runner.
     Pending,
+    /// A runner took it ([`crate::transitions::start`]).
     Running,
+    /// Ended well: pushed a branch, or the agent changed nothing.
     Success,
+    /// Ended with an `error` a user can act on.
     Failed,
+    /// Cancelled (the RepoboxJob was deleted or got `spec.cancel`); `error` says why.
     Cancelled,
 }
 
 impl JobStatus {
+    /// The value as stored in the `status` field and in events.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -24,6 +30,7 @@ impl JobStatus {
         }
     }
 
+    /// Reads a `status` field value; `None` for anything the contract does not name.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => Self::Pending,
@@ -35,6 +42,7 @@ impl JobStatus {
         })
     }
 
+    /// Whether the status is final (`success`, `failed`, `cancelled`): no transition leaves it.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Success | Self::Failed | Self::Cancelled)
     }
@@ -70,30 +78,60 @@ pub mod step {
 /// Why a hash is not a usable record. Names the key and the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
+    /// The hash is empty or absent.
     #[error("{key} does not exist")]
-    Missing { key: String },
+    Missing {
+        /// The Redis key, e.g. `job:{jobId}`.
+        key: String,
+    },
+    /// A required field is absent or empty.
     #[error("{key} has no `{field}` field")]
-    MissingField { key: String, field: &'static str },
+    MissingField {
+        /// The Redis key.
+        key: String,
+        /// The hash field that is missing, e.g. `repoUrl`.
+        field: &'static str,
+    },
+    /// `status` holds a value [`JobStatus::parse`] does not know.
     #[error("{key} has an unknown status `{value}`")]
-    BadStatus { key: String, value: String },
+    BadStatus {
+        /// The Redis key.
+        key: String,
+        /// The `status` value found.
+        value: String,
+    },
 }
 
 /// `job:{jobId}` as the web app wrote it and the runner side updated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
+    /// `id` (the key's id when the hash has none).
     pub id: String,
+    /// `userId`: whose job it is (quotas, the provider key).
     pub user_id: String,
+    /// `providerId`: which `git_provider:{userId}:{providerId}` holds the token.
     pub provider_id: String,
+    /// `repoUrl`: the HTTPS clone URL as the web app wrote it.
     pub repo_url: String,
+    /// `baseBranch`: the branch to start from; `None` means the remote's default branch.
     pub base_branch: Option<String>,
+    /// `prompt`: the task for the agent (empty when absent).
     pub prompt: String,
+    /// `createdAt`: when the web app queued the job.
     pub created_at: Option<String>,
+    /// `status` (`pending` when absent).
     pub status: JobStatus,
+    /// `startedAt`: when the first attempt's runner took the job.
     pub started_at: Option<String>,
+    /// `finishedAt`: set by every terminal transition.
     pub finished_at: Option<String>,
+    /// `branch`: the pushed branch, on `success` when something was pushed.
     pub branch: Option<String>,
+    /// `commitSha`: the pushed commit, with `branch`.
     pub commit_sha: Option<String>,
+    /// `error`: one line a user can act on, on `failed` and `cancelled`.
     pub error: Option<String>,
+    /// `runnerId`: the pod of the current attempt.
     pub runner_id: Option<String>,
     /// The attempt the job is at (1 unless the operator retried it).
     pub attempt: u32,
@@ -166,8 +204,11 @@ impl JobRecord {
 /// `git_provider:{userId}:{providerId}`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProviderRecord {
+    /// `type`: `github` or `gitlab` (absent: `github`); see [`crate::urls::ProviderHost`].
     pub kind: Option<String>,
+    /// `baseUrl`: the self-hosted or Enterprise instance, when not github.com / gitlab.com.
     pub base_url: Option<String>,
+    /// `encryptedToken`: the token in the [`crate::crypto`] envelope, never decrypted here.
     pub encrypted_token: String,
 }
 
@@ -182,6 +223,8 @@ impl std::fmt::Debug for ProviderRecord {
 }
 
 impl ProviderRecord {
+    /// Builds the record from an HGETALL reply of `git_provider:{user_id}:{provider_id}` (the ids
+    /// only name the key in errors).
     pub fn from_hash(
         user_id: &str,
         provider_id: &str,

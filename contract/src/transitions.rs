@@ -111,9 +111,15 @@ pub enum StartOutcome {
     /// The job had already ended; it must not run again.
     AlreadyTerminal(JobStatus),
     /// Another runner of the same attempt already moved it to `running`.
-    AlreadyRunning { runner_id: String },
+    AlreadyRunning {
+        /// The `runnerId` in the hash: the pod that holds it.
+        runner_id: String,
+    },
     /// The job has moved on to a later attempt (`attempt` in the hash): this runner is stale.
-    Superseded { attempt: String },
+    Superseded {
+        /// The hash's `attempt`, as written.
+        attempt: String,
+    },
     /// `job:{jobId}` does not exist.
     Missing,
     /// The status field holds something the contract does not know.
@@ -123,18 +129,26 @@ pub enum StartOutcome {
 /// What [`finish`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishOutcome {
+    /// The terminal status and its fields were written (and the event published).
     Finished,
+    /// The job had already ended with this status; nothing was written.
     AlreadyTerminal(JobStatus),
+    /// `job:{jobId}` does not exist.
     Missing,
 }
 
 /// The fields a terminal transition writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finish {
+    /// The terminal status to write: `success`, `failed` or `cancelled`.
     pub status: JobStatus,
+    /// `finishedAt`.
     pub finished_at: String,
+    /// `error`: one line (the constructors fold it with [`one_line`]).
     pub error: Option<String>,
+    /// `branch`, when something was pushed.
     pub branch: Option<String>,
+    /// `commitSha`, with `branch`.
     pub commit_sha: Option<String>,
     /// `prUrl`, `prNumber`, `prError`: the pull / merge request step after a push.
     pub pull_request: PullRequestFields,
@@ -144,12 +158,17 @@ pub struct Finish {
 /// why there is none (the job succeeds either way: the branch is pushed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PullRequestFields {
+    /// `prUrl`: the request's web URL.
     pub url: Option<String>,
+    /// `prNumber`: GitHub `number` or GitLab `iid`.
     pub number: Option<u64>,
+    /// `prError`: why no request could be opened.
     pub error: Option<String>,
 }
 
 impl Finish {
+    /// A `success`, with the pushed `branch` and `commitSha` (both `None` when the agent changed
+    /// nothing).
     pub fn success(
         finished_at: String,
         branch: Option<String>,
@@ -175,6 +194,7 @@ impl Finish {
         self
     }
 
+    /// A `failed` end; `error` is folded to one bounded line.
     pub fn failed(finished_at: String, error: impl Into<String>) -> Self {
         Self {
             status: JobStatus::Failed,
@@ -186,6 +206,7 @@ impl Finish {
         }
     }
 
+    /// A `cancelled` end; `reason` becomes the `error` field, folded like `failed`'s.
     pub fn cancelled(finished_at: String, reason: impl Into<String>) -> Self {
         Self {
             status: JobStatus::Cancelled,
@@ -273,6 +294,7 @@ pub enum RetryOutcome {
     AlreadyTerminal(JobStatus),
     /// The hash is at this attempt or a later one already (a repeated call): nothing changed.
     AlreadyAt(String),
+    /// `job:{jobId}` does not exist.
     Missing,
 }
 
@@ -387,9 +409,11 @@ pub async fn finish<C: ConnectionLike>(
 /// What [`progress`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProgressOutcome {
+    /// The fields were written (and the `running` event published).
     Updated,
     /// The job is not `running` (not started yet, or ended): nothing was written.
     NotRunning(Option<JobStatus>),
+    /// `job:{jobId}` does not exist.
     Missing,
 }
 

@@ -20,22 +20,29 @@ pub const REDIS_SCHEMES: &[&str] = &[
 /// Why a URL was refused. Messages never contain a password or a token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
+    /// No `scheme://` at all.
     #[error(
         "expected a URL such as redis://host:6379 (schemes: redis, rediss, valkey, valkeys, redis+unix, valkey+unix, unix)"
     )]
     NotAUrl,
+    /// A scheme the `redis` crate does not connect to (the scheme is not secret, so it is named).
     #[error(
         "unsupported scheme `{0}` (expected redis, rediss, valkey, valkeys, redis+unix, valkey+unix or unix)"
     )]
     RedisScheme(String),
+    /// The `redis` crate cannot read it; the URL is shown with its password masked.
     #[error("`{0}` is not a valid Redis URL")]
     BadRedisUrl(String),
+    /// Not parseable as a URL (shown sanitized, as every repository URL in these errors).
     #[error("repository URL `{0}` is not a valid URL")]
     BadRepoUrl(String),
+    /// `http://` where only `https://` is allowed.
     #[error("repository URL `{0}` must use https; plain http would send the token in clear")]
     InsecureRepoUrl(String),
+    /// Any other scheme (`ssh://`, `git://`, `file://`, ...).
     #[error("unsupported repository URL `{0}`: only https:// clone URLs are supported")]
     RepoScheme(String),
+    /// A URL without a host.
     #[error("repository URL `{0}` has no host")]
     NoHost(String),
 }
@@ -100,6 +107,7 @@ impl RepoUrl {
         authority(&self.0)
     }
 
+    /// The cleaned URL: what is stored, shown and cloned.
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
@@ -157,14 +165,22 @@ pub struct ProviderHost {
 /// Why a provider cannot vouch for a repository URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderHostError {
+    /// A `type` other than `github` / `gitlab`.
     #[error("git provider type `{0}` is not supported (expected github or gitlab)")]
     UnknownType(String),
+    /// A `baseUrl` that is not an http(s) URL with a host.
     #[error("git provider baseUrl `{0}` is not a valid http(s) URL")]
     BadBaseUrl(String),
+    /// The repository is on another host than the provider's: its token must not go there.
     #[error(
         "repository host `{repo}` is not the git provider's host `{provider}`: the token is only sent to its own provider"
     )]
-    HostMismatch { repo: String, provider: String },
+    HostMismatch {
+        /// The repository URL's host, with `:port` when not the default.
+        repo: String,
+        /// The host the provider record allows.
+        provider: String,
+    },
 }
 
 impl ProviderHost {
