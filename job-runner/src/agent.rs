@@ -28,9 +28,13 @@ use crate::process::{self, Stdout};
 /// The wrapper's settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// `HANDOFF_DIR`: the hand-off directory shared with the runner container.
     pub handoff_dir: PathBuf,
+    /// `AGENT_COMMAND`: the agent command, run by `sh -c` in the work tree.
     pub command: String,
+    /// `KILL_GRACE_SECONDS`: between SIGTERM and SIGKILL when the command must stop.
     pub kill_grace: Duration,
+    /// `AGENT_WAIT_SECONDS`: how long to wait for the runner to appear at all.
     pub wait_for_runner: Duration,
 }
 
@@ -92,6 +96,8 @@ pub enum WrapperEnd {
 }
 
 impl WrapperEnd {
+    /// The process exit code: 0 when the status reached the runner or the runner was gone, 143
+    /// (128 + SIGTERM) when stopped.
     pub fn exit_code(self) -> u8 {
         match self {
             Self::Reported | Self::RunnerGone => 0,

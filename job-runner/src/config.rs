@@ -17,7 +17,9 @@ pub use repobox_process::LogFormat;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("configuration error: {setting} {problem}")]
 pub struct ConfigError {
+    /// The environment variable's name.
     pub setting: &'static str,
+    /// What is wrong with it (never the value of a secret).
     pub problem: String,
 }
 
@@ -74,18 +76,27 @@ fn bounded<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(n)
 }
 
+/// Everything the runner reads from its environment ([`Config::from_env`]). `Debug` hides the
+/// Redis password and the encryption key.
 #[derive(Clone)]
 pub struct Config {
+    /// `JOB_ID`: the job to run (`job:{jobId}`).
     pub job_id: String,
     /// May hold a password: never log it (see the `Debug` impl).
     pub redis_url: String,
+    /// From `ENCRYPTION_KEY_FILE` or `ENCRYPTION_KEY`: decrypts the provider's token.
     pub encryption_key: EncryptionKey,
+    /// `RUNNER_ID` (else `HOSTNAME`, the pod name): written as the job's `runnerId`.
     pub runner_id: String,
     /// Which attempt at the job this runner is (`JOB_ATTEMPT`, from 1).
     pub attempt: u32,
+    /// `TEMP_DIR`: the work volume; the tree and the hand-off directory go below it.
     pub temp_dir: PathBuf,
+    /// `CLEANUP_AFTER_JOB`: remove the job's directories when done.
     pub cleanup_after_job: bool,
+    /// `GIT_AUTHOR_NAME`: the author and committer of the agent's commit.
     pub git_author_name: String,
+    /// `GIT_AUTHOR_EMAIL`: their e-mail.
     pub git_author_email: String,
     /// `0` means a full clone.
     pub clone_depth: u32,
@@ -107,6 +118,7 @@ pub struct Config {
     /// The CA (PEM) a `rediss://` Redis is verified with (`REDIS_CA_FILE`), instead of the
     /// system roots.
     pub redis_ca_file: Option<PathBuf>,
+    /// `OUTPUT_*`: how output lines are batched and capped.
     pub output: OutputConfig,
     /// Allows `http://` repository URLs (tests, air-gapped mirrors); the token then
     /// crosses the network in clear, so it is off by default.
@@ -114,9 +126,11 @@ pub struct Config {
     /// Open (or find) a pull / merge request after a push (`OPEN_PULL_REQUESTS`); a job can
     /// only turn it off (`openPullRequest=false`).
     pub open_pull_requests: bool,
+    /// `LOG_FORMAT`: `json` or `text`.
     pub log_format: LogFormat,
     /// How long a stopped git/agent child gets between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// `GIT_BIN`: the git executable (looked up on `PATH` unless a path).
     pub git_bin: PathBuf,
 }
 

@@ -5,23 +5,31 @@
 
 use repobox_contract::RecordError;
 
+/// What stops the executor without an outcome it could record (see the module doc).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A Redis command failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// `job:{jobId}` does not exist (an unusable hash is recorded as a failure instead).
     #[error("{0}")]
     Record(#[from] RecordError),
+    /// The Redis client could not be built (`REDIS_URL`, `REDIS_CA_FILE`).
     #[error("{0}")]
     RedisClient(#[from] repobox_contract::RedisClientError),
     /// The pull / merge request could not be opened: one line a user can act on, never a token.
     #[error("{0}")]
     Forge(String),
+    /// An I/O operation failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done (with the path, if any).
         context: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
 }
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -71,11 +71,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Which API the provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// github.com or GitHub Enterprise.
     GitHub,
+    /// gitlab.com or a self-hosted GitLab.
     GitLab,
 }
 
 impl Kind {
+    /// The forge's name, as shown in the job's output.
     pub fn name(self) -> &'static str {
         match self {
             Self::GitHub => "GitHub",
@@ -103,6 +106,7 @@ impl Kind {
 /// Where the API is and which project to ask about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// Which API to speak.
     pub kind: Kind,
     /// The API root, e.g. `https://api.github.com/` or `https://gitlab.example.com/api/v4`.
     pub api: Url,
@@ -176,6 +180,7 @@ pub fn target(kind: Option<&str>, base_url: Option<&str>, repo: &RepoUrl) -> Res
 /// Whether to open a request, from the runner's setting and the job's `openPullRequest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Open a request (or find the one already open).
     Open,
     /// Not opened; the reason is shown in the job's output.
     Skip(&'static str),
@@ -229,6 +234,7 @@ fn bounded(text: &str, max: usize) -> String {
 pub struct ChangedFile {
     /// `A` added, `M` modified, `D` deleted, `T` type changed.
     pub status: char,
+    /// The path in the repository.
     pub path: String,
 }
 
@@ -391,7 +397,9 @@ pub fn same_origin(api: &Url, next: &Url) -> bool {
 /// A request the runner opened or found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
+    /// GitHub `number` or GitLab `iid`: recorded as `prNumber`.
     pub number: u64,
+    /// Its web URL: recorded as `prUrl`.
     pub url: String,
     /// Found already open for the head branch rather than created now.
     pub existing: bool,
@@ -558,6 +566,7 @@ impl Client {
         })
     }
 
+    /// Where the client sends its requests.
     pub fn target(&self) -> &Target {
         &self.target
     }
@@ -888,18 +897,31 @@ fn transport(kind: Kind, url: &Url, e: &reqwest::Error) -> Error {
 
 /// What the step needs from the job.
 pub struct AfterPush<'a> {
+    /// `OPEN_PULL_REQUESTS`: the installation's switch.
     pub enabled: bool,
+    /// The job's `openPullRequest` field, as written.
     pub job_field: Option<&'a str>,
+    /// The provider's `type`.
     pub provider_kind: Option<&'a str>,
+    /// The provider's `baseUrl`.
     pub provider_base_url: Option<&'a str>,
+    /// The cleaned repository URL (it names the project).
     pub repo: &'a RepoUrl,
+    /// The provider's token, for the API.
     pub token: &'a Token,
+    /// `GIT_SSL_CAINFO`: the git host's CA serves its API too.
     pub ca_file: Option<&'a Path>,
+    /// Named in the request's body (and its title when the prompt has none).
     pub job_id: &'a str,
+    /// The job's prompt: the request's title and body.
     pub prompt: &'a str,
+    /// The pushed branch.
     pub head: &'a str,
+    /// The job's `baseBranch`; `None`: the repository's default branch.
     pub base: Option<&'a str>,
+    /// The pushed commit.
     pub commit: &'a str,
+    /// What the commit changed, listed in the body.
     pub files: &'a [ChangedFile],
 }
 

@@ -51,6 +51,7 @@ pub fn inherit_env(cmd: &mut Command) {
 /// How git is invoked for one job.
 #[derive(Clone)]
 pub struct Git {
+    /// The git executable (`GIT_BIN`).
     pub bin: PathBuf,
     /// The runner's git directory and the work tree, once the clone exists.
     repo: Option<(PathBuf, PathBuf)>,
@@ -63,6 +64,8 @@ pub struct Git {
 }
 
 impl Git {
+    /// A git for one job: `token` is answered through `askpass_program` (git's `GIT_ASKPASS`) and
+    /// never appears on a command line; `allow_http` admits `http://` remotes.
     pub fn new(
         bin: PathBuf,
         token: Token,
@@ -163,9 +166,13 @@ impl Git {
 /// Which git operation failed, to explain the failure in the user's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// `git clone`.
     Clone,
+    /// `git ls-remote` (whether the branch exists on the remote).
     LsRemote,
+    /// `git push`.
     Push,
+    /// A local command (checkout, add, commit, ...): no network involved.
     Local,
 }
 

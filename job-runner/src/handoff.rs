@@ -56,10 +56,15 @@ pub const POLL: Duration = Duration::from_millis(25);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Start {
+    /// The job's id (the agent gets it as `REPOBOX_JOB_ID`).
     pub job_id: String,
+    /// The repository URL without credentials.
     pub repo_url: String,
+    /// The branch the runner created for the job.
     pub branch: String,
+    /// The checkout, where the agent runs.
     pub work_tree: PathBuf,
+    /// The prompt's file (the agent gets it as `REPOBOX_PROMPT_FILE`).
     pub prompt_file: PathBuf,
 }
 
@@ -68,14 +73,22 @@ pub struct Start {
 #[serde(tag = "t", rename_all = "lowercase")]
 pub enum Frame {
     /// An output line of the agent.
-    Line { s: String },
+    Line {
+        /// The line, without its newline.
+        s: String,
+    },
     /// The agent command ended.
     Exit {
+        /// The command's exit code, when it exited.
         code: Option<i32>,
+        /// The signal that ended it, when one did.
         signal: Option<i32>,
     },
     /// The agent command could not be started.
-    Error { message: String },
+    Error {
+        /// Why, e.g. the spawn error.
+        message: String,
+    },
     /// The agent container was told to stop (the pod is going: cancelled, timed out, evicted).
     Stopped,
 }
@@ -151,7 +164,9 @@ fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
 pub enum AgentEnd {
     /// The wrapper reported the command's exit.
     Exited {
+        /// The command's exit code, when it exited.
         code: Option<i32>,
+        /// The signal that ended it, when one did.
         signal: Option<i32>,
     },
     /// The wrapper could not start the command.
@@ -193,6 +208,7 @@ impl RunnerSide {
         })
     }
 
+    /// The hand-off directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -319,6 +335,7 @@ pub struct LineSplitter {
 }
 
 impl LineSplitter {
+    /// Feeds bytes; returns the lines they completed (a longer line than [`MAX_LINE`] in pieces).
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
         for &b in bytes {
@@ -336,6 +353,7 @@ impl LineSplitter {
         lines
     }
 
+    /// The unterminated rest at the end of the stream, if any.
     pub fn finish(&mut self) -> Option<String> {
         (!self.pending.is_empty()).then(|| {
             let s = String::from_utf8_lossy(&self.pending).into_owned();

@@ -8,6 +8,8 @@
 //! [`agent`] and [`handoff`]) and its own installer (`repobox-job-runner install DIR`, run by
 //! the pod's init container so an agent image of any kind can start the wrapper).
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod askpass;
 pub mod config;

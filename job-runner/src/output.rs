@@ -23,10 +23,15 @@ use crate::config::OutputConfig;
 /// What the sink did, for the final log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutputStats {
+    /// Lines written to `job:{id}:output`.
     pub lines_pushed: usize,
+    /// Bytes admitted under `OUTPUT_MAX_BYTES` (each line with its newline).
     pub bytes_pushed: usize,
+    /// Lines never written: past the cap, or lost with a batch Redis refused.
     pub lines_dropped: usize,
+    /// The cap was reached and the truncation notice written.
     pub truncated: bool,
+    /// Batches given up after their retries.
     pub failed_pushes: usize,
 }
 
@@ -73,6 +78,8 @@ pub struct Output {
 }
 
 impl Output {
+    /// Starts the batcher and the publisher for `job_id`; every line is masked with `masker`
+    /// before it is queued.
     pub fn start(
         con: MultiplexedConnection,
         job_id: &str,
@@ -91,6 +98,7 @@ impl Output {
         }
     }
 
+    /// A handle to write lines with (keep none past [`Output::close`]).
     pub fn handle(&self) -> OutputHandle {
         self.handle.clone()
     }

@@ -20,6 +20,7 @@ const TAIL: usize = 20;
 /// What became of a child.
 #[derive(Debug)]
 pub struct Finished {
+    /// How the child exited.
     pub status: ExitStatus,
     /// Captured stdout, when asked for (otherwise streamed).
     pub stdout: String,
@@ -30,6 +31,7 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Whether it exited with 0 and was not stopped for a cancellation.
     pub fn success(&self) -> bool {
         self.status.success() && !self.cancelled
     }
@@ -38,7 +40,9 @@ impl Finished {
 /// Where a child's stdout goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Stdout {
+    /// Each line goes to the job's output.
     Stream,
+    /// Kept in [`Finished::stdout`] (for output the runner parses).
     Capture,
 }
 

@@ -41,8 +41,11 @@ pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 pub enum Outcome {
     /// Changes committed and pushed; the pull / merge request step's result with them.
     Pushed {
+        /// The pushed branch ([`repobox_contract::keys::job_branch`]).
         branch: String,
+        /// The pushed commit.
         commit_sha: String,
+        /// What the pull / merge request step recorded.
         pull_request: PullRequestFields,
     },
     /// The agent changed nothing; the job succeeded without a push.
@@ -101,8 +104,11 @@ pub async fn run(
 /// `private` (the git directory, the commit message) never is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+    /// The work tree (shared with the agent).
     pub tree: PathBuf,
+    /// The hand-off directory (shared with the agent).
     pub handoff: PathBuf,
+    /// Runner-only: the git directory and the commit message.
     pub private: PathBuf,
     /// Directories removed after the job (when `CLEANUP_AFTER_JOB`).
     pub cleanup: Vec<PathBuf>,
@@ -144,6 +150,7 @@ impl Layout {
         }
     }
 
+    /// The bare git directory, in `private`: never in the tree the agent writes to.
     pub fn git_dir(&self) -> PathBuf {
         self.private.join("repo.git")
     }
