@@ -19,6 +19,8 @@
 //!
 //! [`error`] is used by every layer. Test modules may reach across layers.
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod config;
 pub mod decide;

@@ -56,8 +56,11 @@ pub struct Settings {
 /// The Job of the current attempt, as far as the decisions need it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobFacts {
+    /// The Job's name ([`crate::decide::job_builder::job_name`]: it names the attempt).
     pub name: String,
+    /// When the Job was created.
     pub created: Option<Time>,
+    /// What its conditions say.
     pub state: JobState,
 }
 
@@ -83,17 +86,24 @@ pub struct Observed {
 /// A fact to gather before deciding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
+    /// [`Observed::cached_job`].
     CachedJob,
+    /// [`Observed::api_job`].
     ApiJob,
+    /// [`Observed::pod`].
     Pod,
+    /// [`Observed::pod_events`].
     PodEvents,
+    /// [`Observed::record`].
     Record,
 }
 
 /// What to do after the steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Then {
+    /// Wait for the next change of the RepoboxJob or what it owns.
     AwaitChange,
+    /// Look again after this long (e.g. when a timeout or a retry's delay runs out).
     Requeue(Duration),
 }
 
@@ -112,21 +122,34 @@ pub enum OnTerminal {
 pub enum Announce {
     /// An Event on the RepoboxJob.
     Event {
+        /// `Normal` or `Warning`.
         type_: EventType,
+        /// The Event's CamelCase reason ([`crate::model::crd::reasons`]).
         reason: String,
+        /// The human-readable note.
         note: String,
+        /// The Event's `action`, e.g. `Retry`.
         action: &'static str,
     },
     /// The job reached a terminal phase (the outcome counter, a log line).
     Finished {
+        /// The terminal phase reached.
         phase: RepoboxJobPhase,
+        /// Its reason (for the log line).
         reason: String,
     },
     /// A disruption is being retried (the retry counter, a log line).
-    Retried { attempt: u32, kind: &'static str },
+    Retried {
+        /// The attempt that runs next.
+        attempt: u32,
+        /// The disruption's kind ([`crate::decide::retry::kind`]), the metric label.
+        kind: &'static str,
+    },
     /// The runner pod runs: record how long it waited for a node and then to start.
     StartTimes {
+        /// The attempt's Job, whose first pod is measured.
         job_name: String,
+        /// The Job's creation time: where the wait for a node starts.
         created: Option<Time>,
     },
 }
@@ -144,18 +167,28 @@ pub enum Step {
     DeleteRepoboxJob,
     /// End the job record: `failed`, or `cancelled` when `phase` is `Cancelled`.
     RecordEnd {
+        /// `Failed` or `Cancelled`.
         phase: RepoboxJobPhase,
+        /// The record's one-line `error`.
         error: String,
+        /// What to do when the runner already ended the job.
         on_terminal: OnTerminal,
     },
     /// Move the job record to a new attempt, with `note` appended to its output. If the
     /// record has ended or gone, plan again with [`Observed::retry_refused`].
-    RecordRetry { attempt: u32, note: String },
+    RecordRetry {
+        /// The new attempt.
+        attempt: u32,
+        /// The line appended to the job's output.
+        note: String,
+    },
     /// Let the job's output expire (it is finished).
     ExpireOutput,
     /// Write the status if it differs from the current one; then announce.
     WriteStatus {
+        /// The status wanted.
         status: Box<RepoboxJobStatus>,
+        /// Announced only when the write changed something.
         if_changed: Vec<Announce>,
     },
     /// Announce regardless of any write.
@@ -165,7 +198,9 @@ pub enum Step {
 /// The decision: gather a fact first, or act.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
+    /// Gather this fact, then plan again.
     Need(Need),
+    /// Carry out these steps in order, then wait or requeue.
     Act(Vec<Step>, Then),
 }
 

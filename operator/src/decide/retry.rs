@@ -20,7 +20,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// `MAX_DISRUPTION_RETRIES` and `DISRUPTION_RETRY_BACKOFF_SECONDS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
+    /// `MAX_DISRUPTION_RETRIES`: how many times a disrupted job runs again.
     pub max_retries: u32,
+    /// `DISRUPTION_RETRY_BACKOFF_SECONDS`: the first wait before a retry (it doubles, up to five
+    /// minutes).
     pub backoff: Duration,
 }
 
@@ -51,6 +54,7 @@ pub fn describe(disruption_reason: Option<&str>) -> String {
 /// The decision after a disruption.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterDisruption {
+    /// Run the job again.
     Retry {
         /// The attempt to run next.
         attempt: u32,
@@ -59,6 +63,7 @@ pub enum AfterDisruption {
         /// The RepoboxJob message and the line appended to the job's output.
         message: String,
     },
+    /// Do not: the retries are used up, or the push may have started.
     Fail(Explained),
 }
 

@@ -25,7 +25,9 @@ pub const FAILED_SCHEDULING: &str = "FailedScheduling";
 /// An Event on the pod, reduced to what the decision needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEvent {
+    /// The Event's reason, e.g. [`FAILED_SCHEDULING`].
     pub reason: String,
+    /// The Event's message.
     pub message: String,
     /// The first occurrence (repeated Events are aggregated into one object).
     pub first: Option<Timestamp>,
@@ -61,11 +63,16 @@ pub enum Waiting {
     /// Scheduled (or not known to be unschedulable): nothing to say about nodes.
     NotForNode,
     /// The autoscaler is adding a node for the pod.
-    ForNode { message: String },
+    ForNode {
+        /// What the autoscaler said it is doing.
+        message: String,
+    },
     /// No node fits the pod now. `hopeless_since` is set when the autoscaler said that no
     /// scale-up can help (and has not triggered one since).
     Unschedulable {
+        /// The scheduler's message, with the autoscaler's when it refused.
         message: String,
+        /// Since when the autoscaler has said that no scale-up can help, if it has.
         hopeless_since: Option<Timestamp>,
     },
 }

@@ -23,7 +23,12 @@ pub enum JobState {
     /// The `Complete` condition is true: the runner exited 0.
     Succeeded,
     /// The `Failed` condition is true, with the job controller's reason and message.
-    Failed { reason: String, message: String },
+    Failed {
+        /// The `Failed` condition's reason, e.g. `DeadlineExceeded`.
+        reason: String,
+        /// The `Failed` condition's message.
+        message: String,
+    },
 }
 
 /// Reads the Job's terminal conditions (`Complete`/`Failed`: both 1.28 and newer write them;
@@ -79,6 +84,7 @@ pub fn progress_phase(current: RepoboxJobPhase, state: &JobState) -> Option<Repo
 pub struct PodFacts {
     /// `terminated.reason` of the runner container, e.g. `OOMKilled`, `Error`.
     pub terminated_reason: Option<String>,
+    /// `terminated.exitCode` of the runner container.
     pub exit_code: Option<i32>,
     /// `waiting.reason`, e.g. `ImagePullBackOff`, `ErrImagePull`, `CreateContainerConfigError`.
     pub waiting_reason: Option<String>,
@@ -88,6 +94,7 @@ pub struct PodFacts {
     pub disruption: Option<String>,
 }
 
+/// Reads a runner pod's status into [`PodFacts`].
 pub fn pod_facts(pod: &Pod) -> PodFacts {
     let mut facts = PodFacts::default();
     let Some(status) = pod.status.as_ref() else {
@@ -170,7 +177,9 @@ pub fn start_times(
 /// `error` for the job record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explained {
+    /// The RepoboxJob reason ([`crate::model::crd::reasons`]).
     pub reason: &'static str,
+    /// The job record's one-line `error`.
     pub error: String,
 }
 
@@ -261,10 +270,13 @@ pub fn explain_pending(pending_seconds: u64, pod: Option<&PodFacts>) -> Explaine
 /// Fields a phase change may carry besides phase, reason and message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extras {
+    /// `jobName`: the Job of the current attempt, once created.
     pub job_name: Option<String>,
     /// When the job was admitted (its Job's creation); `now` when unknown.
     pub start_time: Option<Time>,
+    /// `branch`: what the executor pushed.
     pub branch: Option<String>,
+    /// `commitSha`: the pushed commit.
     pub commit_sha: Option<String>,
     /// A new attempt (see [`crate::decide::retry`]).
     pub attempt: Option<u32>,
@@ -272,7 +284,9 @@ pub struct Extras {
     pub next_attempt_time: Option<Time>,
     /// The pull / merge request step's outcome (`prUrl`, `prNumber`, `prError`).
     pub pr_url: Option<String>,
+    /// `prNumber`.
     pub pr_number: Option<i64>,
+    /// `prError`.
     pub pr_error: Option<String>,
 }
 

@@ -40,25 +40,36 @@ pub const LIST_PAGE: u32 = 100;
 
 /// Everything the reconciler and the admission loop share.
 pub struct Context {
+    /// The Kubernetes client.
     pub client: Client,
+    /// The operator's settings.
     pub cfg: Arc<Config>,
+    /// The runner Jobs' settings, validated once.
     pub job_cfg: JobConfig,
+    /// Where the RepoboxJobs and their Jobs live.
     pub namespace: String,
+    /// The job records in Redis.
     pub outcomes: JobRecords,
+    /// The RepoboxJob cache.
     pub store: Store<RepoboxJob>,
     /// The operator's Jobs, metadata and status only.
     pub jobs: Store<CachedJob>,
     /// Wakes the dispatcher (a slot may have freed up).
     pub dispatch: Wakeup,
+    /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// Publishes Kubernetes Events on the RepoboxJobs.
     pub recorder: Recorder,
+    /// Readiness and liveness, for the health server.
     pub health: Arc<Health>,
+    /// Set once the RepoboxJob cache holds the initial list ([`Context::store_ready`]).
     pub synced: Arc<AtomicBool>,
     /// Consecutive failures per object, for the error policy's backoff.
     pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
+    /// The namespace comes from `cfg`; [`Context::store_ready`] stays false until the cache syncs.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
@@ -199,8 +210,10 @@ impl Context {
     }
 }
 
+/// What [`Context::execute`] ended with.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Executed {
+    /// Every step was carried out.
     Done,
     /// A Redis write found the job already ended by the runner: plan again.
     Replan,
@@ -341,7 +354,9 @@ impl Context {
 /// is needed.
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct CachedJob {
+    /// The Job's metadata.
     pub metadata: ObjectMeta,
+    /// The Job's status (conditions, counts, times).
     pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
 }
 

@@ -76,6 +76,8 @@ struct State {
     warned: HashMap<String, String>,
 }
 
+/// The admission loop (see the module doc): its wake-up, its state between passes and the
+/// bounds on its background creates and Events.
 pub struct Dispatcher {
     wakeup: Wakeup,
     state: Mutex<State>,

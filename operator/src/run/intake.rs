@@ -83,23 +83,36 @@ const MAX_BATCHES_IN_FLIGHT: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
     /// Its RepoboxJob exists (created now or before).
-    Created { name: String },
+    Created {
+        /// The RepoboxJob's name.
+        name: String,
+    },
     /// A bad entry, acknowledged; `reason` is the metric label.
     Bad {
+        /// The metric label, e.g. `no_job_id`.
         reason: &'static str,
+        /// What was wrong, for the log.
         detail: String,
     },
     /// Delivered too often: moved to the dead-letter stream.
     DeadLettered,
 }
 
+/// The intake loop (see the module doc): what it reads with and where it writes.
 pub struct Intake {
+    /// The operator's settings (stream, group, limits).
     pub cfg: Arc<Config>,
+    /// The Kubernetes client (creates RepoboxJobs).
     pub client: Client,
+    /// For the blocking XREADGROUP connection and the one entries are acknowledged on.
     pub redis: redis::Client,
+    /// The job records (bad entries are marked failed there).
     pub outcomes: JobRecords,
+    /// The RepoboxJob cache (how many are queued).
     pub store: Store<RepoboxJob>,
+    /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// Readiness (Redis reached) and the loop's liveness ticks.
     pub health: Arc<Health>,
     /// Names created (or reserved to be created) here that the cache may not show yet, with
     /// their user (see [`Intake::queued_now`] and [`user_queue_verdict`]).

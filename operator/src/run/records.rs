@@ -47,6 +47,7 @@ pub struct JobRecords {
 }
 
 impl JobRecords {
+    /// Over `con`; outputs are kept forever until [`JobRecords::with_output_ttl`] sets an expiry.
     pub fn new(con: ConnectionManager) -> Self {
         Self {
             con,
