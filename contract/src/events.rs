@@ -186,6 +186,28 @@ pub enum Step<'a> {
 /// A subscriber's position in one job: how many lines of `job:{jobId}:output` it has shown
 /// and the status it holds. The resume procedure of `docs/redis-contract.md`: subscribe,
 /// read the list (and the hash), start a `Follower` there, apply every event.
+///
+/// ```
+/// use repobox_contract::JobStatus;
+/// use repobox_contract::events::{Event, Follower, Step};
+///
+/// let output = |seq, lines: &[&str]| Event::Output {
+///     seq,
+///     lines: lines.iter().map(|l| l.to_string()).collect(),
+///     timestamp: "2026-11-23T10:15:30.123Z".into(),
+/// };
+/// // Subscribed, then read two lines from `job:{jobId}:output` and `running` from the hash.
+/// let mut f = Follower::new(2, Some(JobStatus::Running));
+/// // An event published before the read overlaps it: only the unread line is shown.
+/// let overlap = output(1, &["b", "c"]);
+/// assert_eq!(f.apply(&overlap), Step::Lines(&["c".to_string()]));
+/// // Lines 3..5 were dropped by the subscription: read them from the list, then apply again.
+/// let later = output(5, &["f"]);
+/// assert_eq!(f.apply(&later), Step::Gap { from: 3, to: 5 });
+/// f.read(2);
+/// assert_eq!(f.apply(&later), Step::Lines(&["f".to_string()]));
+/// assert_eq!(f.next(), 6);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Follower {
     next: u64,

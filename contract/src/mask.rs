@@ -20,6 +20,20 @@ pub fn mask_token(token: &str) -> String {
 /// of any `scheme://user:password@` URL.
 ///
 /// Every line that leaves the executor (output list, logs, errors) goes through one.
+///
+/// ```
+/// use repobox_contract::Masker;
+///
+/// let mut m = Masker::new();
+/// m.add("ghp_1234567890abcdefghij");
+/// // A known secret keeps just enough to be recognised; a short one would be hidden whole.
+/// assert_eq!(m.mask("token ghp_1234567890abcdefghij refused"), "token ghp_****ghij refused");
+/// // A URL's password is hidden even when it was never added.
+/// assert_eq!(
+///     m.mask("fatal: https://oauth2:hunter2@git.example.com/a.git"),
+///     "fatal: https://oauth2:****@git.example.com/a.git"
+/// );
+/// ```
 #[derive(Clone, Default)]
 pub struct Masker {
     secrets: Vec<(String, String)>,

@@ -138,6 +138,17 @@ fn authority(url: &Url) -> String {
 /// keeping the rest as written: what may be shown in Redis, logs, events and the RepoboxJob. A
 /// clone URL may embed an access token in any of them (`https://oauth2:TOKEN@host/…`,
 /// `?private_token=…`). Text without a scheme is treated alike (`user@host:path` → `host:path`).
+///
+/// ```
+/// use repobox_contract::urls::sanitize_url;
+///
+/// assert_eq!(
+///     sanitize_url("https://oauth2:TOKEN@gitlab.example.com/acme/api.git?private_token=T#x"),
+///     "https://gitlab.example.com/acme/api.git"
+/// );
+/// // Unparseable text is cleaned too: an error message may quote whatever the user wrote.
+/// assert_eq!(sanitize_url("git@github.com:acme/api.git"), "github.com:acme/api.git");
+/// ```
 pub fn sanitize_url(raw: &str) -> String {
     let url = raw.trim();
     let url = url.split(['?', '#']).next().unwrap_or_default();
