@@ -28,6 +28,7 @@ deps:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 
 ## All Rust tests: unit, property, and integration tests on real redis-server, git and the
 ## Kubernetes API emulator with the cluster simulator (which runs the real job-runner binary,

@@ -50,7 +50,7 @@ impl From<String> for RedisUrl {
 impl std::str::FromStr for RedisUrl {
     type Err = std::convert::Infallible;
 
-    /// Never fails: validation happens in [`Config::validate`], whose error does not echo the
+    /// Never fails: validation happens in [`Config::validate`](super::Config::validate), whose error does not echo the
     /// value (clap's would, password included).
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         Ok(RedisUrl(s.to_owned()))

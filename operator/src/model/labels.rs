@@ -27,9 +27,9 @@ pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 /// Label key: `app.kubernetes.io/managed-by`.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// Label key: the Repobox job id ([`label_value`] of `spec.jobId`).
+/// Label key: the Repobox job id ([`label_value`](crate::model::names::label_value) of `spec.jobId`).
 pub const LABEL_JOB_ID: &str = "repobox.dev/job-id";
-/// Label key: the Repobox user id ([`label_value`] of `spec.userId`).
+/// Label key: the Repobox user id ([`label_value`](crate::model::names::label_value) of `spec.userId`).
 pub const LABEL_USER: &str = "repobox.dev/user";
 
 /// Label selector for the Jobs (and pods) this operator manages: what the controller's Job watch

@@ -115,7 +115,7 @@ pub struct Intake {
     /// Readiness (Redis reached) and the loop's liveness ticks.
     pub health: Arc<Health>,
     /// Names created (or reserved to be created) here that the cache may not show yet, with
-    /// their user (see [`Intake::queued_now`] and [`user_queue_verdict`]).
+    /// their user (see `Intake::queued_now` and [`user_queue_verdict`]).
     pub created: std::sync::Mutex<HashMap<String, String>>,
 }
 
