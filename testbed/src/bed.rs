@@ -296,23 +296,8 @@ impl BedBuilder {
             }
             None => None,
         };
-        let kubelet = match self.kubelet {
-            Some(mut cfg) => {
-                if let Some(cp) = cluster.control_plane() {
-                    cfg.api_server = Some(cp.server_url().to_owned());
-                }
-                cfg.binaries = binaries(cfg.binaries);
-                cfg.extra_env.extend(self.runner_env.iter().cloned());
-                Some(
-                    Kubelet::start(client.clone(), cfg)
-                        .await
-                        .context("start the kubelet")?,
-                )
-            }
-            None => None,
-        };
         let con = redis.try_connection().await?;
-        Ok(Some(Bed {
+        let mut bed = Bed {
             ns,
             key: EncryptionKey::parse(&self.key_hex).map_err(|e| anyhow!("the bed's key: {e}"))?,
             token: self.token,
@@ -321,9 +306,15 @@ impl BedBuilder {
             client,
             cluster,
             sim,
-            kubelet,
+            kubelet: None,
             con,
-        }))
+        };
+        if let Some(mut cfg) = self.kubelet {
+            cfg.binaries = binaries(cfg.binaries);
+            cfg.extra_env.extend(self.runner_env.iter().cloned());
+            bed.start_kubelet(cfg).await?;
+        }
+        Ok(Some(bed))
     }
 }
 
@@ -382,6 +373,26 @@ impl Cluster {
 }
 
 impl Bed {
+    /// Starts the kubelet for this bed's pods (replacing none: call it once). On a real control
+    /// plane `api_server` is set; [`JOB_RUNNER`] is mapped to the workspace's binary unless
+    /// `cfg` maps it.
+    pub async fn start_kubelet(&mut self, mut cfg: KubeletConfig) -> Result<&Kubelet> {
+        if self.kubelet.is_some() {
+            bail!("the bed already runs a kubelet");
+        }
+        if let Some(cp) = self.cluster.control_plane() {
+            cfg.api_server = Some(cp.server_url().to_owned());
+        }
+        if !cfg.binaries.contains_key(JOB_RUNNER) {
+            cfg.binaries
+                .insert(JOB_RUNNER.to_owned(), crate::job_runner_binary()?);
+        }
+        let kubelet = Kubelet::start(self.client.clone(), cfg)
+            .await
+            .context("start the kubelet")?;
+        Ok(self.kubelet.insert(kubelet))
+    }
+
     /// The operator's connection flags for this bed: `--redis-url`, `--jobs-namespace`,
     /// `--runner-id`, `--metrics-addr`. Callers add their own (leader election, quotas, ...).
     pub fn operator_args(&self, runner_id: &str, metrics_addr: SocketAddr) -> Vec<String> {
@@ -739,6 +750,11 @@ impl OperatorProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// SIGKILL, then waits for the process.
+    pub async fn kill(&mut self) -> Result<()> {
+        Ok(self.child.kill().await?)
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
