@@ -25,7 +25,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
-use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,18 +72,7 @@ struct Bed {
     bed: bed::Bed,
 }
 
-impl Deref for Bed {
-    type Target = bed::Bed;
-    fn deref(&self) -> &bed::Bed {
-        &self.bed
-    }
-}
-
-impl DerefMut for Bed {
-    fn deref_mut(&mut self) -> &mut bed::Bed {
-        &mut self.bed
-    }
-}
+repobox_testbed::deref_to_bed!(Bed, bed);
 
 impl Bed {
     async fn new() -> Result<Self> {

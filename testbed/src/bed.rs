@@ -48,6 +48,25 @@ pub const RUNNER_SERVICE_ACCOUNT: &str = "repobox-runner";
 /// The job-runner's container command, mapped to the workspace's binary.
 pub const JOB_RUNNER: &str = "repobox-job-runner";
 
+/// `Deref`/`DerefMut` from a caller's bed type (its field `$field`) to [`Bed`], so that the
+/// caller's tests read `bed.redis`, `bed.git`, `bed.con` as before.
+#[macro_export]
+macro_rules! deref_to_bed {
+    ($ty:ty, $field:ident) => {
+        impl ::std::ops::Deref for $ty {
+            type Target = $crate::bed::Bed;
+            fn deref(&self) -> &$crate::bed::Bed {
+                &self.$field
+            }
+        }
+        impl ::std::ops::DerefMut for $ty {
+            fn deref_mut(&mut self) -> &mut $crate::bed::Bed {
+                &mut self.$field
+            }
+        }
+    };
+}
+
 /// Which Kubernetes API the bed talks to.
 #[derive(Debug, Clone)]
 pub enum ClusterKind {

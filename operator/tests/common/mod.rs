@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use clap::Parser;
@@ -36,18 +35,7 @@ pub struct Bed {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-impl Deref for Bed {
-    type Target = bed::Bed;
-    fn deref(&self) -> &bed::Bed {
-        &self.bed
-    }
-}
-
-impl DerefMut for Bed {
-    fn deref_mut(&mut self) -> &mut bed::Bed {
-        &mut self.bed
-    }
-}
+repobox_testbed::deref_to_bed!(Bed, bed);
 
 impl Bed {
     pub async fn new(sim_env: &[(&str, &str)]) -> Self {

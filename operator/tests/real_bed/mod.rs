@@ -15,7 +15,6 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
@@ -67,18 +66,7 @@ pub struct RealBed {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-impl Deref for RealBed {
-    type Target = bed::Bed;
-    fn deref(&self) -> &bed::Bed {
-        &self.bed
-    }
-}
-
-impl DerefMut for RealBed {
-    fn deref_mut(&mut self) -> &mut bed::Bed {
-        &mut self.bed
-    }
-}
+repobox_testbed::deref_to_bed!(RealBed, bed);
 
 /// Deep merge of Helm values (`over` wins; objects merge key by key).
 pub fn merge(base: &mut Value, over: &Value) {

@@ -311,15 +311,23 @@ async fn finish_failed(
     Ok(())
 }
 
-pub(super) async fn patch_job_status(jobs: &Api<Job>, name: &str, status: Value) -> Result<()> {
-    jobs.patch_status(
+/// Merge-patches the status of `name` (a Job or a Pod).
+pub(super) async fn patch_status<K>(api: &Api<K>, name: &str, status: Value) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
         name,
         &PatchParams::default(),
         &Patch::Merge(json!({ "status": status })),
     )
     .await
-    .with_context(|| format!("patch Job {name} status"))?;
+    .with_context(|| format!("patch {} {name} status", K::kind(&())))?;
     Ok(())
+}
+
+async fn patch_job_status(jobs: &Api<Job>, name: &str, status: Value) -> Result<()> {
+    patch_status(jobs, name, status).await
 }
 
 #[cfg(test)]

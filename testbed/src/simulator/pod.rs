@@ -9,12 +9,12 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::job::{Outcome, patch_job_status};
+use super::job::{Outcome, patch_status};
 use super::{NODE_NAME, PodFailure, Shared, SimEvent, SimulatorConfig, Stop};
 use crate::kubelet::{ContainerExit, Fault, KubeletEvent, now};
 
@@ -205,7 +205,7 @@ pub(super) async fn run_pod(
                     }
                     KubeletEvent::PodRunning { namespace, pod, pid } if ours(&namespace, &pod) => {
                         started = true;
-                        patch_job_status(&jobs, &job_name, json!({"active": 1, "ready": 1})).await?;
+                        patch_status(&jobs, &job_name, json!({"active": 1, "ready": 1})).await?;
                         shared.emit(SimEvent::PodStarted { namespace, job: job_name.clone(), pod, pid });
                     }
                     KubeletEvent::Sigterm { namespace, pod, .. } if ours(&namespace, &pod) => {
@@ -280,7 +280,7 @@ async fn hold(
     deadline: Option<tokio::time::Instant>,
     stop: &mut mpsc::UnboundedReceiver<Stop>,
 ) -> Result<Outcome> {
-    patch_pod_status(
+    patch_status(
         pods,
         pod_name,
         json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
@@ -342,7 +342,7 @@ async fn mark_pod_failed(
             "message": "Eviction API: evicting", "lastTransitionTime": fin}),
         );
     }
-    patch_pod_status(
+    patch_status(
         pods,
         pod,
         json!({"phase": "Failed", "conditions": conditions,
@@ -353,22 +353,11 @@ async fn mark_pod_failed(
     .await
 }
 
-async fn patch_pod_status(pods: &Api<Pod>, name: &str, status: Value) -> Result<()> {
-    pods.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .with_context(|| format!("patch Pod {name} status"))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn job(labels: Value, template_labels: Value) -> Job {
+    fn job(labels: serde_json::Value, template_labels: serde_json::Value) -> Job {
         serde_json::from_value(json!({
             "metadata": {"name": "build", "namespace": "ns", "labels": labels},
             "spec": {"template": {
