@@ -27,7 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResourceExt, ResourceExt};
 use redis::AsyncCommands;
 use repobox_contract::{keys, mask_token};
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::bed::{self, Bed, BedBuilder, ClusterKind, OperatorProcess, Output, Stopped};
 use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::forge::ForgeKind;

@@ -55,9 +55,9 @@ use redis::aio::MultiplexedConnection;
 use repobox_contract::EncryptionKey;
 use repobox_contract::transitions::{self, Finish};
 use repobox_operator::config::{Config, JobConfig};
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
-use repobox_operator::names::object_name;
-use repobox_operator::reconcile::FIELD_MANAGER;
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus};
+use repobox_operator::model::names::object_name;
+use repobox_operator::model::labels::FIELD_MANAGER;
 use repobox_testbed::bed;
 use repobox_testbed::control_plane::{ControlPlane, Options};
 use repobox_testbed::redis_server::RedisServer;
@@ -719,7 +719,7 @@ fn intake_rj(prefix: &str, i: usize) -> RepoboxJob {
         ("providerId".to_owned(), "gh".to_owned()),
     ]);
     let entry = format!("{}-{i}", 1_790_000_000_000u64);
-    repobox_operator::intake::repobox_job(&id, &user(i % USERS), &entry, &record)
+    repobox_operator::run::intake::repobox_job(&id, &user(i % USERS), &entry, &record)
 }
 
 fn post() -> PostParams {
@@ -762,7 +762,7 @@ async fn pairs(
         async move {
             let began = Instant::now();
             let rj = rjs.create(&post(), &intake_rj(&prefix, i)).await?;
-            let job = repobox_operator::job_builder::job_for(&rj, &cfg)?;
+            let job = repobox_operator::decide::job_builder::job_for(&rj, &cfg)?;
             jobs_api.create(&post(), &job).await?;
             Ok::<_, anyhow::Error>(began.elapsed())
         }
@@ -821,7 +821,7 @@ async fn limit(cluster: &Cluster, jobs: usize, rate: f64, paced: usize) -> Resul
             let (rjs, jobs_api, cfg) = (rjs.clone(), jobs_api.clone(), &cfg);
             async move {
                 let rj = rjs.create(&post(), &intake_rj("lw", i)).await?;
-                let job = repobox_operator::job_builder::job_for(&rj, cfg)?;
+                let job = repobox_operator::decide::job_builder::job_for(&rj, cfg)?;
                 jobs_api.create(&post(), &job).await?;
                 Ok::<_, anyhow::Error>(())
             }
@@ -842,7 +842,7 @@ async fn limit(cluster: &Cluster, jobs: usize, rate: f64, paced: usize) -> Resul
     let rj_rate = jobs as f64 / started.elapsed().as_secs_f64();
     let built: Vec<Job> = created
         .iter()
-        .map(|rj| repobox_operator::job_builder::job_for(rj, &cfg))
+        .map(|rj| repobox_operator::decide::job_builder::job_for(rj, &cfg))
         .collect::<Result<_, _>>()?;
     let started = Instant::now();
     futures::stream::iter(built)
@@ -1547,7 +1547,7 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
                 .await?;
                 // Suspended: the Job controller creates no pods for them (10,000 pending pods
                 // would keep the controllers busy for many minutes); the object is the same.
-                let mut job = repobox_operator::job_builder::job_for(&created, cfg)?;
+                let mut job = repobox_operator::decide::job_builder::job_for(&created, cfg)?;
                 if let Some(spec) = job.spec.as_mut() {
                     spec.suspend = Some(true);
                 }

@@ -26,8 +26,8 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use real_bed::RealBed;
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
-use repobox_operator::names::object_name;
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::names::object_name;
 use repobox_testbed::autoscaler::{AutoscalerConfig, NodeGroup};
 use serde_json::json;
 

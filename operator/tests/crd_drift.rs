@@ -1,7 +1,7 @@
 //! Fails when the checked-in CRD differs from what the Rust types generate, so a change to
 //! `operator/src/crd.rs` cannot ship without the matching `crds/` update.
 
-use repobox_operator::crd::{CRD_PATH, CRDGEN_COMMAND, crd_yaml};
+use repobox_operator::model::crd::{CRD_PATH, CRDGEN_COMMAND, crd_yaml};
 
 #[test]
 fn checked_in_crd_matches_the_types() {

@@ -9,8 +9,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use redis::AsyncCommands;
-use repobox_operator::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
-use repobox_operator::names::object_name;
+use repobox_operator::model::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
+use repobox_operator::model::names::object_name;
 use repobox_testbed::simulator::SimEvent;
 
 #[tokio::test]
@@ -530,7 +530,7 @@ async fn restart_mid_flight_loses_nothing_and_runs_nothing_twice() {
     let j2 = bed.job("restart2-ack", "ivy");
     webapp_submit_and_read_as(&mut bed, &j2, "dead-pod-2").await;
     let rj2 =
-        repobox_operator::intake::repobox_job(&j2.id, "ivy", "1-0", &bed.record(&j2.id).await);
+        repobox_operator::run::intake::repobox_job(&j2.id, "ivy", "1-0", &bed.record(&j2.id).await);
     bed.rjs().create(&Default::default(), &rj2).await.unwrap();
 
     bed.start_operator(&flags);

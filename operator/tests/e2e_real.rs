@@ -19,8 +19,8 @@ use real_bed::*;
 use redis::AsyncCommands;
 use repobox_contract::JobStatus;
 use repobox_contract::events::Event;
-use repobox_operator::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
-use repobox_operator::names::object_name;
+use repobox_operator::model::crd::{RepoboxJobPhase, condition_types, find_condition, reasons};
+use repobox_operator::model::names::object_name;
 use repobox_testbed::kubelet::KubeletEvent;
 use serde_json::json;
 
@@ -444,8 +444,8 @@ async fn restart_at_each_crash_point_loses_nothing_and_runs_nothing_twice() {
     let j2 = bed.job("restart2-ack", "ivy");
     submit_and_read_as(&mut bed, &j2, "dead-pod-2").await;
     let rec2 = bed.record(&j2.id).await;
-    let rj2 = repobox_operator::intake::repobox_job(&j2.id, "ivy", "1-0", &rec2);
-    let as_operator: Api<repobox_operator::crd::RepoboxJob> =
+    let rj2 = repobox_operator::run::intake::repobox_job(&j2.id, "ivy", "1-0", &rec2);
+    let as_operator: Api<repobox_operator::model::crd::RepoboxJob> =
         Api::namespaced(bed.operator_client.clone(), &bed.ns);
     as_operator
         .create(&PostParams::default(), &rj2)
@@ -459,7 +459,7 @@ async fn restart_at_each_crash_point_loses_nothing_and_runs_nothing_twice() {
     let rj3 = as_operator
         .create(
             &PostParams::default(),
-            &repobox_operator::intake::repobox_job(&j3.id, "ivy", "2-0", &rec3),
+            &repobox_operator::run::intake::repobox_job(&j3.id, "ivy", "2-0", &rec3),
         )
         .await
         .expect("create rj3");
@@ -467,12 +467,12 @@ async fn restart_at_each_crash_point_loses_nothing_and_runs_nothing_twice() {
         .config("crashed-operator", &[])
         .job_config()
         .expect("job config");
-    let job3 = repobox_operator::job_builder::job_for(&rj3, &job_cfg).expect("job");
+    let job3 = repobox_operator::decide::job_builder::job_for(&rj3, &job_cfg).expect("job");
     let job3_uid =
         Api::<k8s_openapi::api::batch::v1::Job>::namespaced(bed.operator_client.clone(), &bed.ns)
             .create(
                 &PostParams {
-                    field_manager: Some(repobox_operator::reconcile::FIELD_MANAGER.into()),
+                    field_manager: Some(repobox_operator::model::labels::FIELD_MANAGER.into()),
                     ..Default::default()
                 },
                 &job3,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use repobox_operator::metrics::{Metrics, UserJobs};
+use repobox_operator::run::metrics::{Metrics, UserJobs};
 
 /// The registry's text after one sample of everything.
 fn exported() -> String {
@@ -31,7 +31,7 @@ fn exported() -> String {
     m.job_retried("eviction");
     m.set_paused(true, 1);
     m.set_plan_limits(
-        &repobox_operator::tiers::PlanLimits::parse(r#"{"free": 1}"#).unwrap(),
+        &repobox_operator::decide::tiers::PlanLimits::parse(r#"{"free": 1}"#).unwrap(),
         3,
     );
     m.set_users_by_plan(&BTreeMap::from([("free".to_owned(), 2)]));

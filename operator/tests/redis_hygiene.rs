@@ -12,9 +12,9 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, PostParams};
 use redis::AsyncCommands;
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
-use repobox_operator::crd::RepoboxJobPhase;
-use repobox_operator::names::object_name;
-use repobox_operator::outcome::Outcomes;
+use repobox_operator::model::crd::RepoboxJobPhase;
+use repobox_operator::model::names::object_name;
+use repobox_operator::run::records::JobRecords;
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::simulator::SimEvent;
 
@@ -74,12 +74,12 @@ async fn per_user_quota_holds_across_a_restart_for_ids_like_email_addresses() {
         // operator reads the entries (AlreadyExists: acknowledged, nothing created twice).
         bed.submit(job).await;
         let rj =
-            repobox_operator::intake::repobox_job(&job.id, user, entry, &bed.record(&job.id).await);
+            repobox_operator::run::intake::repobox_job(&job.id, user, entry, &bed.record(&job.id).await);
         created.push(bed.rjs().create(&PostParams::default(), &rj).await.unwrap());
     }
     // The dead operator's Job for the first one.
     let job_cfg = bed.config(&flags).job_config().unwrap();
-    let job_a = repobox_operator::job_builder::job_for(&created[0], &job_cfg).unwrap();
+    let job_a = repobox_operator::decide::job_builder::job_for(&created[0], &job_cfg).unwrap();
     let jobs: Api<Job> = Api::namespaced(bed.client.clone(), NS);
     jobs.create(&PostParams::default(), &job_a).await.unwrap();
     let name_a = object_name(&a.id);
@@ -212,7 +212,7 @@ async fn acknowledged_entries_are_trimmed_and_nothing_else() {
         .xack(stream, "runners", &[&ids[0], &ids[1], &ids[2], &ids[4]])
         .await
         .unwrap();
-    let trimmed = repobox_operator::intake::trim_acknowledged(&mut con, stream)
+    let trimmed = repobox_operator::run::intake::trim_acknowledged(&mut con, stream)
         .await
         .unwrap();
     assert_eq!(trimmed, 3);
@@ -225,7 +225,7 @@ async fn acknowledged_entries_are_trimmed_and_nothing_else() {
         .unwrap();
     // ...unless another group has not read as far: it saw only up to entry 5.
     let _: () = con.xgroup_create(stream, "audit", &ids[4]).await.unwrap();
-    repobox_operator::intake::trim_acknowledged(&mut con, stream)
+    repobox_operator::run::intake::trim_acknowledged(&mut con, stream)
         .await
         .unwrap();
     assert_eq!(remaining(&mut con).await, ids[5..].to_vec());
@@ -236,7 +236,7 @@ async fn acknowledged_entries_are_trimmed_and_nothing_else() {
         .query_async(&mut con)
         .await
         .unwrap();
-    repobox_operator::intake::trim_acknowledged(&mut con, stream)
+    repobox_operator::run::intake::trim_acknowledged(&mut con, stream)
         .await
         .unwrap();
     assert_eq!(remaining(&mut con).await, ids[6..].to_vec());
@@ -244,7 +244,7 @@ async fn acknowledged_entries_are_trimmed_and_nothing_else() {
     // A stream without groups, or no stream at all, is left alone.
     let _: String = con.xadd("other", "*", &[("a", "b")]).await.unwrap();
     for key in ["other", "missing"] {
-        let n = repobox_operator::intake::trim_acknowledged(&mut con, key)
+        let n = repobox_operator::run::intake::trim_acknowledged(&mut con, key)
             .await
             .unwrap();
         assert_eq!(n, 0);
@@ -263,12 +263,12 @@ async fn output_expiry_is_set_once_and_never_extended() {
     let _: () = con.rpush("job:a:output", "line").await.unwrap();
     let _: () = con.rpush("job:b:output", "line").await.unwrap();
 
-    let keep = Outcomes::new(manager.clone()).with_output_ttl(None);
+    let keep = JobRecords::new(manager.clone()).with_output_ttl(None);
     keep.expire_output("a").await;
     let ttl: i64 = con.ttl("job:a:output").await.unwrap();
     assert_eq!(ttl, -1, "OUTPUT_TTL_SECONDS=0 keeps the output");
 
-    let expiring = Outcomes::new(manager).with_output_ttl(Some(Duration::from_secs(3600)));
+    let expiring = JobRecords::new(manager).with_output_ttl(Some(Duration::from_secs(3600)));
     expiring.expire_output("a").await;
     let ttl: i64 = con.ttl("job:a:output").await.unwrap();
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use repobox_operator::metrics::Metrics;
-use repobox_operator::server::{self, Health, OPENMETRICS_CONTENT_TYPE};
+use repobox_operator::run::metrics::Metrics;
+use repobox_operator::run::server::{self, Health, OPENMETRICS_CONTENT_TYPE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;

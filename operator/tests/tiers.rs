@@ -11,8 +11,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use redis::AsyncCommands;
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase, reasons};
-use repobox_operator::names::object_name;
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
+use repobox_operator::model::names::object_name;
 
 fn status_of(rj: &RepoboxJob) -> (Option<&str>, &str) {
     let s = rj.status.as_ref();

@@ -11,7 +11,7 @@ use kube::CustomResourceExt;
 use kube::api::Api;
 use redis::AsyncCommands;
 use repobox_operator::config::Config;
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::bed::{self, BedBuilder, ClusterKind};
 use repobox_testbed::emulator::Emulator;
 use repobox_testbed::forge::ForgeKind;

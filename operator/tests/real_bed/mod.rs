@@ -24,7 +24,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use repobox_operator::config::Config;
-use repobox_operator::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::bed::{self, BedBuilder, ClusterKind};
 use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::forge::ForgeKind;
