@@ -78,7 +78,7 @@ fi
 
 # --- build ---------------------------------------------------------------------------------
 say "building repobox-operator, repobox-job-runner and repobox-demo"
-cargo build -p repobox-operator -p repobox-job-runner -p repobox-testbed --bins
+cargo build -p repobox-operator -p repobox-job-runner -p repobox-demo --bins
 
 target="${CARGO_TARGET_DIR:-target}"
 demo="$target/debug/repobox-demo"

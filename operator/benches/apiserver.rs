@@ -45,12 +45,10 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use redis::aio::MultiplexedConnection;
@@ -63,6 +61,7 @@ use repobox_operator::model::crd::{
 };
 use repobox_operator::model::labels::FIELD_MANAGER;
 use repobox_operator::model::names::object_name;
+use repobox_testbed::bed;
 use repobox_testbed::control_plane::{ControlPlane, Options};
 use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::webapp::{self, NewJob};
@@ -143,19 +142,7 @@ impl Cluster {
         };
         eprintln!("control plane up in {}", ms(cp.started_in()));
         let admin = cp.client()?;
-        let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-        crds.create(&PostParams::default(), &RepoboxJob::crd())
-            .await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(
-                crds,
-                "repoboxjobs.repobox.dev",
-                conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .context("the CRD is not established")??;
+        bed::install_crd(&admin, &RepoboxJob::crd(), WAIT).await?;
 
         // The operator and the plain client authenticate the same way (ServiceAccount tokens),
         // so the limit is measured on equal terms; cluster-admin keeps RBAC out of the picture.
@@ -220,38 +207,8 @@ impl Cluster {
     /// A namespace with what the runner pods reference (their ServiceAccount, the two Secrets).
     async fn namespace(&self, prefix: &str, redis_url: &str) -> Result<String> {
         let ns = self.cp.namespace(prefix).await?;
-        Api::<ServiceAccount>::namespaced(self.admin.clone(), &ns)
-            .create(
-                &PostParams::default(),
-                &ServiceAccount {
-                    metadata: ObjectMeta {
-                        name: Some("repobox-runner".into()),
-                        ..Default::default()
-                    },
-                    automount_service_account_token: Some(false),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let secrets: Api<Secret> = Api::namespaced(self.admin.clone(), &ns);
-        for (name, key, value) in [
-            ("repobox-redis", "url", redis_url.to_owned()),
-            ("repobox-encryption-key", "key", KEY_HEX.to_owned()),
-        ] {
-            secrets
-                .create(
-                    &PostParams::default(),
-                    &Secret {
-                        metadata: ObjectMeta {
-                            name: Some(name.into()),
-                            ..Default::default()
-                        },
-                        string_data: Some(BTreeMap::from([(key.to_owned(), value)])),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-        }
+        bed::create_runner_service_account(&self.admin, &ns).await?;
+        bed::create_runner_secrets(&self.admin, &ns, redis_url, KEY_HEX).await?;
         Ok(ns)
     }
 

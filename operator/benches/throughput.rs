@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,23 +33,17 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResourceExt, ResourceExt};
-use redis::aio::MultiplexedConnection;
-use repobox_contract::EncryptionKey;
+use kube::{CustomResourceExt, ResourceExt};
 use repobox_operator::config::Config;
 use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobSpec, RepoboxJobStatus};
 use repobox_operator::model::labels::FINALIZER;
 use repobox_operator::model::names::object_name;
+use repobox_testbed::bed::{self, BedBuilder, ClusterKind, OperatorProcess, Output};
 use repobox_testbed::emulator::{Emulator, RequestRecord};
-use repobox_testbed::githost::GitHost;
-use repobox_testbed::redis_server::RedisServer;
-use repobox_testbed::simulator::{ClusterSimulator, SimulatorConfig};
+use repobox_testbed::simulator::SimulatorConfig;
 use repobox_testbed::webapp::{self, NewJob};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -75,75 +69,35 @@ fn env_usize(name: &str, default: usize) -> usize {
 // The bed: redis-server, the emulator, the CRD and the two Secrets.
 
 struct Bed {
-    redis: RedisServer,
-    emu: Emulator,
-    client: Client,
-    con: MultiplexedConnection,
-    key: EncryptionKey,
+    bed: bed::Bed,
 }
+
+repobox_testbed::deref_to_bed!(Bed, bed);
 
 impl Bed {
     async fn new() -> Result<Self> {
-        let redis = RedisServer::start().await?;
-        let emu = Emulator::start().await?;
-        let client = emu.client()?;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &RepoboxJob::crd())
-            .await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(
-                crds,
-                "repoboxjobs.repobox.dev",
-                conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .context("the CRD is not established")??;
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        for (name, key, value) in [
-            ("repobox-redis", "url", redis.url()),
-            ("repobox-encryption-key", "key", KEY_HEX.to_owned()),
-        ] {
-            let s = Secret {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                string_data: Some(BTreeMap::from([(key.to_owned(), value)])),
-                ..Default::default()
-            };
-            secrets.create(&PostParams::default(), &s).await?;
-        }
-        let con = redis.try_connection().await?;
-        Ok(Self {
-            redis,
-            emu,
-            client,
-            con,
-            key: EncryptionKey::parse(KEY_HEX)?,
-        })
+        Self::with(|b| b).await
+    }
+
+    /// The bed, adjusted by `tweak` (a simulator, a repository).
+    async fn with(tweak: impl FnOnce(BedBuilder) -> BedBuilder) -> Result<Self> {
+        let builder = BedBuilder::new(ClusterKind::Emulator, TOKEN, KEY_HEX)
+            .namespace(NS)
+            .crd(RepoboxJob::crd())
+            .timeout(WAIT)
+            .runner_secrets();
+        let bed = tweak(builder).start().await?.context("the emulator bed")?;
+        Ok(Self { bed })
+    }
+
+    fn emu(&self) -> &Emulator {
+        self.cluster.emulator().expect("the emulator bed")
     }
 
     /// The operator's flags (production defaults, leader election on), plus `extra`.
     fn args(&self, runner_id: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--redis-url",
-            &self.redis.url(),
-            "--jobs-namespace",
-            NS,
-            "--runner-id",
-            runner_id,
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", repobox_testbed::free_port()),
-            "--leader-election",
-            "true",
-            "--log-format",
-            "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = self.operator_args(runner_id, bed::free_addr());
+        args.extend(["--leader-election", "true", "--log-format", "json"].map(str::to_owned));
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
@@ -162,12 +116,13 @@ impl Bed {
     }
 
     async fn providers(&mut self) -> Result<()> {
+        let key = self.key.clone();
         for u in 0..USERS {
             webapp::create_provider(
                 &mut self.con,
                 &user(u),
                 "gh",
-                &self.key,
+                &key,
                 TOKEN,
                 "https://github.com",
             )
@@ -192,7 +147,7 @@ impl Bed {
         let mut last = None;
         let mut stable = 0;
         while Instant::now() < deadline {
-            let rv = self.emu.stats().await?["resourceVersion"].clone();
+            let rv = self.emu().stats().await?["resourceVersion"].clone();
             if last.as_ref() == Some(&rv) {
                 stable += 1;
                 if stable >= 4 {
@@ -477,7 +432,7 @@ async fn phase1() -> Result<Phase1> {
         .await
         .context("warm-up job")?;
     bed.quiesce().await?;
-    bed.emu.clear_requests().await?;
+    bed.emu().clear_requests().await?;
 
     // The burst.
     eprintln!("phase 1: XADDing {jobs} jobs across {USERS} users");
@@ -504,7 +459,7 @@ async fn phase1() -> Result<Phase1> {
     let rj_span = last_of(&rjs).duration_since(first);
     let job_span = last_of(&jobs_seen).duration_since(first);
     bed.quiesce().await?;
-    let requests = bed.emu.requests().await?;
+    let requests = bed.emu().requests().await?;
     let writes = WriteCount::from(&requests);
     let requests_per_s = requests.len() as f64 / job_span.as_secs_f64();
     let rj_lat = latencies(&xadd, &rjs);
@@ -565,22 +520,15 @@ async fn phase2() -> Result<Option<Phase2>> {
         }
     };
     let agent = "echo 'from the agent' > AGENT.md";
-    let mut bed = Bed::new().await?;
-    let git = GitHost::start(TOKEN).await?;
-    git.create_repo("acme/api", &[("README.md", "# api\n")])?;
-    let sim = ClusterSimulator::start(
-        bed.client.clone(),
-        SimulatorConfig {
-            namespace: Some(NS.into()),
-            binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
-            max_grace_period: Some(Duration::from_secs(5)),
-            extra_env: vec![
-                ("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned()),
-                ("AGENT_COMMAND".to_owned(), agent.to_owned()),
-            ],
-            ..Default::default()
-        },
-    )
+    let mut bed = Bed::with(|b| {
+        b.repo("acme/api", &[("README.md", "# api\n")])
+            .job_runner(runner)
+            .runner_env(&[("ALLOW_INSECURE_HTTP", "true"), ("AGENT_COMMAND", agent)])
+            .simulator(SimulatorConfig {
+                max_grace_period: Some(Duration::from_secs(5)),
+                ..Default::default()
+            })
+    })
     .await?;
     bed.providers().await?;
     let op = bed.start_operator(&[
@@ -602,7 +550,7 @@ async fn phase2() -> Result<Option<Phase2>> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bed.quiesce().await?;
-    bed.emu.clear_requests().await?;
+    bed.emu().clear_requests().await?;
 
     eprintln!("phase 2: {jobs} jobs to Succeeded (real job-runner, local git host)");
     let api = Api::<RepoboxJob>::namespaced(bed.client.clone(), NS);
@@ -611,7 +559,7 @@ async fn phase2() -> Result<Option<Phase2>> {
         .applied_objects()
         .boxed();
     let started = Instant::now();
-    let url = git.url("acme/api");
+    let url = bed.git.url("acme/api");
     let mut names = HashSet::new();
     for i in 0..jobs {
         let id = format!("hp{i:06}-bench");
@@ -644,9 +592,11 @@ async fn phase2() -> Result<Option<Phase2>> {
     .context("jobs did not all succeed in time")??;
     let elapsed = started.elapsed();
     bed.quiesce().await?;
-    let writes = WriteCount::from(&bed.emu.requests().await?);
+    let writes = WriteCount::from(&bed.emu().requests().await?);
     op.stop().await?;
-    sim.shutdown().await;
+    if let Some(sim) = bed.sim.take() {
+        sim.shutdown().await;
+    }
     Ok(Some(Phase2 {
         jobs,
         writes,
@@ -726,7 +676,7 @@ fn terminal_rj(i: usize) -> (RepoboxJob, serde_json::Value) {
 }
 
 struct Child {
-    child: tokio::process::Child,
+    process: OperatorProcess,
     pid: u32,
 }
 
@@ -735,18 +685,15 @@ impl Child {
         let exe = env!("CARGO_BIN_EXE_repobox-operator");
         let mut args = bed.args(&format!("mem-{lease}"), &[]);
         args.extend(["--lease-name".to_owned(), lease.to_owned()]);
-        let child = tokio::process::Command::new(exe)
-            .args(&args)
-            .env("KUBECONFIG", bed.emu.kubeconfig_path())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn the operator binary")?;
-        let pid = child.id().context("the operator exited at once")?;
-        Ok(Self { child, pid })
+        let process = OperatorProcess::spawn(
+            Path::new(exe),
+            &args,
+            &bed.cluster.kubeconfig_path(),
+            &Output::Null,
+            true,
+        )?;
+        let pid = process.pid();
+        Ok(Self { process, pid })
     }
 
     /// Samples VmRSS for `for_` and returns (max VmRSS, VmHWM).
@@ -754,7 +701,7 @@ impl Child {
         let end = Instant::now() + for_;
         let mut rss = 0;
         while Instant::now() < end {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.process.try_wait()? {
                 bail!("the operator exited: {status}");
             }
             rss = rss.max(proc_status_bytes(self.pid, "VmRSS:")?);
@@ -780,7 +727,7 @@ async fn phase3() -> Result<Phase3> {
         .context("baseline probe job")?;
     bed.quiesce().await?;
     let (baseline_rss, baseline_hwm) = base.sample(Duration::from_secs(3)).await?;
-    base.child.kill().await?;
+    base.process.kill().await?;
 
     eprintln!("phase 3: creating {objects} terminal RepoboxJobs through the API");
     let api = Api::<RepoboxJob>::namespaced(bed.client.clone(), NS);
@@ -814,7 +761,7 @@ async fn phase3() -> Result<Phase3> {
     let cache_time = started.elapsed();
     bed.quiesce().await?;
     let (loaded_rss, loaded_hwm) = loaded.sample(Duration::from_secs(5)).await?;
-    loaded.child.kill().await?;
+    loaded.process.kill().await?;
     job_watch.abort();
     Ok(Phase3 {
         objects,

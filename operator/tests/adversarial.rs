@@ -25,10 +25,8 @@ use std::time::Duration;
 use base64::Engine;
 use clap::Parser;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, PostParams};
+use kube::runtime::wait::await_condition;
 use kube::{Client, CustomResourceExt, ResourceExt};
 use redis::AsyncCommands;
 use repobox_contract::EncryptionKey;
@@ -36,7 +34,7 @@ use repobox_operator::config::Config;
 use repobox_operator::decide::job_builder::job_for;
 use repobox_operator::model::crd::RepoboxJob;
 use repobox_operator::run::intake::repobox_job;
-use repobox_testbed::control_plane::ControlPlane;
+use repobox_testbed::bed::{self, BedBuilder, ClusterKind};
 use repobox_testbed::forge::ForgeKind;
 use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, NodeSettings};
@@ -150,26 +148,40 @@ struct Bed {
 }
 
 async fn bed(test: &str) -> Option<Bed> {
-    let Some(cp) = ControlPlane::shared().await.expect("control plane") else {
-        ControlPlane::print_skip();
-        return None;
-    };
-    let client = cp.client().expect("client");
-    let runner = repobox_testbed::job_runner_binary().expect("runner binary");
     let node = format!("adversarial-{test}");
-    let kubelet = Kubelet::start(
-        client.clone(),
-        KubeletConfig {
+    let built = BedBuilder::new(ClusterKind::SharedControlPlane, TOKEN, KEY_HEX)
+        .kubelet(KubeletConfig {
             nodes: vec![NodeSettings::new(&node)],
-            binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
-            api_server: Some(cp.server_url().to_owned()),
             max_grace_period: Some(Duration::from_secs(5)),
             heartbeat_interval: Duration::from_secs(5),
             ..KubeletConfig::default()
-        },
-    )
-    .await
-    .expect("kubelet");
+        })
+        .namespace("adversarial")
+        .create_namespace(&[
+            ("pod-security.kubernetes.io/enforce", "restricted"),
+            ("pod-security.kubernetes.io/enforce-version", "v1.28"),
+        ])
+        .crd(RepoboxJob::crd())
+        .timeout(WAIT)
+        .redis_password(REDIS_PASSWORD)
+        .forge(ForgeKind::GitHub)
+        .repo("acme/api", &[("README.md", "# api\n")])
+        .repo("victim/other", &[("README.md", "# someone else's\n")])
+        .runner_secrets()
+        .runner_service_account()
+        .start()
+        .await
+        .expect("test bed")?;
+    let bed::Bed {
+        ns,
+        key,
+        redis,
+        git,
+        client,
+        kubelet,
+        ..
+    } = built;
+    let kubelet = kubelet.expect("the bed runs a kubelet");
     if !kubelet.isolates() {
         eprintln!(
             "SKIPPED: the adversarial agent suite needs root for per-container isolation \
@@ -177,77 +189,6 @@ async fn bed(test: &str) -> Option<Bed> {
         );
         return None;
     }
-    let ns = cp
-        .namespace_with_labels(
-            "adversarial",
-            &[
-                ("pod-security.kubernetes.io/enforce", "restricted"),
-                ("pod-security.kubernetes.io/enforce-version", "v1.28"),
-            ],
-        )
-        .await
-        .expect("namespace");
-
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let _ = crds
-        .patch(
-            "repoboxjobs.repobox.dev",
-            &PatchParams::apply("adversarial-test").force(),
-            &Patch::Apply(RepoboxJob::crd()),
-        )
-        .await
-        .expect("CRD");
-    tokio::time::timeout(
-        WAIT,
-        await_condition(
-            crds,
-            "repoboxjobs.repobox.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("CRD established")
-    .expect("watch");
-
-    let redis = RedisServer::start_with_password(REDIS_PASSWORD)
-        .await
-        .expect("redis");
-    let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
-        .await
-        .expect("git host");
-    git.create_repo("acme/api", &[("README.md", "# api\n")])
-        .expect("repo");
-    git.create_repo("victim/other", &[("README.md", "# someone else's\n")])
-        .expect("victim repo");
-
-    let secret = |name: &str, key: &str, value: &str| -> Secret {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
-            "stringData": {key: value},
-        }))
-        .expect("secret")
-    };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    for s in [
-        secret("repobox-redis", "url", &redis.url()),
-        secret("repobox-encryption-key", "key", KEY_HEX),
-    ] {
-        secrets
-            .create(&PostParams::default(), &s)
-            .await
-            .expect("secret");
-    }
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "repobox-runner"},
-            "automountServiceAccountToken": false,
-        }))
-        .expect("sa"),
-    )
-    .await
-    .expect("runner service account");
     Some(Bed {
         client,
         ns,
@@ -255,7 +196,7 @@ async fn bed(test: &str) -> Option<Bed> {
         kubelet,
         redis,
         git,
-        key: EncryptionKey::parse(KEY_HEX).expect("key"),
+        key,
     })
 }
 

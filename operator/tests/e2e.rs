@@ -164,7 +164,7 @@ async fn per_user_limit_holds_for_a_burst_of_one_hundred() {
     // Replay the simulator's ordered event history: never more than 3 runners at once.
     let mut live = 0i64;
     let mut max_live = 0i64;
-    for ev in bed.sim.history() {
+    for ev in bed.sim().history() {
         match ev {
             SimEvent::PodStarted { .. } => live += 1,
             SimEvent::PodExited { .. } => live -= 1,
@@ -175,7 +175,7 @@ async fn per_user_limit_holds_for_a_burst_of_one_hundred() {
     }
     assert_eq!(max_live, 3, "the limit was used fully");
     assert_eq!(
-        bed.sim.processes_started(),
+        bed.sim().processes_started(),
         100,
         "every job ran exactly once"
     );
@@ -251,7 +251,7 @@ async fn queued_jobs_show_why_and_users_take_turns() {
             .await;
     }
     let start = |n: &str| {
-        let jobs = bed.sim.history();
+        let jobs = bed.sim().history();
         jobs.iter()
             .position(|e| matches!(e, SimEvent::PodStarted { job, .. } if job == &object_name(n)))
             .unwrap()
@@ -305,7 +305,7 @@ async fn deleting_or_cancelling_a_running_job_stops_it_and_records_cancelled() {
     let rec = bed.record(&a.id).await;
     assert_eq!(rec["status"], "cancelled", "{rec:?}");
     assert_eq!(rec["error"], "cancelled: the RepoboxJob was deleted");
-    bed.sim
+    bed.sim()
         .wait_for(
             WAIT,
             |e| matches!(e, SimEvent::PodExited { job, .. } if job == &na),
@@ -329,7 +329,7 @@ async fn deleting_or_cancelling_a_running_job_stops_it_and_records_cancelled() {
         Some(reasons::CANCELLED)
     );
     assert_eq!(bed.record(&b.id).await["status"], "cancelled");
-    bed.sim
+    bed.sim()
         .wait_for(
             WAIT,
             |e| matches!(e, SimEvent::PodExited { job, .. } if job == &nb),
@@ -345,7 +345,7 @@ async fn bad_and_poison_entries_are_acknowledged_and_recorded() {
     let mut bed = Bed::new(&[]).await;
     // Every RepoboxJob create for the poison job fails with a 500.
     let poison = bed.job("poison01-p", "gina");
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("POST"),
             "/apis/repobox.dev/v1alpha1/namespaces/repobox/repoboxjobs",
@@ -379,7 +379,7 @@ async fn bad_and_poison_entries_are_acknowledged_and_recorded() {
     let rec = bed.record(&poison.id).await;
     assert_eq!(rec["status"], "failed");
     assert!(rec["error"].contains("dead-letter"), "{}", rec["error"]);
-    bed.emu.clear_faults().await.unwrap();
+    bed.emu().clear_faults().await.unwrap();
 
     // Bad entries: no jobId, no hash, no userId, already terminal.
     let _: String = bed
@@ -456,7 +456,7 @@ async fn bad_and_poison_entries_are_acknowledged_and_recorded() {
 #[tokio::test]
 async fn injected_api_errors_are_retried_without_loss_or_duplicates() {
     let mut bed = Bed::new(&[]).await;
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("POST"),
             "/apis/batch/v1/namespaces/repobox/jobs",
@@ -465,7 +465,7 @@ async fn injected_api_errors_are_retried_without_loss_or_duplicates() {
         )
         .await
         .unwrap();
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("POST"),
             "/apis/repobox.dev/v1alpha1/namespaces/repobox/repoboxjobs",
@@ -474,7 +474,7 @@ async fn injected_api_errors_are_retried_without_loss_or_duplicates() {
         )
         .await
         .unwrap();
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("PATCH"),
             "/apis/repobox.dev/v1alpha1/namespaces/repobox/repoboxjobs/.*/status",
@@ -488,14 +488,14 @@ async fn injected_api_errors_are_retried_without_loss_or_duplicates() {
     bed.submit(&job).await;
     bed.wait_phase(&object_name(&job.id), RepoboxJobPhase::Succeeded)
         .await;
-    assert_eq!(bed.sim.processes_started(), 1);
+    assert_eq!(bed.sim().processes_started(), 1);
     let jobs: Api<Job> = Api::namespaced(bed.client.clone(), NS);
     assert_eq!(
         jobs.list(&ListParams::default()).await.unwrap().items.len(),
         1
     );
     let statuses: Vec<u16> = bed
-        .emu
+        .emu()
         .requests()
         .await
         .unwrap()
@@ -549,7 +549,7 @@ async fn restart_mid_flight_loses_nothing_and_runs_nothing_twice() {
     for n in [&n1, &n2, &object_name(&j3.id)] {
         bed.wait_phase(n, RepoboxJobPhase::Succeeded).await;
     }
-    assert_eq!(bed.sim.pods_started(), 3, "each job ran exactly once");
+    assert_eq!(bed.sim().pods_started(), 3, "each job ran exactly once");
     for j in [&j1, &j2, &j3] {
         assert_eq!(bed.record(&j.id).await["status"], "success");
     }
@@ -684,7 +684,7 @@ async fn killed_and_stuck_pods_are_explained_in_redis() {
     bed.submit(&oom).await;
     let n = object_name(&oom.id);
     bed.wait_phase(&n, RepoboxJobPhase::Running).await;
-    bed.sim
+    bed.sim()
         .fail_pod(&n, repobox_testbed::simulator::PodFailure::OomKilled)
         .unwrap();
     let rj = bed.wait_phase(&n, RepoboxJobPhase::Failed).await;
@@ -701,7 +701,7 @@ async fn killed_and_stuck_pods_are_explained_in_redis() {
     bed.submit(&ev).await;
     let n = object_name(&ev.id);
     bed.wait_phase(&n, RepoboxJobPhase::Running).await;
-    bed.sim
+    bed.sim()
         .fail_pod(&n, repobox_testbed::simulator::PodFailure::Evicted)
         .unwrap();
     let rj = bed.wait_phase(&n, RepoboxJobPhase::Failed).await;

@@ -246,7 +246,7 @@ async fn happy_path_under_per_user_and_global_quotas() {
     let mut total = 0i64;
     let mut max_total = 0i64;
     let user_of: HashMap<String, &str> = ids.iter().map(|(id, u)| (object_name(id), *u)).collect();
-    for e in bed.kubelet.history() {
+    for e in bed.kubelet().history() {
         let (pod, delta) = match &e {
             KubeletEvent::PodRunning { namespace, pod, .. } if *namespace == bed.ns => (pod, 1),
             KubeletEvent::PodFinished { namespace, pod, .. } if *namespace == bed.ns => (pod, -1),
@@ -332,7 +332,7 @@ async fn deadline_exceeded_by_the_real_job_controller_is_timed_out() {
     assert_eq!(failed.reason.as_deref(), Some("DeadlineExceeded"));
     bed.wait_no_pods(&name).await;
     assert!(
-        bed.kubelet
+        bed.kubelet()
             .history()
             .iter()
             .any(|e| matches!(e, KubeletEvent::Sigterm { pod, .. } if pod.starts_with(&name))),

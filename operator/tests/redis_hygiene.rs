@@ -106,7 +106,7 @@ async fn per_user_quota_holds_across_a_restart_for_ids_like_email_addresses() {
     bed.wait_phase(&name_b, RepoboxJobPhase::Succeeded).await;
     // Never two of the user's runners at once.
     let mut live = 0;
-    for ev in bed.sim.history() {
+    for ev in bed.sim().history() {
         match ev {
             SimEvent::PodStarted { .. } => live += 1,
             SimEvent::PodExited { .. } => live -= 1,
@@ -114,7 +114,7 @@ async fn per_user_quota_holds_across_a_restart_for_ids_like_email_addresses() {
         }
         assert!(live <= 1, "two runners of {user} ran at once");
     }
-    assert_eq!(bed.sim.pods_started(), 2, "each job ran once");
+    assert_eq!(bed.sim().pods_started(), 2, "each job ran once");
     bed.stop_operator().await.unwrap();
 }
 
@@ -130,7 +130,7 @@ async fn the_dead_letter_stream_is_capped() {
             .await
             .unwrap();
     }
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("POST"),
             "/apis/repobox.dev/v1alpha1/namespaces/repobox/repoboxjobs",
@@ -174,7 +174,7 @@ async fn the_dead_letter_stream_is_capped() {
         .await
         .unwrap();
     assert_eq!(newest.ids[0].id, new[0].id, "the newest entry is kept");
-    bed.emu.clear_faults().await.unwrap();
+    bed.emu().clear_faults().await.unwrap();
     bed.stop_operator().await.unwrap();
 }
 

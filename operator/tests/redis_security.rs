@@ -261,7 +261,7 @@ async fn the_operator_and_runner_acls_run_jobs_end_to_end() {
         .xadd("jobs:stream", "*", &[("jobId", "ghost-job")])
         .await
         .unwrap();
-    bed.emu
+    bed.emu()
         .inject_fault(
             Some("POST"),
             "/apis/repobox.dev/v1alpha1/namespaces/repobox/repoboxjobs",

@@ -1,5 +1,7 @@
 //! The test bed: real parts for the tests and the demo.
 //!
+//! - [`bed`]: the set-up the operator's tests, benchmarks and the demo share (all of the below,
+//!   put together).
 //! - [`redis_server`]: a real `redis-server` on a free loopback port, stopped on drop.
 //! - [`githost`]: bare repositories served over smart HTTP by `git http-backend`,
 //!   behind a small HTTP server that checks basic credentials.
@@ -18,6 +20,7 @@
 //! - [`webapp`]: writes jobs and providers into Redis the way the web app does.
 
 pub mod autoscaler;
+pub mod bed;
 pub mod control_plane;
 pub mod emulator;
 pub mod events;

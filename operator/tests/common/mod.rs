@@ -3,26 +3,18 @@
 //! The operator runs in-process, unchanged, with a client pointed at the emulator.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use clap::Parser;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResourceExt};
+use kube::CustomResourceExt;
+use kube::api::Api;
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
-use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
 use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_testbed::bed::{self, BedBuilder, ClusterKind};
 use repobox_testbed::emulator::Emulator;
 use repobox_testbed::forge::ForgeKind;
-use repobox_testbed::githost::GitHost;
-use repobox_testbed::redis_server::RedisServer;
 use repobox_testbed::simulator::{ClusterSimulator, SimulatorConfig};
 use repobox_testbed::webapp::{self, NewJob};
 use tokio::task::JoinHandle;
@@ -33,19 +25,17 @@ pub const TOKEN: &str = "ghp_operatorTestToken1234567890abcd";
 pub const KEY_HEX: &str = "3b1f2e4d5c6a7980a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// The test bed's [`bed::Bed`] (Redis, git host, emulator, simulator; its fields through
+/// `Deref`) plus the in-process operator.
 pub struct Bed {
-    pub redis: RedisServer,
-    pub git: GitHost,
-    pub emu: Emulator,
-    pub client: Client,
-    pub sim: ClusterSimulator,
-    pub key: EncryptionKey,
-    pub con: MultiplexedConnection,
+    bed: bed::Bed,
     operator: Option<(JoinHandle<repobox_operator::Result<()>>, CancellationToken)>,
     pub operator_starts: usize,
     /// `/metrics` of the running operator.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
+
+repobox_testbed::deref_to_bed!(Bed, bed);
 
 impl Bed {
     pub async fn new(sim_env: &[(&str, &str)]) -> Self {
@@ -64,106 +54,67 @@ impl Bed {
             )
             .with_test_writer()
             .try_init();
-        let redis = RedisServer::start().await.unwrap();
-        // With the GitHub Enterprise API double: jobs that push open a pull request.
-        let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
-            .await
-            .unwrap();
-        git.create_repo("acme/api", &[("README.md", "# api\n")])
-            .unwrap();
-        let emu = Emulator::start().await.unwrap();
-        let client = emu.client().unwrap();
-
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &RepoboxJob::crd())
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            WAIT,
-            await_condition(
-                crds,
-                "repoboxjobs.repobox.dev",
-                conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        for (name, key, value) in [
-            ("repobox-redis", "url", redis.url()),
-            ("repobox-encryption-key", "key", KEY_HEX.to_owned()),
-        ] {
-            let s = Secret {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                string_data: Some(BTreeMap::from([(key.to_owned(), value)])),
-                ..Default::default()
-            };
-            secrets.create(&PostParams::default(), &s).await.unwrap();
-        }
-
-        let mut extra_env = vec![("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned())];
-        extra_env.extend(sim_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let runner = repobox_testbed::job_runner_binary().unwrap();
         let mut sim_cfg = SimulatorConfig {
-            namespace: Some(NS.into()),
-            binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
             max_grace_period: Some(Duration::from_secs(5)),
-            extra_env,
             ..Default::default()
         };
         tweak(&mut sim_cfg);
-        let sim = ClusterSimulator::start(client.clone(), sim_cfg)
+        let bed = BedBuilder::new(ClusterKind::Emulator, TOKEN, KEY_HEX)
+            .namespace(NS)
+            // With the GitHub Enterprise API double: jobs that push open a pull request.
+            .forge(ForgeKind::GitHub)
+            .repo("acme/api", &[("README.md", "# api\n")])
+            .crd(RepoboxJob::crd())
+            .timeout(WAIT)
+            .runner_secrets()
+            .runner_env(&[("ALLOW_INSECURE_HTTP", "true")])
+            .runner_env(sim_env)
+            .simulator(sim_cfg)
+            .start()
             .await
-            .unwrap();
-        let con = redis.connection().await;
+            .unwrap()
+            .expect("the emulator bed always starts");
         Self {
-            redis,
-            git,
-            emu,
-            client,
-            sim,
-            key: EncryptionKey::parse(KEY_HEX).unwrap(),
-            con,
+            bed,
             operator: None,
             operator_starts: 0,
             metrics_addr: None,
         }
     }
 
-    /// The operator's configuration for this bed, plus `extra` flags.
-    pub fn config(&self, extra: &[&str]) -> Config {
-        let metrics = format!("127.0.0.1:{}", repobox_testbed::free_port());
-        let runner_id = format!("operator-{}", self.operator_starts);
-        let mut args = vec![
-            "repobox-operator",
-            "--redis-url",
-            self.redis_url(),
-            "--jobs-namespace",
-            NS,
-            "--runner-id",
-            &runner_id,
-            "--metrics-addr",
-            &metrics,
-            "--leader-election",
-            "true",
-            "--lease-duration-seconds",
-            "6",
-            "--claim-min-idle-seconds",
-            "1",
-            "--log-format",
-            "text",
-        ];
-        args.extend_from_slice(extra);
-        Config::try_parse_from(args).unwrap()
+    /// The API emulator.
+    pub fn emu(&self) -> &Emulator {
+        self.cluster.emulator().expect("the emulator bed")
     }
 
-    fn redis_url(&self) -> &'static str {
-        Box::leak(self.redis.url().into_boxed_str())
+    /// The cluster simulator running the Jobs.
+    pub fn sim(&self) -> &ClusterSimulator {
+        self.bed
+            .sim
+            .as_ref()
+            .expect("the emulator bed runs the simulator")
+    }
+
+    /// The operator's configuration for this bed, plus `extra` flags.
+    pub fn config(&self, extra: &[&str]) -> Config {
+        let runner_id = format!("operator-{}", self.operator_starts);
+        let mut args = vec!["repobox-operator".to_owned()];
+        args.extend(self.operator_args(&runner_id, bed::free_addr()));
+        args.extend(
+            [
+                "--leader-election",
+                "true",
+                "--lease-duration-seconds",
+                "6",
+                "--claim-min-idle-seconds",
+                "1",
+                "--log-format",
+                "text",
+            ]
+            .map(str::to_owned),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Config::try_parse_from(args).unwrap()
     }
 
     pub fn start_operator(&mut self, extra: &[&str]) {
@@ -198,29 +149,12 @@ impl Bed {
     }
 
     pub fn job(&self, id: &str, user: &str) -> NewJob {
-        let mut j = NewJob::new(
-            id,
-            user,
-            &self.git.url("acme/api"),
-            &format!("Change for {id}"),
-        );
-        j.provider_id = "gh".into();
-        j
+        self.bed.job("acme/api", id, user, "gh")
     }
 
     /// What the web app does: job hash, provider hash, XADD.
     pub async fn submit(&mut self, job: &NewJob) -> String {
-        webapp::create_provider(
-            &mut self.con,
-            &job.user_id,
-            &job.provider_id,
-            &self.key,
-            TOKEN,
-            &self.git.base_url(),
-        )
-        .await
-        .unwrap();
-        webapp::submit(&mut self.con, job).await.unwrap()
+        self.bed.submit(job).await.unwrap()
     }
 
     pub fn rjs(&self) -> Api<RepoboxJob> {
@@ -228,7 +162,7 @@ impl Bed {
     }
 
     pub async fn record(&mut self, job_id: &str) -> HashMap<String, String> {
-        self.con.hgetall(format!("job:{job_id}")).await.unwrap()
+        self.bed.record(job_id).await.unwrap()
     }
 
     /// Waits until the RepoboxJob `name` satisfies `pred` (watch events, no polling).
@@ -238,32 +172,14 @@ impl Bed {
         what: &str,
         pred: impl Fn(&RepoboxJob) -> bool,
     ) -> RepoboxJob {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = watcher(self.rjs(), cfg)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(ev) = stream.next().await {
-                if let Ok(rj) = ev
-                    && pred(&rj)
-                {
-                    return rj;
-                }
-            }
-            panic!("watch ended")
-        })
-        .await;
-        match found {
-            Ok(rj) => rj,
-            Err(_) => {
-                let now = self.rjs().get_opt(name).await.ok().flatten();
+        bed::wait_object(&self.rjs(), name, WAIT, pred)
+            .await
+            .unwrap_or_else(|now| {
                 panic!(
                     "timed out waiting for {name} to be {what}; it is {:?}",
                     now.map(|r| r.status)
-                );
-            }
-        }
+                )
+            })
     }
 
     pub async fn wait_phase(&self, name: &str, phase: RepoboxJobPhase) -> RepoboxJob {
@@ -273,22 +189,9 @@ impl Bed {
 
     /// Waits until the RepoboxJob is gone.
     pub async fn wait_gone(&self, name: &str) {
-        let api = self.rjs();
-        let Some(uid) = api
-            .get_opt(name)
+        bed::wait_deleted(&self.rjs(), name, WAIT)
             .await
-            .unwrap()
-            .and_then(|rj| rj.metadata.uid)
-        else {
-            return;
-        };
-        tokio::time::timeout(
-            WAIT,
-            await_condition(api, name, conditions::is_deleted(&uid)),
-        )
-        .await
-        .expect("deleted in time")
-        .unwrap();
+            .expect("deleted in time");
     }
 }
 
@@ -296,31 +199,17 @@ impl Bed {
     /// `runner:user:{user}:running` is written by the admission pass after a change; there is
     /// no event to await in Redis, so this polls briefly (bounded).
     pub async fn eventually_counter(&mut self, user: &str, want: &str) {
-        let key = format!("runner:user:{user}:running");
-        for _ in 0..500 {
-            let v: Option<String> = self.con.get(&key).await.unwrap();
-            if v.as_deref() == Some(want) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let v: Option<String> = self.con.get(&key).await.unwrap();
-        panic!("{key} is {v:?}, expected {want}");
+        self.bed
+            .eventually_counter(user, want, Duration::from_secs(10))
+            .await
+            .unwrap();
     }
 }
 
 impl Bed {
-    /// One sample from the operator's `/metrics` (plain HTTP/1.0 over a TcpStream).
+    /// One sample from the operator's `/metrics`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.metrics_addr?;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.ok()?;
+        let (_, body) = bed::http_get(self.metrics_addr?, "/metrics").await.ok()?;
         body.lines().find_map(|l| {
             l.strip_prefix(series)
                 .and_then(|v| v.trim().split(' ').next()?.parse().ok())
@@ -381,16 +270,10 @@ impl Bed {
     /// What the web app does for a user on `plan`: the job hash with its optional `plan` field,
     /// then the XADD.
     pub async fn submit_with_plan(&mut self, job: &NewJob, plan: &str) -> String {
-        webapp::create_provider(
-            &mut self.con,
-            &job.user_id,
-            &job.provider_id,
-            &self.key,
-            TOKEN,
-            &self.git.base_url(),
-        )
-        .await
-        .unwrap();
+        self.bed
+            .create_provider(&job.user_id, &job.provider_id)
+            .await
+            .unwrap();
         webapp::create_job(&mut self.con, job).await.unwrap();
         let _: () = self
             .con
@@ -418,18 +301,7 @@ impl Bed {
 
     /// The operator's `/readyz` status code and body.
     pub async fn readyz(&self) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.metrics_addr?;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        let code = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_owned();
-        Some((code, body))
+        bed::http_get(self.metrics_addr?, "/readyz").await.ok()
     }
 
     /// Runs the real `repobox-operator` binary with `args` against this bed's Redis (as

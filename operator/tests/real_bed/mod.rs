@@ -18,26 +18,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
-use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, ResourceExt};
-use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
-use repobox_contract::EncryptionKey;
 use repobox_operator::config::Config;
 use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_testbed::bed::{self, BedBuilder, ClusterKind};
 use repobox_testbed::control_plane::ControlPlane;
 use repobox_testbed::forge::ForgeKind;
-use repobox_testbed::githost::GitHost;
 use repobox_testbed::kubelet::{Kubelet, KubeletConfig, KubeletEvent, NodeSettings};
-use repobox_testbed::redis_server::RedisServer;
-use repobox_testbed::webapp::{self, NewJob};
+use repobox_testbed::webapp::NewJob;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,21 +45,16 @@ const RELEASE: &str = "repobox";
 /// The label pinning a test's runner pods to its own Node.
 const NODE_LABEL: &str = "repobox.dev/e2e-node";
 
-/// One test's world on the shared control plane.
+/// One test's world on the shared control plane: the test bed's [`bed::Bed`] (its fields
+/// through `Deref`; `ns` is the test's namespace = release namespace = lease namespace) plus
+/// the chart and the in-process operator.
 pub struct RealBed {
-    pub cp: &'static ControlPlane,
-    /// The test's namespace (release namespace = jobs namespace = lease namespace).
-    pub ns: String,
+    bed: bed::Bed,
     /// Admin client, for the test's own reads and for what `helm install` / `kubectl` do.
     pub admin: Client,
     /// A client authenticated as the chart's operator ServiceAccount.
     pub operator_client: Client,
-    pub kubelet: Kubelet,
     pub node: String,
-    pub redis: RedisServer,
-    pub git: GitHost,
-    pub key: EncryptionKey,
-    pub con: MultiplexedConnection,
     /// The operator Deployment's environment as the chart renders it (secrets resolved).
     chart_env: Vec<(String, String)>,
     /// The chart's operator ServiceAccount.
@@ -78,6 +65,8 @@ pub struct RealBed {
     pub operator_starts: usize,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
+
+repobox_testbed::deref_to_bed!(RealBed, bed);
 
 /// Deep merge of Helm values (`over` wins; objects merge key by key).
 pub fn merge(base: &mut Value, over: &Value) {
@@ -122,7 +111,7 @@ impl RealBed {
         cfg.namespaces = vec![self.ns.clone()];
         repobox_testbed::autoscaler::Autoscaler::start(
             self.admin.clone(),
-            self.kubelet.handle(),
+            self.kubelet().handle(),
             cfg,
         )
         .await
@@ -137,31 +126,26 @@ impl RealBed {
             )
             .with_test_writer()
             .try_init();
-        let cp = ControlPlane::shared().await.expect("control plane")?;
-        let admin = cp.client().expect("admin client");
-        let ns = cp
-            .namespace_with_labels(
-                &format!("e2e-{test}"),
-                &[("pod-security.kubernetes.io/enforce", "restricted")],
-            )
+        let bed = BedBuilder::new(ClusterKind::SharedControlPlane, TOKEN, KEY_HEX)
+            .namespace(&format!("e2e-{test}"))
+            .create_namespace(&[("pod-security.kubernetes.io/enforce", "restricted")])
+            .crd(RepoboxJob::crd())
+            .timeout(WAIT)
+            .redis_password(REDIS_PASSWORD)
+            // With the GitHub Enterprise API double: jobs that push open a pull request.
+            .forge(ForgeKind::GitHub)
+            .repo("acme/api", &[("README.md", "# api\n")])
+            .start()
             .await
-            .expect("namespace");
-        install_crd(&admin).await;
-
-        let redis = RedisServer::start_with_password(REDIS_PASSWORD)
-            .await
-            .expect("redis-server");
-        // With the GitHub Enterprise API double: jobs that push open a pull request.
-        let git = GitHost::start_with_forge(TOKEN, ForgeKind::GitHub)
-            .await
-            .expect("git host");
-        git.create_repo("acme/api", &[("README.md", "# api\n")])
-            .expect("repo");
+            .expect("test bed")?;
+        let cp = bed.cluster.control_plane().expect("a control plane");
+        let admin = bed.client.clone();
+        let ns = bed.ns.clone();
 
         // The chart, rendered for this namespace and pinned to this test's Node.
         let node = format!("node-{ns}");
         let mut all = json!({
-            "redis": {"url": redis.url()},
+            "redis": {"url": bed.redis.url()},
             "encryptionKey": {"value": KEY_HEX},
             "leaderElection": {"leaseDurationSeconds": 6},
             "config": {"claimMinIdleSeconds": 1, "logFormat": "text", "logLevel": "info"},
@@ -178,44 +162,34 @@ impl RealBed {
             .await
             .expect("ServiceAccount client");
 
-        let runner = repobox_testbed::job_runner_binary().expect("job-runner built");
+        // The kubelet after the bed: its Node is named after the namespace the bed created.
+        let mut bed = bed;
         let mut settings = NodeSettings::new(&node);
         settings.labels.insert(NODE_LABEL.into(), node.clone());
-        let kubelet = Kubelet::start(
-            admin.clone(),
-            KubeletConfig {
+        let kubelet = bed
+            .start_kubelet(KubeletConfig {
                 nodes: if with_node {
                     vec![settings]
                 } else {
                     Vec::new()
                 },
-                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner)]),
-                api_server: Some(cp.server_url().to_owned()),
                 max_grace_period: Some(Duration::from_secs(5)),
                 heartbeat_interval: Duration::from_secs(5),
                 ..KubeletConfig::default()
-            },
-        )
-        .await
-        .expect("kubelet");
+            })
+            .await
+            .expect("kubelet");
         if !kubelet.isolates() {
             eprintln!(
                 "NOTE [{test}]: not root (or no namespaces): the kubelet runs containers WITHOUT \
                  isolation (no own mounts, users or PIDs); the operator's behaviour is still tested"
             );
         }
-        let con = redis.connection().await;
         Some(Self {
-            cp,
-            ns,
+            bed,
             admin,
             operator_client,
-            kubelet,
             node,
-            redis,
-            git,
-            key: EncryptionKey::parse(KEY_HEX).expect("key"),
-            con,
             chart_env,
             service_account,
             lease_name,
@@ -223,6 +197,19 @@ impl RealBed {
             operator_starts: 0,
             metrics_addr: None,
         })
+    }
+
+    /// The kubelet running this bed's pods.
+    pub fn kubelet(&self) -> &Kubelet {
+        self.bed
+            .kubelet
+            .as_ref()
+            .expect("the real bed runs a kubelet")
+    }
+
+    /// The shared control plane.
+    pub fn cp(&self) -> &ControlPlane {
+        self.cluster.control_plane().expect("a control plane")
     }
 
     /// The operator's configuration: the chart's Deployment environment as flags, the Downward
@@ -325,7 +312,7 @@ impl RealBed {
                 .await
                 .expect("the operator ends cleanly");
         }
-        self.kubelet.stop();
+        self.kubelet().stop();
         let _ = Api::<Namespace>::all(self.admin.clone())
             .delete(&self.ns, &DeleteParams::default())
             .await;
@@ -335,29 +322,12 @@ impl RealBed {
     }
 
     pub fn job(&self, id: &str, user: &str) -> NewJob {
-        let mut j = NewJob::new(
-            id,
-            user,
-            &self.git.url("acme/api"),
-            &format!("Change for {id}"),
-        );
-        j.provider_id = "gh".into();
-        j
+        self.bed.job("acme/api", id, user, "gh")
     }
 
     /// What the web app does: job hash, provider hash, XADD.
     pub async fn submit(&mut self, job: &NewJob) -> String {
-        webapp::create_provider(
-            &mut self.con,
-            &job.user_id,
-            &job.provider_id,
-            &self.key,
-            TOKEN,
-            &self.git.base_url(),
-        )
-        .await
-        .expect("provider");
-        webapp::submit(&mut self.con, job).await.expect("submit")
+        self.bed.submit(job).await.expect("submit")
     }
 
     pub fn rjs(&self) -> Api<RepoboxJob> {
@@ -373,10 +343,7 @@ impl RealBed {
     }
 
     pub async fn record(&mut self, job_id: &str) -> HashMap<String, String> {
-        self.con
-            .hgetall(format!("job:{job_id}"))
-            .await
-            .expect("hgetall")
+        self.bed.record(job_id).await.expect("hgetall")
     }
 
     /// Waits until the RepoboxJob `name` satisfies `pred` (watch events, no polling).
@@ -386,26 +353,9 @@ impl RealBed {
         what: &str,
         pred: impl Fn(&RepoboxJob) -> bool,
     ) -> RepoboxJob {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = watcher(self.rjs(), cfg)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(ev) = stream.next().await {
-                if let Ok(rj) = ev
-                    && pred(&rj)
-                {
-                    return rj;
-                }
-            }
-            panic!("watch ended")
-        })
-        .await;
-        match found {
+        match bed::wait_object(&self.rjs(), name, WAIT, pred).await {
             Ok(rj) => rj,
-            Err(_) => {
-                let now = self.rjs().get_opt(name).await.ok().flatten();
+            Err(now) => {
                 self.diagnose();
                 panic!(
                     "timed out waiting for {name} to be {what}; it is {:?}",
@@ -441,7 +391,7 @@ impl RealBed {
     /// output, to explain a failed wait. Test secrets only; the runner masks the token.
     pub fn diagnose(&self) {
         let mut pods: Vec<String> = Vec::new();
-        for e in self.kubelet.history() {
+        for e in self.kubelet().history() {
             if let KubeletEvent::ContainerStarted { namespace, pod, .. } = &e
                 && *namespace == self.ns
                 && !pods.contains(pod)
@@ -460,55 +410,31 @@ impl RealBed {
             }
         }
         for pod in pods {
-            eprintln!("--- output of pod {pod}:\n{}", self.kubelet.pod_logs(&pod));
+            eprintln!(
+                "--- output of pod {pod}:\n{}",
+                self.kubelet().pod_logs(&pod)
+            );
         }
     }
 
     /// Waits until the RepoboxJob is gone.
     pub async fn wait_gone(&self, name: &str) {
-        let api = self.rjs();
-        let Some(uid) = api
-            .get_opt(name)
+        bed::wait_deleted(&self.rjs(), name, WAIT)
             .await
-            .expect("get")
-            .and_then(|rj| rj.uid())
-        else {
-            return;
-        };
-        tokio::time::timeout(
-            WAIT,
-            await_condition(api, name, conditions::is_deleted(&uid)),
-        )
-        .await
-        .expect("deleted in time")
-        .expect("watch");
+            .expect("deleted in time");
     }
 
     /// Waits (watch) until the Job `name` has condition `type_` = True; returns the Job.
     pub async fn wait_job_condition(&self, name: &str, type_: &str) -> Job {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = watcher(self.jobs(), cfg)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
         let has = |j: &Job| {
             j.status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
         };
-        tokio::time::timeout(WAIT, async {
-            while let Some(ev) = stream.next().await {
-                if let Ok(j) = ev
-                    && has(&j)
-                {
-                    return j;
-                }
-            }
-            panic!("watch ended")
-        })
-        .await
-        .unwrap_or_else(|_| panic!("Job {name} never got condition {type_}"))
+        bed::wait_object(&self.jobs(), name, WAIT, has)
+            .await
+            .unwrap_or_else(|_| panic!("Job {name} never got condition {type_}"))
     }
 
     /// Waits until no pod of Job `job` exists any more (bounded polling of the API: the garbage
@@ -533,7 +459,7 @@ impl RealBed {
     /// The pods the kubelet started (each pod once), in start order.
     pub fn pods_started(&self) -> Vec<String> {
         let mut seen = Vec::new();
-        for e in self.kubelet.history() {
+        for e in self.kubelet().history() {
             if let KubeletEvent::PodRunning { namespace, pod, .. } = e
                 && namespace == self.ns
                 && !seen.contains(&pod)
@@ -547,16 +473,10 @@ impl RealBed {
     /// `runner:user:{user}:running` is written by the admission pass after a change; there is
     /// no event to await in Redis, so this polls briefly (bounded).
     pub async fn eventually_counter(&mut self, user: &str, want: &str) {
-        let key = format!("runner:user:{user}:running");
-        for _ in 0..1000 {
-            let v: Option<String> = self.con.get(&key).await.expect("get");
-            if v.as_deref() == Some(want) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let v: Option<String> = self.con.get(&key).await.expect("get");
-        panic!("{key} is {v:?}, expected {want}");
+        self.bed
+            .eventually_counter(user, want, Duration::from_secs(20))
+            .await
+            .expect("counter");
     }
 
     /// Merge-patches a RepoboxJob's spec as a user with `kubectl patch` would (admin).
@@ -569,31 +489,6 @@ impl RealBed {
             )
             .await
     }
-}
-
-/// Creates the RepoboxJob CRD once per control plane (later callers find it) and waits until
-/// it is served.
-async fn install_crd(admin: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    match crds
-        .create(&PostParams::default(), &RepoboxJob::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("create the CRD: {e}"),
-    }
-    tokio::time::timeout(
-        WAIT,
-        await_condition(
-            crds,
-            "repoboxjobs.repobox.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
 }
 
 /// The chart's objects, rendered by the real Helm library in the workspace venv

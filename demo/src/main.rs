@@ -22,27 +22,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResourceExt, ResourceExt};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use kube::{CustomResourceExt, ResourceExt};
 use redis::AsyncCommands;
-use repobox_contract::{EncryptionKey, keys, mask_token};
+use repobox_contract::{keys, mask_token};
 use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
+use repobox_testbed::bed::{self, Bed, BedBuilder, ClusterKind, OperatorProcess, Output, Stopped};
 use repobox_testbed::control_plane::ControlPlane;
-use repobox_testbed::emulator::Emulator;
 use repobox_testbed::forge::ForgeKind;
-use repobox_testbed::githost::GitHost;
-use repobox_testbed::kubelet::{Kubelet, KubeletConfig, NodeSettings};
-use repobox_testbed::redis_server::RedisServer;
-use repobox_testbed::simulator::{ClusterSimulator, SimulatorConfig};
+use repobox_testbed::kubelet::{KubeletConfig, NodeSettings};
+use repobox_testbed::simulator::SimulatorConfig;
 use repobox_testbed::webapp::{self, NewJob};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// The namespace of the RepoboxJobs, Jobs and Secrets.
@@ -79,13 +71,8 @@ const JOBS: [(&str, &str); 5] = [
 #[derive(Default)]
 struct Parts {
     dir: Option<tempfile::TempDir>,
-    redis: Option<RedisServer>,
-    git: Option<GitHost>,
-    emu: Option<Emulator>,
-    sim: Option<ClusterSimulator>,
-    control_plane: Option<ControlPlane>,
-    kubelet: Option<Kubelet>,
-    operator: Option<Child>,
+    bed: Option<Bed>,
+    operator: Option<OperatorProcess>,
     operator_log: Option<PathBuf>,
 }
 
@@ -175,21 +162,55 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
     parts.dir = Some(dir);
     let (operator_bin, runner_bin) = binaries()?;
 
+    // The local git host speaks plain HTTP; production git hosts are HTTPS only.
+    let files = sample_files();
+    let builder = BedBuilder::new(
+        match &assets {
+            Some(assets) => ClusterKind::ControlPlane(assets.clone()),
+            None => ClusterKind::Emulator,
+        },
+        TOKEN,
+        KEY_HEX,
+    )
+    .namespace(NS)
+    .forge(ForgeKind::GitHub)
+    .repo(REPO, &files)
+    .crd(RepoboxJob::crd())
+    .runner_secrets()
+    .runner_service_account()
+    .job_runner(runner_bin.clone())
+    .runner_env(&[("ALLOW_INSECURE_HTTP", "true")])
+    .timeout(STARTUP_TIMEOUT);
+    let builder = if assets.is_some() {
+        builder
+            .create_namespace(&[("pod-security.kubernetes.io/enforce", "restricted")])
+            .kubelet(KubeletConfig {
+                nodes: vec![NodeSettings::new("demo-node")],
+                max_grace_period: Some(Duration::from_secs(5)),
+                ..Default::default()
+            })
+    } else {
+        builder.create_namespace(&[]).simulator(SimulatorConfig {
+            max_grace_period: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
+    };
+    let bed = parts.bed.insert(
+        builder
+            .start()
+            .await
+            .context("start the test bed (`make demo` installs redis-server and the .venv)")?
+            .context("no cluster")?,
+    );
+
+    let mut con = bed.con.clone();
+
     section("1. Redis");
-    let redis = parts.redis.insert(RedisServer::start().await.context(
-        "start redis-server (install it with `apt-get install redis-server` or run `make demo`)",
-    )?);
-    let redis_url = redis.url();
-    let mut con = redis.connection().await;
+    let redis_url = bed.redis.url();
     println!("redis-server (real) listening at {redis_url}");
 
     section("2. Git host with a sample repository");
-    let git = parts
-        .git
-        .insert(GitHost::start_with_forge(TOKEN, ForgeKind::GitHub).await?);
-    let files = sample_files();
-    git.create_repo(REPO, &files)?;
-    let repo_url = git.url(REPO);
+    let repo_url = bed.git.url(REPO);
     println!("smart-HTTP git host (real `git http-backend`, basic auth oauth2:<token>),");
     println!("with the GitHub Enterprise API double at /api/v3 (pull requests, Bearer token)");
     println!("repository {repo_url}, branch main:");
@@ -197,37 +218,21 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         println!("  {path:<18} {} lines", content.lines().count());
     }
 
-    // The local git host speaks plain HTTP; production git hosts are HTTPS only.
-    let runner_env = vec![("ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned())];
-    let (client, kubeconfig) = if let Some(assets) = &assets {
+    let client = bed.client.clone();
+    let kubeconfig = bed.cluster.kubeconfig_path();
+    let crd_line = "CustomResourceDefinition repoboxjobs.repobox.dev created and established";
+    let ns_line = "namespace {NS}; Secrets repobox-redis (url) and repobox-encryption-key (key) and ServiceAccount repobox-runner created";
+    let ns_line = ns_line.replace("{NS}", NS);
+    if let (Some(cp), Some(kubelet)) = (bed.cluster.control_plane(), &bed.kubelet) {
         section("3. Real Kubernetes control plane and the test bed's kubelet");
-        let cp = parts.control_plane.insert(
-            ControlPlane::start_with(assets)
-                .await
-                .context("start the control plane from REPOBOX_K8S_ASSETS")?,
-        );
-        let client = cp.client()?;
         println!(
             "control plane at {} started in {:.1}s (kube-apiserver, kube-controller-manager, kube-scheduler v1.28 + etcd), kubeconfig {}",
             cp.server_url(),
             cp.started_in().as_secs_f64(),
-            cp.kubeconfig_path().display()
+            kubeconfig.display()
         );
-        install_crd(&client).await?;
-        create_namespace_and_secrets(&client, &redis_url, true).await?;
-        let kubelet = Kubelet::start(
-            client.clone(),
-            KubeletConfig {
-                nodes: vec![NodeSettings::new("demo-node")],
-                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner_bin.clone())]),
-                api_server: Some(cp.server_url().to_owned()),
-                max_grace_period: Some(Duration::from_secs(5)),
-                extra_env: runner_env,
-                ..Default::default()
-            },
-        )
-        .await
-        .context("start the kubelet")?;
+        println!("{crd_line}");
+        println!("{ns_line}");
         println!(
             "kubelet: Node demo-node registered; pods run {} as local processes ({})",
             runner_bin.display(),
@@ -237,78 +242,47 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
                 "NOT isolated: not running as root"
             }
         );
-        parts.kubelet = Some(kubelet);
-        (client, cp.kubeconfig_path())
-    } else {
+    } else if let Some(emu) = bed.cluster.emulator() {
         section("3. Emulated Kubernetes API and cluster simulator");
-        let emu = parts.emu.insert(
-            Emulator::start()
-                .await
-                .context("start the Kubernetes API emulator (needs the .venv: run `make demo`)")?,
-        );
-        let kubeconfig = emu.kubeconfig_path();
-        let client = emu.client()?;
         println!(
             "API emulator at {}, kubeconfig {}",
             emu.url(),
             kubeconfig.display()
         );
-        install_crd(&client).await?;
-        create_namespace_and_secrets(&client, &redis_url, false).await?;
-        let sim = ClusterSimulator::start(
-            client.clone(),
-            SimulatorConfig {
-                namespace: Some(NS.into()),
-                binaries: HashMap::from([("repobox-job-runner".to_owned(), runner_bin.clone())]),
-                max_grace_period: Some(Duration::from_secs(5)),
-                extra_env: runner_env,
-                ..Default::default()
-            },
-        )
-        .await?;
-        parts.sim = Some(sim);
+        println!("{crd_line}");
+        println!("{ns_line}");
         println!(
             "cluster simulator: Jobs in namespace {NS} run {} as local processes",
             runner_bin.display()
         );
-        (client, kubeconfig)
-    };
+    }
 
     section("4. The operator (real binary, child process)");
     let log_path = dir_path.join("operator.log");
-    let metrics_addr = format!("127.0.0.1:{}", repobox_testbed::free_port());
-    let args = [
-        "--redis-url",
-        &redis_url,
-        "--jobs-namespace",
-        NS,
-        "--runner-id",
-        "demo-operator",
-        "--metrics-addr",
-        &metrics_addr,
-        "--max-jobs-per-user",
-        &MAX_JOBS_PER_USER.to_string(),
-        "--max-concurrent-jobs",
-        &MAX_CONCURRENT_JOBS.to_string(),
-        "--agent-command",
-        AGENT_COMMAND,
-        "--log-format",
-        "text",
-        "--log-level",
-        "info",
-    ]
-    .map(str::to_owned);
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("create {}", log_path.display()))?;
-    let child = Command::new(&operator_bin)
-        .args(&args)
-        .env("KUBECONFIG", &kubeconfig)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {}", operator_bin.display()))?;
+    let metrics_addr = bed::free_addr();
+    let mut args = bed.operator_args("demo-operator", metrics_addr);
+    args.extend(
+        [
+            "--max-jobs-per-user",
+            &MAX_JOBS_PER_USER.to_string(),
+            "--max-concurrent-jobs",
+            &MAX_CONCURRENT_JOBS.to_string(),
+            "--agent-command",
+            AGENT_COMMAND,
+            "--log-format",
+            "text",
+            "--log-level",
+            "info",
+        ]
+        .map(str::to_owned),
+    );
+    let child = OperatorProcess::spawn(
+        &operator_bin,
+        &args,
+        &kubeconfig,
+        &Output::File(log_path.clone()),
+        false,
+    )?;
     parts.operator_log = Some(log_path.clone());
     let operator = parts.operator.insert(child);
     println!(
@@ -321,11 +295,10 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         shell_quote(AGENT_COMMAND),
     );
     println!("operator log: {}", log_path.display());
-    wait_ready(operator, &metrics_addr).await?;
+    operator.wait_ready(metrics_addr, STARTUP_TIMEOUT).await?;
     println!("operator ready (/readyz on {metrics_addr} answers 200)");
 
     section("5. Submitting jobs the way the web app does");
-    let key = EncryptionKey::parse(KEY_HEX).context("the demo key")?;
     let api: Api<RepoboxJob> = Api::namespaced(client.clone(), NS);
     // The watch starts before the first XADD, so every phase is seen.
     let mut changes = watcher(api.clone(), watcher::Config::default())
@@ -334,8 +307,8 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
         .boxed();
     let mut submitted: Vec<NewJob> = Vec::new();
     for user in ["alice", "bob"] {
-        let git_base = parts.git.as_ref().context("git host")?.base_url();
-        webapp::create_provider(&mut con, user, "github-1", &key, TOKEN, &git_base).await?;
+        let git_base = bed.git.base_url();
+        bed.create_provider(user, "github-1").await?;
         let encrypted: String = con
             .hget(keys::git_provider(user, "github-1"), "encryptedToken")
             .await?;
@@ -374,7 +347,7 @@ async fn run(parts: &mut Parts, started: Instant) -> Result<()> {
     run_kubectl(&kubeconfig, &dir_path, assets.is_some()).await;
 
     section("8. Branches on the git host");
-    let git = parts.git.as_ref().context("git host")?;
+    let git = &bed.git;
     for branch in git.branches(REPO) {
         let sha = git.rev_parse(REPO, &branch)?;
         let message = git.commit_message(REPO, &branch)?;
@@ -472,7 +445,7 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
     for bin in [&operator, &runner] {
         ensure!(
             bin.is_file(),
-            "{} is missing: build it first with `cargo build -p repobox-operator -p repobox-job-runner -p repobox-testbed --bins` (or run `make demo`)",
+            "{} is missing: build it first with `cargo build -p repobox-operator -p repobox-job-runner -p repobox-demo --bins` (or run `make demo`)",
             bin.display()
         );
     }
@@ -492,128 +465,6 @@ fn sample_files() -> Vec<(&'static str, &'static str)> {
         ),
         ("requirements.txt", "# no dependencies\n"),
     ]
-}
-
-/// Installs the RepoboxJob CRD (what `kubectl apply -f crds/` does) and waits until it is served.
-async fn install_crd(client: &Client) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &RepoboxJob::crd())
-        .await
-        .context("create the RepoboxJob CRD")?;
-    tokio::time::timeout(
-        STARTUP_TIMEOUT,
-        await_condition(
-            crds,
-            "repoboxjobs.repobox.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .context("the CRD was not established in time")??;
-    println!("CustomResourceDefinition repoboxjobs.repobox.dev created and established");
-    Ok(())
-}
-
-/// The namespace (enforcing Pod Security `restricted` on a real API server) and the two
-/// Secrets the runner Jobs reference.
-async fn create_namespace_and_secrets(client: &Client, redis_url: &str, real: bool) -> Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NS.into()),
-            labels: real.then(|| {
-                BTreeMap::from([(
-                    "pod-security.kubernetes.io/enforce".to_owned(),
-                    "restricted".to_owned(),
-                )])
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .context("create the namespace")?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    for (name, key, value) in [
-        ("repobox-redis", "url", redis_url),
-        ("repobox-encryption-key", "key", KEY_HEX),
-    ] {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            string_data: Some(BTreeMap::from([(key.to_owned(), value.to_owned())])),
-            ..Default::default()
-        };
-        secrets
-            .create(&PostParams::default(), &secret)
-            .await
-            .with_context(|| format!("create Secret {name}"))?;
-    }
-    // The runner pods' identity, as the chart creates it: without it a real API server's
-    // ServiceAccount admission refuses the Job controller's pods.
-    let account = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("repobox-runner".into()),
-            ..Default::default()
-        },
-        automount_service_account_token: Some(false),
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &account)
-        .await
-        .context("create ServiceAccount repobox-runner")?;
-    println!(
-        "namespace {NS}; Secrets repobox-redis (url) and repobox-encryption-key (key) and ServiceAccount repobox-runner created"
-    );
-    Ok(())
-}
-
-/// Waits until the operator's `/readyz` answers 200, failing early if the process exits.
-async fn wait_ready(operator: &mut Child, addr: &str) -> Result<()> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Some(status) = operator.try_wait()? {
-            bail!("the operator exited during start-up ({status})");
-        }
-        let last = match http_get(addr, "/readyz").await {
-            Ok((200, _)) => return Ok(()),
-            Ok((code, body)) => format!("{code}: {}", body.trim()),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!(
-                "the operator was not ready within {}s (last /readyz: {last})",
-                STARTUP_TIMEOUT.as_secs()
-            );
-        }
-        // The operator has no readiness event to await from outside: poll its probe briefly.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A minimal HTTP/1.1 GET: (status, body).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await??;
-    let text = String::from_utf8_lossy(&response);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed HTTP response")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    Ok((code, body.to_owned()))
 }
 
 /// Follows the RepoboxJobs through the watch until `expected` of them are in a terminal phase,
@@ -956,46 +807,17 @@ impl Parts {
     /// Stops everything that was started, newest first. On failure the temporary directory
     /// (with the operator log) is kept for inspection.
     async fn cleanup(&mut self, keep_dir: bool) {
-        if let Some(mut child) = self.operator.take() {
-            match child.id() {
-                Some(pid) => {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-                        Ok(Ok(status)) => println!("operator stopped after SIGTERM ({status})"),
-                        _ => {
-                            let _ = child.kill().await;
-                            println!("operator did not stop within 30s of SIGTERM: killed");
-                        }
-                    }
+        if let Some(operator) = self.operator.take() {
+            match operator.stop(Duration::from_secs(30)).await {
+                Stopped::Terminated(status) => {
+                    println!("operator stopped after SIGTERM ({status})")
                 }
-                None => println!("operator had already exited"),
+                Stopped::Killed => println!("operator did not stop within 30s of SIGTERM: killed"),
+                Stopped::AlreadyExited => println!("operator had already exited"),
             }
         }
-        if let Some(sim) = self.sim.take() {
-            sim.shutdown().await;
-            println!("cluster simulator stopped");
-        }
-        if let Some(kubelet) = self.kubelet.take() {
-            kubelet.shutdown().await;
-            println!("kubelet stopped");
-        }
-        if let Some(cp) = self.control_plane.take() {
-            // Dropping it stops every process and removes its directory (blocks about 1 s).
-            tokio::task::block_in_place(|| drop(cp));
-            println!("control plane stopped");
-        }
-        if let Some(emu) = self.emu.take() {
-            let _ = emu.shutdown().await;
-            println!("API emulator stopped");
-        }
-        if let Some(mut redis) = self.redis.take() {
-            redis.stop().await;
-            println!("redis-server stopped");
-        }
-        if let Some(mut git) = self.git.take() {
-            git.stop().await;
-            drop(git);
-            println!("git host stopped");
+        if let Some(bed) = self.bed.take() {
+            bed.shutdown(|stopped| println!("{stopped}")).await;
         }
         if let Some(dir) = self.dir.take() {
             if keep_dir {
