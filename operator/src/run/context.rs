@@ -172,41 +172,18 @@ impl Context {
 
     /// Ends a job that can never run (e.g. an invalid spec): status, Redis, event.
     pub async fn fail_permanently(&self, rj: &RepoboxJob, reason: &str, message: &str) {
-        if let Err(e) = self
-            .finish(
-                rj,
-                RepoboxJobPhase::Failed,
-                reason,
-                message,
-                Extras::default(),
-                Some(message),
-            )
-            .await
-        {
-            warn!(job = %rj.name_any(), error = %e, "recording a permanent failure failed");
-        }
-    }
-
-    /// Moves a RepoboxJob to a terminal phase (see [`plan::finish`]).
-    pub(crate) async fn finish(
-        &self,
-        rj: &RepoboxJob,
-        phase: RepoboxJobPhase,
-        reason: &str,
-        message: &str,
-        extras: Extras,
-        redis_error: Option<&str>,
-    ) -> Result<()> {
         let steps = plan::finish(
             rj,
-            phase,
+            RepoboxJobPhase::Failed,
             reason,
             message,
-            extras,
-            redis_error,
+            Extras::default(),
+            Some(message),
             jiff::Timestamp::now(),
         );
-        self.execute(rj, steps).await.map(drop)
+        if let Err(e) = self.execute(rj, steps).await {
+            warn!(job = %rj.name_any(), error = %e, "recording a permanent failure failed");
+        }
     }
 }
 
