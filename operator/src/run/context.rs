@@ -337,6 +337,23 @@ pub struct CachedJob {
     pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
 }
 
+impl CachedJob {
+    /// Keeps what is read of a Job: its name and namespace (the cache's key), creation time
+    /// (how long its pod waited), owner references (which RepoboxJob a Job event wakes) and
+    /// status. Labels, annotations, managed fields, uid, resourceVersion and generation are
+    /// never read from the cache (deletes go by name), and with 10,000 Jobs cached they cost
+    /// megabytes.
+    pub fn trim(&mut self) {
+        let m = &mut self.metadata;
+        m.managed_fields = None;
+        m.annotations = None;
+        m.labels = None;
+        m.uid = None;
+        m.resource_version = None;
+        m.generation = None;
+    }
+}
+
 impl Resource for CachedJob {
     type DynamicType = ();
     type Scope = NamespaceResourceScope;
@@ -390,5 +407,58 @@ pub fn event(type_: EventType, reason: &str, note: &str, action: &str) -> Event 
         note: Some(note.chars().take(1000).collect()),
         action: action.to_owned(),
         secondary: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+
+    use super::*;
+
+    #[test]
+    fn the_job_cache_keeps_what_is_read() {
+        let full = CachedJob {
+            metadata: ObjectMeta {
+                name: Some("job-1".into()),
+                namespace: Some("jobs".into()),
+                uid: Some("0f9e".into()),
+                resource_version: Some("42".into()),
+                generation: Some(1),
+                creation_timestamp: Some(Time(jiff::Timestamp::UNIX_EPOCH)),
+                labels: Some([("a".to_owned(), "b".to_owned())].into()),
+                annotations: Some([("c".to_owned(), "d".to_owned())].into()),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "repobox.dev/v1alpha1".into(),
+                    kind: "RepoboxJob".into(),
+                    name: "job-1".into(),
+                    uid: "u-1".into(),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                }]),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::batch::v1::JobStatus {
+                ready: Some(1),
+                ..Default::default()
+            }),
+        };
+        let mut trimmed = full.clone();
+        trimmed.trim();
+        let (m, f) = (&trimmed.metadata, &full.metadata);
+        assert_eq!((&m.name, &m.namespace), (&f.name, &f.namespace));
+        assert_eq!(m.creation_timestamp, f.creation_timestamp);
+        assert_eq!(m.owner_references, f.owner_references);
+        assert_eq!(trimmed.status, full.status);
+        assert_eq!(
+            (&m.uid, &m.resource_version, m.generation),
+            (&None, &None, None)
+        );
+        assert_eq!((&m.labels, &m.annotations), (&None, &None));
+        // The cache's key is unchanged.
+        assert_eq!(
+            kube::runtime::reflector::ObjectRef::from_obj(&trimmed).name,
+            "job-1"
+        );
     }
 }

@@ -247,11 +247,7 @@ pub async fn run(
             .page_size(LIST_PAGE),
     )
     .default_backoff()
-    .modify(|job| {
-        job.metadata.managed_fields = None;
-        job.metadata.annotations = None;
-        job.metadata.labels = None;
-    })
+    .modify(CachedJob::trim)
     .reflect(job_writer)
     .touched_objects();
     let stop = shutdown.clone();
