@@ -810,7 +810,7 @@ impl Parts {
         if let Some(operator) = self.operator.take() {
             match operator.stop(Duration::from_secs(30)).await {
                 Stopped::Terminated(status) => {
-                    println!("operator stopped after SIGTERM ({status})")
+                    println!("operator stopped after SIGTERM ({status})");
                 }
                 Stopped::Killed => println!("operator did not stop within 30s of SIGTERM: killed"),
                 Stopped::AlreadyExited => println!("operator had already exited"),

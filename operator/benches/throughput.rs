@@ -242,7 +242,7 @@ where
                 let now = Instant::now();
                 match ev {
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        seen.insert(o.name_any(), now)
+                        seen.insert(o.name_any(), now);
                     }
                     Ok(watcher::Event::InitDone) => {
                         if let Some(tx) = tx.take() {

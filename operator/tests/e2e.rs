@@ -665,7 +665,7 @@ async fn backpressure_pauses_the_intake_at_max_queued() {
 #[tokio::test]
 async fn killed_and_stuck_pods_are_explained_in_redis() {
     let mut bed = Bed::new_with(&[], |sim| {
-        sim.image_pull_error = Some("broken-image".into())
+        sim.image_pull_error = Some("broken-image".into());
     })
     .await;
     // Retries after a disruption are proved on the real control plane (e2e_real); here an

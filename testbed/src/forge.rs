@@ -222,7 +222,7 @@ impl Forge {
 
     /// Closes request `number` of `project`.
     pub fn close(&self, project: &str, number: u64) {
-        for p in self.data().pulls.iter_mut() {
+        for p in &mut self.data().pulls {
             if p.project == project && p.number == number {
                 p.open = false;
             }

@@ -495,7 +495,7 @@ async fn deletion_deadlines_eviction_and_image_pulls() {
 #[tokio::test]
 async fn image_pull_errors_keep_the_pod_pending() {
     let Some(bed) = bed_with("pull", |cfg| {
-        cfg.image_pull_error = Some("broken-image".into())
+        cfg.image_pull_error = Some("broken-image".into());
     })
     .await
     else {

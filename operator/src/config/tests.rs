@@ -968,7 +968,7 @@ fn debug_never_prints_the_redis_password() {
     assert!(!dbg.contains("hunter2secret"), "{dbg}");
     assert!(dbg.contains("redis://default:****@redis:6379"), "{dbg}");
     assert!(!format!("{}", c.redis.redis_url).contains("hunter2secret"));
-    assert!(!format!("{:#?}", c).contains("hunter2secret"));
+    assert!(!format!("{c:#?}").contains("hunter2secret"));
 }
 
 #[test]

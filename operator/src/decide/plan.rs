@@ -811,12 +811,12 @@ mod tests {
                     needs.push(need);
                     match need {
                         Need::CachedJob => {
-                            obs.cached_job = Some(facts.cached_job.clone().expect("cached job"))
+                            obs.cached_job = Some(facts.cached_job.clone().expect("cached job"));
                         }
                         Need::ApiJob => obs.api_job = Some(facts.api_job.clone().expect("api job")),
                         Need::Pod => obs.pod = Some(facts.pod.clone().expect("pod")),
                         Need::PodEvents => {
-                            obs.pod_events = Some(facts.pod_events.clone().expect("events"))
+                            obs.pod_events = Some(facts.pod_events.clone().expect("events"));
                         }
                         Need::Record => obs.record = Some(facts.record.clone().expect("record")),
                     }

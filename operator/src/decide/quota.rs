@@ -461,7 +461,7 @@ mod tests {
     fn fairness_two_users_hundred_each() {
         let mut q = Vec::new();
         for i in 0..100 {
-            q.push(c(&format!("a{i:03}"), "alice", &format!("{}-0", i)));
+            q.push(c(&format!("a{i:03}"), "alice", &format!("{i}-0")));
             q.push(c(&format!("b{i:03}"), "bob", &format!("{}-0", 1000 + i)));
         }
         let d = decide(&q, &[], limits(10, 10));
@@ -555,7 +555,7 @@ mod tests {
                 q.push(c(
                     &format!("u{u}-{i}"),
                     &format!("u{u}"),
-                    &format!("{}-{}", i, u),
+                    &format!("{i}-{u}"),
                 ));
             }
         }

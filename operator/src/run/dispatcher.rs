@@ -181,7 +181,7 @@ impl Dispatcher {
             })
         });
         // Quotas count `spec.userId`, never a label.
-        for (name, user) in state.overlay.iter_mut() {
+        for (name, user) in &mut state.overlay {
             if let Some(rj) = by_name.get(name) {
                 user.clone_from(&rj.spec.user_id);
             }

@@ -438,7 +438,7 @@ impl Intake {
                 Ok(handled) => {
                     match &handled {
                         Handled::Created { name } => {
-                            debug!(entry = %entry.id, job = %name, "entry accepted")
+                            debug!(entry = %entry.id, job = %name, "entry accepted");
                         }
                         Handled::Bad { reason, detail } => {
                             warn!(entry = %entry.id, reason, detail = %detail, "bad stream entry acknowledged");
@@ -450,7 +450,7 @@ impl Intake {
                 }
                 // Left pending: retried by XAUTOCLAIM, dead-lettered after MAX_DELIVERIES.
                 Err(e) => {
-                    warn!(entry = %entry.id, error = %e, "entry not accepted yet; it stays pending")
+                    warn!(entry = %entry.id, error = %e, "entry not accepted yet; it stays pending");
                 }
             }
         }

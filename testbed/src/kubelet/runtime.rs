@@ -1387,9 +1387,8 @@ mod tests {
                 }],
             ))),
         };
-        let err = match spawn(&bad) {
-            Ok(_) => panic!("a sandbox with a missing volume must not start"),
-            Err(e) => e,
+        let Err(err) = spawn(&bad) else {
+            panic!("a sandbox with a missing volume must not start")
         };
         let mut msg = String::new();
         let mut stderr = err.stderr.expect("stderr pipe");

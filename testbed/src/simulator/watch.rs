@@ -45,7 +45,7 @@ pub(super) async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<boo
                 Some(Either::Pod(e)) => match *e {
                     Ok(Event::Delete(pod)) => on_pod_gone(&shared, &pod),
                     Ok(Event::Apply(pod)) if pod.metadata.deletion_timestamp.is_some() => {
-                        on_pod_gone(&shared, &pod)
+                        on_pod_gone(&shared, &pod);
                     }
                     Ok(_) => {}
                     Err(e) => watch_error(e).await,
