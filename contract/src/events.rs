@@ -47,7 +47,7 @@ pub enum Event {
         timestamp: String,
     },
     /// The job's status changed (or, while `running`, one of its fields: see
-    /// [`crate::transitions::progress`]). `fields` are the other hash fields written in the
+    /// [`crate::transitions::set_step`]). `fields` are the other hash fields written in the
     /// same step; `seq` is the number of output lines written before it.
     Status {
         /// `seq`: how many output lines were written before the change.

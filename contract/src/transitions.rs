@@ -91,18 +91,6 @@ return {{'finished', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
     ))
 });
 
-static PROGRESS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{PUBLISH_LUA}
-if redis.call('EXISTS', KEYS[1]) == 0 then return {{'missing'}} end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return {{'not_running', status or ''}} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-return {{'updated', publish_status(KEYS[2], ARGV[1], ARGV[2])}}
-"
-    ))
-});
-
 /// What [`start`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartOutcome {
@@ -404,82 +392,4 @@ pub async fn finish<C: ConnectionLike>(
         Some("terminal") => FinishOutcome::AlreadyTerminal(parse_status(&reply)),
         _ => FinishOutcome::Missing,
     })
-}
-
-/// What [`progress`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProgressOutcome {
-    /// The fields were written (and the `running` event published).
-    Updated,
-    /// The job is not `running` (not started yet, or ended): nothing was written.
-    NotRunning(Option<JobStatus>),
-    /// `job:{jobId}` does not exist.
-    Missing,
-}
-
-/// Writes `fields` of a `running` job (e.g. the step it is at) and publishes them as a
-/// `running` status event, in one step; a job that is not running is left alone, so a late
-/// write can never touch a finished record. `status` cannot be set this way; with no other
-/// field there is nothing to do.
-pub async fn progress<C: ConnectionLike>(
-    con: &mut C,
-    job_id: &str,
-    fields: &[(&str, &str)],
-    timestamp: &str,
-) -> redis::RedisResult<ProgressOutcome> {
-    let fields: Vec<(&str, &str)> = fields
-        .iter()
-        .copied()
-        .filter(|(f, _)| *f != "status")
-        .collect();
-    if fields.is_empty() {
-        return Ok(ProgressOutcome::Updated);
-    }
-    let mut inv = PROGRESS.key(keys::job(job_id));
-    inv.key(keys::job_output(job_id))
-        .arg(keys::job_events(job_id))
-        .arg(status_body(JobStatus::Running, &fields, timestamp));
-    for (field, value) in &fields {
-        inv.arg(*field).arg(*value);
-    }
-    let reply: Vec<String> = inv.invoke_async(con).await?;
-    Ok(match reply.first().map(String::as_str) {
-        Some("updated") => {
-            warn_unpublished(job_id, reply.get(1).map_or("", String::as_str));
-            ProgressOutcome::Updated
-        }
-        Some("not_running") => {
-            ProgressOutcome::NotRunning(reply.get(1).and_then(|s| JobStatus::parse(s)))
-        }
-        _ => ProgressOutcome::Missing,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pull_request_errors_are_folded_too() {
-        let fin = Finish::success("t".into(), Some("b".into()), Some("s".into()))
-            .with_pull_request(PullRequestFields {
-                url: None,
-                number: None,
-                error: Some("a\nb".into()),
-            });
-        assert_eq!(fin.pull_request.error.as_deref(), Some("a b"));
-        assert_eq!(
-            Finish::failed("t".into(), "x").pull_request,
-            PullRequestFields::default()
-        );
-    }
-
-    #[test]
-    fn errors_are_folded_to_one_bounded_line() {
-        assert_eq!(one_line("a\nb\r\n  c"), "a b c");
-        let long = "x".repeat(2000);
-        let out = one_line(&long);
-        assert_eq!(out.chars().count(), 500);
-        assert!(out.ends_with('…'));
-    }
 }

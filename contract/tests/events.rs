@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use repobox_contract::events::{self, Event};
-use repobox_contract::transitions::{self, Finish, FinishOutcome, ProgressOutcome, StartOutcome};
+use repobox_contract::transitions::{self, Finish, FinishOutcome, StartOutcome};
 use repobox_contract::{JobStatus, keys};
 use repobox_testbed::redis_server::RedisServer;
 
@@ -69,11 +69,10 @@ async fn output_and_status_writes_are_published_with_list_positions() {
         events::push_output(&mut con, "j1", &[], t).await.unwrap(),
         None
     );
-    assert_eq!(
-        transitions::progress(&mut con, "j1", &[("step", "push"), ("status", "x")], t)
+    assert!(
+        transitions::set_step(&mut con, "j1", "r1", "pushing", t)
             .await
-            .unwrap(),
-        ProgressOutcome::Updated
+            .unwrap()
     );
     let fin = Finish::success(t.into(), Some("repobox/j1".into()), Some("abc".into()));
     assert_eq!(
@@ -87,11 +86,10 @@ async fn output_and_status_writes_are_published_with_list_positions() {
             .unwrap(),
         FinishOutcome::AlreadyTerminal(JobStatus::Success)
     );
-    assert_eq!(
-        transitions::progress(&mut con, "j1", &[("step", "late")], t)
+    assert!(
+        !transitions::set_step(&mut con, "j1", "r1", "pushing", t)
             .await
-            .unwrap(),
-        ProgressOutcome::NotRunning(Some(JobStatus::Success))
+            .unwrap()
     );
 
     let want = [
@@ -114,7 +112,7 @@ async fn output_and_status_writes_are_published_with_list_positions() {
         Event::Status {
             seq: 3,
             status: JobStatus::Running,
-            fields: fields(&[("step", "push")]),
+            fields: fields(&[("step", "pushing")]),
             timestamp: t.into(),
         },
         Event::Status {
@@ -146,9 +144,9 @@ async fn output_and_status_writes_are_published_with_list_positions() {
     let list: Vec<String> = con.lrange("job:j1:output", 0, -1).await.unwrap();
     assert_eq!(list, [batch1, batch2].concat());
     let step: String = con.hget("job:j1", "step").await.unwrap();
-    assert_eq!(step, "push");
+    assert_eq!(step, "pushing");
     let status: String = con.hget("job:j1", "status").await.unwrap();
-    assert_eq!(status, "success", "progress never writes `status`");
+    assert_eq!(status, "success", "a late step write never touches a finished record");
 }
 
 #[tokio::test]
