@@ -146,7 +146,10 @@ async fn output_and_status_writes_are_published_with_list_positions() {
     let step: String = con.hget("job:j1", "step").await.unwrap();
     assert_eq!(step, "pushing");
     let status: String = con.hget("job:j1", "status").await.unwrap();
-    assert_eq!(status, "success", "a late step write never touches a finished record");
+    assert_eq!(
+        status, "success",
+        "a late step write never touches a finished record"
+    );
 }
 
 #[tokio::test]
