@@ -281,14 +281,10 @@ async fn a_drained_node_reruns_a_cloning_job_elsewhere_but_never_a_pushing_one()
     bed.submit(&job).await;
     let name = object_name(&job.id);
     bed.wait_step(&job.id, "cloning").await;
-    let until = tokio::time::Instant::now() + WAIT;
-    while bed.git.fetches_held() == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the clone never reached the host"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        bed.git.wait_fetch_held(WAIT).await,
+        "the clone never reached the host"
+    );
     let first_node = node_of(&bed, &name).await;
     autoscaler.drain(&first_node).await.expect("drain");
     bed.git.release_fetches();
@@ -338,14 +334,10 @@ async fn a_drained_node_reruns_a_cloning_job_elsewhere_but_never_a_pushing_one()
     bed.submit(&job).await;
     let name = object_name(&job.id);
     bed.wait_step(&job.id, "pushing").await;
-    let until = tokio::time::Instant::now() + WAIT;
-    while !bed.git.push_held("acme/api") {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the push never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        bed.git.wait_push_held("acme/api", WAIT).await,
+        "the push never arrived"
+    );
     let node = node_of(&bed, &name).await;
     let drain = autoscaler.drain(&node);
     let failed = bed.wait_phase(&name, RepoboxJobPhase::Failed);

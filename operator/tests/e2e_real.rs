@@ -839,14 +839,10 @@ async fn a_pod_evicted_while_pushing_fails_and_is_not_run_again() {
     bed.submit(&job).await;
     let name = object_name(&job.id);
     bed.wait_step(&job.id, "pushing").await;
-    let until = tokio::time::Instant::now() + WAIT;
-    while !bed.git.push_held("acme/api") {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the push never reached the host"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert!(
+        bed.git.wait_push_held("acme/api", WAIT).await,
+        "the push never reached the host"
+    );
     evict_pod_of(&bed, &name).await;
 
     let rj = bed.wait_phase(&name, RepoboxJobPhase::Failed).await;

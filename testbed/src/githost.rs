@@ -432,6 +432,11 @@ impl GitHost {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Waits up to `timeout` until [`GitHost::hold_fetches`] holds a fetch; `false` on timeout.
+    pub async fn wait_fetch_held(&self, timeout: std::time::Duration) -> bool {
+        poll_until(timeout, || self.fetches_held() > 0).await
+    }
+
     /// Lets held fetches (and later ones) through.
     pub fn release_fetches(&self) {
         self.shared.fetch_gate.send_replace(false);
@@ -460,6 +465,11 @@ impl GitHost {
     pub fn push_held(&self, name: &str) -> bool {
         self.existing_repo(name)
             .is_ok_and(|r| r.join("hooks").join("held").exists())
+    }
+
+    /// Waits up to `timeout` until a push to `name` reached the hook; `false` on timeout.
+    pub async fn wait_push_held(&self, name: &str, timeout: std::time::Duration) -> bool {
+        poll_until(timeout, || self.push_held(name)).await
     }
 
     /// Lets held pushes (and later ones) through.
@@ -1049,4 +1059,17 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Checks `done` every 50 ms until it holds (`true`) or `timeout` passes (`false`). For marks
+/// that only a git child process leaves (the push hook's file), which nothing can await.
+async fn poll_until(timeout: std::time::Duration, done: impl Fn() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    while !done() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    true
 }

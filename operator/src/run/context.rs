@@ -141,11 +141,7 @@ impl Context {
     }
 
     /// Writes `status` when it differs from the RepoboxJob's current one.
-    pub(crate) async fn write_status(
-        &self,
-        rj: &RepoboxJob,
-        status: RepoboxJobStatus,
-    ) -> Result<bool> {
+    async fn write_status(&self, rj: &RepoboxJob, status: RepoboxJobStatus) -> Result<bool> {
         if rj.status.as_ref() == Some(&status) {
             return Ok(false);
         }
