@@ -150,6 +150,7 @@ pub async fn run_with_client(
         metrics: metrics.clone(),
         health: health.clone(),
         created: Default::default(),
+        arrivals: dispatcher.arrivals(),
     });
     let intake_stop = work.child_token();
     let intake_task = tokio::spawn({

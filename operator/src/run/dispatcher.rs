@@ -6,7 +6,9 @@
 //! [`quota::decide`], creates the Jobs of the admitted and writes the waiting reason of the
 //! others. Counts come from the cluster's state, never from a counter that could leak; a restart
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
-//! an overlay, so a lagging cache can never admit a job twice or exceed a limit.
+//! an overlay, so a lagging cache can never admit a job twice or exceed a limit. Jobs whose
+//! stream entry comes after one the intake is still turning into a RepoboxJob wait for it
+//! ([`Arrivals`]), so the order of admission is the order of the stream.
 //!
 //! Each pass also reads, in one Redis round trip, what can change without a redeploy (see
 //! `tiers` and `pause`): the global pause, and for the users with queued jobs their pause and
@@ -42,6 +44,7 @@ use crate::decide::tiers;
 use crate::error::Category;
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::model::labels::MANAGED_BY_SELECTOR;
+use crate::run::arrivals::Arrivals;
 use crate::run::context::{Context, LIST_PAGE, Wakeup};
 use crate::run::metrics::UserJobs;
 
@@ -80,6 +83,8 @@ struct State {
 /// bounds on its background creates and Events.
 pub struct Dispatcher {
     wakeup: Wakeup,
+    /// Entries the intake read whose RepoboxJobs the cache does not show yet.
+    arrivals: Arc<Arrivals>,
     state: Mutex<State>,
     creates: Semaphore,
     events: Semaphore,
@@ -93,6 +98,7 @@ impl Dispatcher {
     /// A dispatcher woken by `wakeup` (the context's [`Context::dispatch`]).
     pub fn new(wakeup: Wakeup) -> Self {
         Self {
+            arrivals: Arc::new(Arrivals::new(wakeup.clone())),
             wakeup,
             state: Mutex::default(),
             creates: Semaphore::new(CREATE_CONCURRENCY),
@@ -104,6 +110,11 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// Where the intake records the entries it read (see [`Arrivals`]).
+    pub fn arrivals(&self) -> Arc<Arrivals> {
+        Arc::clone(&self.arrivals)
+    }
+
     /// Asks for a pass soon; many pokes before the pass runs coalesce into one.
     pub fn poke(&self) {
         self.wakeup.poke();
@@ -188,6 +199,24 @@ impl Dispatcher {
         }
         let (mut queued, mut running) = quota::partition(all.iter().map(Arc::as_ref));
         queued.retain(|c| !state.overlay.contains_key(&c.name));
+        // Stream order: nothing after an entry whose RepoboxJob is still on its way.
+        let held = match self
+            .arrivals
+            .floor(|n| by_name.contains_key(n), tokio::time::Instant::now())
+        {
+            Some(floor) => {
+                let before = queued.len();
+                queued.retain(|c| c.stream_id < floor);
+                before - queued.len()
+            }
+            None => 0,
+        };
+        if held > 0 {
+            tracing::debug!(
+                held,
+                "queued jobs wait for an earlier entry to reach the cache"
+            );
+        }
         running.extend(
             state
                 .overlay
@@ -295,8 +324,9 @@ impl Dispatcher {
         for r in &running {
             *per_user.entry(r.user.clone()).or_default() += 1;
         }
+        // Held-back jobs need a pass soon too (an entry that never shows up expires).
         self.waiting
-            .store(!decision.waiting.is_empty(), Ordering::Relaxed);
+            .store(!decision.waiting.is_empty() || held > 0, Ordering::Relaxed);
         ctx.metrics
             .set_queue(decision.waiting.len() as i64, running.len() as i64);
         let mut depth: BTreeMap<String, UserJobs> = BTreeMap::new();

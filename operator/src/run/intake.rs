@@ -53,6 +53,7 @@ use crate::model::labels::{
     FIELD_MANAGER, FINALIZER, LABEL_JOB_ID, LABEL_MANAGED_BY, LABEL_USER, MANAGED_BY,
 };
 use crate::model::names::{display_repo, label_value, object_name};
+use crate::run::arrivals::Arrivals;
 use crate::run::metrics::Metrics;
 use crate::run::records::JobRecords;
 use crate::run::server::Health;
@@ -117,6 +118,8 @@ pub struct Intake {
     /// Names created (or reserved to be created) here that the cache may not show yet, with
     /// their user (see `Intake::queued_now` and [`user_queue_verdict`]).
     pub created: std::sync::Mutex<HashMap<String, String>>,
+    /// The entries read and not yet in the cache, so the dispatcher keeps stream order.
+    pub arrivals: Arc<Arrivals>,
 }
 
 impl Intake {
@@ -359,11 +362,14 @@ impl Intake {
         let reply: Option<StreamReadReply> = con
             .xread_options(&[&self.cfg.redis.stream_key], &[from], &opts)
             .await?;
-        Ok(reply
+        let entries: Vec<StreamId> = reply
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .collect())
+            .collect();
+        // Before anything is handled: a later batch's jobs must not be admitted first.
+        self.arrivals.read(entries.iter().map(|e| e.id.as_str()));
+        Ok(entries)
     }
 
     /// Claims entries idle longer than `CLAIM_MIN_IDLE_SECONDS` from any consumer.
@@ -386,6 +392,8 @@ impl Intake {
                     entries = reply.claimed.len(),
                     "reclaimed entries a consumer left pending"
                 );
+                self.arrivals
+                    .read(reply.claimed.iter().map(|e| e.id.as_str()));
                 let deliveries = self.delivery_counts(con, &reply.claimed).await?;
                 self.handle_batch(con, reply.claimed, &deliveries).await?;
             }
@@ -434,6 +442,10 @@ impl Intake {
         }))
         .await;
         for (entry, result) in entries.iter().zip(results) {
+            match &result {
+                Ok(Handled::Created { name }) => self.arrivals.created(&entry.id, name),
+                _ => self.arrivals.dropped(&entry.id),
+            }
             match result {
                 Ok(handled) => {
                     match &handled {

@@ -3,6 +3,7 @@
 //! (queued → Job under the quotas), [`reconcile`] (Job → status and outcome) — and what runs
 //! beside them (leader election, pause, the metrics/health server).
 
+pub mod arrivals;
 pub mod context;
 pub mod dispatcher;
 pub mod intake;

@@ -130,3 +130,38 @@ async fn over_the_user_quota_a_job_waits_with_its_reason_and_no_job() {
     assert_eq!(user_running(&bed, "alice").await.as_deref(), Some("1"));
     bed.finish(scenario).await;
 }
+
+#[tokio::test]
+async fn a_job_whose_earlier_entry_is_still_on_its_way_waits_for_it() {
+    let (mut bed, api) = Bed::new(&[("MAX_JOBS_PER_USER", "1")]).await;
+    let mut first = repobox_job("job-1", "alice", RepoboxJobPhase::Queued);
+    first.spec.stream_entry_id = "1-0".into();
+    let mut second = repobox_job("job-2", "alice", RepoboxJobPhase::Queued);
+    second.spec.stream_entry_id = "2-0".into();
+    let dispatcher = Arc::new(Dispatcher::new(bed.ctx.dispatch.clone()));
+    let arrivals = dispatcher.arrivals();
+    // The intake read both entries; the second job reached the cache first.
+    arrivals.read(["1-0", "2-0"]);
+    arrivals.created("2-0", "job-2");
+    bed.cache(&second);
+    // Once job-1 is there it takes alice's one slot, and job-2 waits with its reason.
+    let scenario = api.expect(vec![any_order(vec![
+        job_create("job-1"),
+        admitted_event("job-1"),
+        Expect::patch(paths::status("job-2")).status_applied(&second),
+        Expect::post(paths::events())
+            .body(json!({"reason": reasons::USER_QUOTA_EXCEEDED, "regarding": {"name": "job-2"}}))
+            .created(),
+    ])]);
+    // Before it is, a pass admits nothing and writes nothing: job-2 is owed nothing yet.
+    dispatcher.pass(&bed.ctx).await.expect("a pass");
+    assert!(scenario.seen().is_empty(), "{:?}", scenario.seen());
+    assert_eq!(user_running(&bed, "alice").await, None);
+
+    arrivals.created("1-0", "job-1");
+    bed.cache(&first);
+    dispatcher.pass(&bed.ctx).await.expect("a second pass");
+    assert!(arrivals.is_empty(), "both entries reached the cache");
+    assert_eq!(user_running(&bed, "alice").await.as_deref(), Some("1"));
+    bed.finish(scenario).await;
+}
