@@ -26,7 +26,9 @@
 //!   utilization threshold, no pod blocks (not replicated, kube-system, `safe-to-evict: "false"`,
 //!   local storage, Karpenter's `do-not-disrupt`) and its pods fit elsewhere; after
 //!   [`AutoscalerConfig::scale_down_unneeded_time`] it is tainted `ToBeDeletedByClusterAutoscaler`
-//!   (`ScaleDown` event), its pods evicted through the Eviction API (`ScaleDown` event on each),
+//!   (`ScaleDown` event); its pods are listed again (one bound since the scan cancels the
+//!   removal: [`AutoscalerEvent::ScaleDownFailed`]), the planned ones evicted through the
+//!   Eviction API (`ScaleDown` event on each),
 //!   and the machine removed (`node removed by cluster autoscaler`). Empty nodes go in bulk,
 //!   occupied ones one at a time; cooldowns after a scale-up and a failure; the group minimum is
 //!   kept. Why a node stays is recorded as [`AutoscalerEvent::ScaleDownBlocked`] with CA's
@@ -1026,11 +1028,7 @@ async fn scale_down(
     bound: &HashMap<String, Vec<&Pod>>,
 ) {
     let now = Instant::now();
-    let rules = DrainRules {
-        skip_nodes_with_local_storage: sh.cfg.skip_nodes_with_local_storage,
-        skip_nodes_with_system_pods: sh.cfg.skip_nodes_with_system_pods,
-        expendable_priority_cutoff: sh.cfg.expendable_pods_priority_cutoff,
-    };
+    let rules = drain_rules(&sh.cfg);
     let no_pods = Vec::new();
     let mut events = Vec::new();
     let mut chosen: Vec<(String, usize, Vec<Pod>)> = Vec::new();
@@ -1217,6 +1215,12 @@ async fn delete_node(sh: Arc<Shared>, node: String, group: usize, pods: Vec<Pod>
 async fn actuate(sh: &Arc<Shared>, node: &str, group: usize, pods: Vec<Pod>) -> Result<()> {
     let node_obj = set_to_be_deleted(&sh.client, node, true).await?;
     let node_ref = events::reference(&node_obj);
+    // The scan's pod list is older than the taint: a pod bound in between cancels the removal
+    // (the node is in use again) rather than being lost with the node.
+    let newcomers = bound_since_scan(sh, node, &pods).await?;
+    if !newcomers.is_empty() {
+        bail!("pods were bound to {node} after the scan, the node is in use: {newcomers:?}");
+    }
     sh.record(
         &node_ref,
         "Normal",
@@ -1372,6 +1376,39 @@ async fn pods_on(client: &Client, node: &str) -> Result<Vec<Pod>> {
 }
 
 /// Wait (watching the node's pods) until none of `uids` exists; false on timeout.
+/// CA's drainability settings.
+fn drain_rules(cfg: &AutoscalerConfig) -> DrainRules {
+    DrainRules {
+        skip_nodes_with_local_storage: cfg.skip_nodes_with_local_storage,
+        skip_nodes_with_system_pods: cfg.skip_nodes_with_system_pods,
+        expendable_priority_cutoff: cfg.expendable_pods_priority_cutoff,
+    }
+}
+
+/// Pods on `node` now that the scale-down did not plan for (`planned`), ignoring those a
+/// removal never waits for (mirror, DaemonSet, finished, expendable).
+async fn bound_since_scan(sh: &Shared, node: &str, planned: &[Pod]) -> Result<Vec<String>> {
+    let rules = drain_rules(&sh.cfg);
+    let planned: HashSet<String> = planned.iter().filter_map(ResourceExt::uid).collect();
+    let api: Api<Pod> = Api::all(sh.client.clone());
+    let on_node = api
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .with_context(|| format!("listing the pods of {node}"))?;
+    Ok(on_node
+        .items
+        .iter()
+        .filter(|p| p.uid().is_some_and(|u| !planned.contains(&u)))
+        .filter(|p| {
+            !matches!(
+                sim::drain_pod(p, &rules),
+                PodDrain::Ignore | PodDrain::Expendable
+            )
+        })
+        .map(key)
+        .collect())
+}
+
 async fn wait_gone(
     client: &Client,
     node: &str,
