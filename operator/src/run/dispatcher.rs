@@ -6,9 +6,10 @@
 //! [`quota::decide`], creates the Jobs of the admitted and writes the waiting reason of the
 //! others. Counts come from the cluster's state, never from a counter that could leak; a restart
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
-//! an overlay, so a lagging cache can never admit a job twice or exceed a limit. Jobs whose
-//! stream entry comes after one the intake is still turning into a RepoboxJob wait for it
-//! ([`Arrivals`]), so the order of admission is the order of the stream.
+//! an overlay, so a lagging cache can never admit a job twice or exceed a limit. The intake
+//! hands over the RepoboxJobs it has just created ([`Arrivals`]), so a job can be admitted
+//! before the watch brings it; and jobs whose stream entry comes after one the intake is still
+//! turning into a RepoboxJob wait for it, so the order of admission is the order of the stream.
 //!
 //! Each pass also reads, in one Redis round trip, what can change without a redeploy (see
 //! `tiers` and `pause`): the global pause, and for the users with queued jobs their pause and
@@ -176,7 +177,18 @@ impl Dispatcher {
     /// One admission decision over the whole cache.
     pub async fn pass(self: &Arc<Self>, ctx: &Arc<Context>) -> Result<()> {
         let mut state = self.state.lock().await;
-        let all = ctx.store.state();
+        let mut all = ctx.store.state();
+        // The intake's newest RepoboxJobs count before the cache shows them (stream order kept:
+        // nothing after an entry whose RepoboxJob is not known yet).
+        let pending = {
+            let cached: std::collections::HashSet<&str> = all
+                .iter()
+                .filter_map(|rj| rj.metadata.name.as_deref())
+                .collect();
+            self.arrivals
+                .pending(|n| cached.contains(n), tokio::time::Instant::now())
+        };
+        all.extend(pending.fresh);
         tracing::debug!(
             objects = all.len(),
             overlay = state.overlay.len(),
@@ -199,11 +211,7 @@ impl Dispatcher {
         }
         let (mut queued, mut running) = quota::partition(all.iter().map(Arc::as_ref));
         queued.retain(|c| !state.overlay.contains_key(&c.name));
-        // Stream order: nothing after an entry whose RepoboxJob is still on its way.
-        let held = match self
-            .arrivals
-            .floor(|n| by_name.contains_key(n), tokio::time::Instant::now())
-        {
+        let held = match pending.floor {
             Some(floor) => {
                 let before = queued.len();
                 queued.retain(|c| c.stream_id < floor);
@@ -496,7 +504,10 @@ impl Dispatcher {
                 return;
             }
             // Deleted or cancelled while waiting for a slot: the reconciler has handled it.
-            let current = ctx.store.get(&ObjectRef::from_obj(rj.as_ref()));
+            let current = ctx
+                .store
+                .get(&ObjectRef::from_obj(rj.as_ref()))
+                .or_else(|| self.arrivals.fresh(&name));
             if current.is_none_or(|c| {
                 c.metadata.deletion_timestamp.is_some() || c.spec.cancel_requested()
             }) {

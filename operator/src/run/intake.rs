@@ -443,7 +443,7 @@ impl Intake {
         .await;
         for (entry, result) in entries.iter().zip(results) {
             match &result {
-                Ok(Handled::Created { name }) => self.arrivals.created(&entry.id, name),
+                Ok(Handled::Created { name }) => self.arrivals.exists(&entry.id, name),
                 _ => self.arrivals.dropped(&entry.id),
             }
             match result {
@@ -581,7 +581,9 @@ impl Intake {
             self.unreserve(&name);
         }
         match result {
-            Ok(_) => {
+            Ok(created) => {
+                // Handed to the dispatcher at once: it need not wait for the watch event.
+                self.arrivals.created(&entry.id, created);
                 self.created
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

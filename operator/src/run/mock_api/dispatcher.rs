@@ -140,10 +140,9 @@ async fn a_job_whose_earlier_entry_is_still_on_its_way_waits_for_it() {
     second.spec.stream_entry_id = "2-0".into();
     let dispatcher = Arc::new(Dispatcher::new(bed.ctx.dispatch.clone()));
     let arrivals = dispatcher.arrivals();
-    // The intake read both entries; the second job reached the cache first.
+    // The intake read both entries; the second job was created first.
     arrivals.read(["1-0", "2-0"]);
-    arrivals.created("2-0", "job-2");
-    bed.cache(&second);
+    arrivals.created("2-0", second.clone());
     // Once job-1 is there it takes alice's one slot, and job-2 waits with its reason.
     let scenario = api.expect(vec![any_order(vec![
         job_create("job-1"),
@@ -158,9 +157,21 @@ async fn a_job_whose_earlier_entry_is_still_on_its_way_waits_for_it() {
     assert!(scenario.seen().is_empty(), "{:?}", scenario.seen());
     assert_eq!(user_running(&bed, "alice").await, None);
 
-    arrivals.created("1-0", "job-1");
-    bed.cache(&first);
+    // Handed over by the intake, before the cache shows either: admitted from that.
+    arrivals.created("1-0", first.clone());
     dispatcher.pass(&bed.ctx).await.expect("a second pass");
+    assert_eq!(arrivals.len(), 2, "neither reached the cache yet");
+    bed.cache(&first);
+    bed.cache(&second);
+    assert!(
+        arrivals
+            .pending(
+                |n| n == "job-1" || n == "job-2",
+                tokio::time::Instant::now()
+            )
+            .fresh
+            .is_empty()
+    );
     assert!(arrivals.is_empty(), "both entries reached the cache");
     assert_eq!(user_running(&bed, "alice").await.as_deref(), Some("1"));
     bed.finish(scenario).await;
