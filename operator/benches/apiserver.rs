@@ -359,12 +359,32 @@ fn cpu_of(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
+/// The machine's CPU pressure: total time in which some runnable task waited for a CPU
+/// (`/proc/pressure/cpu`, `some`), zero where the kernel has no PSI.
+fn cpu_stall() -> Duration {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|text| {
+            let some = text.lines().find(|l| l.starts_with("some "))?;
+            let total = some
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?;
+            total.parse::<u64>().ok()
+        })
+        .map(Duration::from_micros)
+        .unwrap_or_default()
+}
+
 /// CPU used by the apiserver + etcd, and by this process (the plain client or the in-process
-/// operator, plus the bench's watchers).
-#[derive(Clone, Copy, Default)]
+/// operator, plus the bench's watchers); and how long tasks waited for a CPU meanwhile.
+#[derive(Clone, Copy)]
 struct Cpu {
     server: Duration,
     bench: Duration,
+    stall: Duration,
+    at: Instant,
+    /// Zero for a reading, the time between the two for a difference.
+    span: Duration,
 }
 
 impl Cpu {
@@ -379,21 +399,31 @@ impl Cpu {
         Self {
             server,
             bench: cpu_of(std::process::id()),
+            stall: cpu_stall(),
+            at: Instant::now(),
+            span: Duration::ZERO,
         }
     }
 
+    /// The use between the reading `start` and this one.
     fn since(self, start: Cpu) -> Cpu {
         Cpu {
             server: self.server.saturating_sub(start.server),
             bench: self.bench.saturating_sub(start.bench),
+            stall: self.stall.saturating_sub(start.stall),
+            at: self.at,
+            span: self.at.saturating_duration_since(start.at),
         }
     }
 
     fn per_job(&self, jobs: usize) -> String {
+        let span = self.span.as_secs_f64().max(f64::EPSILON);
         format!(
-            "apiserver+etcd {:.2} ms CPU per job, this process {:.2} ms",
+            "apiserver+etcd {:.2} ms CPU per job, this process {:.2} ms; \
+             some task waited for a CPU {:.0} % of the time (PSI)",
             self.server.as_secs_f64() * 1000.0 / jobs as f64,
-            self.bench.as_secs_f64() * 1000.0 / jobs as f64
+            self.bench.as_secs_f64() * 1000.0 / jobs as f64,
+            self.stall.as_secs_f64() * 100.0 / span
         )
     }
 }
