@@ -314,9 +314,12 @@ impl Context {
     /// The (first) pod of a Job, to explain a failure or a long wait.
     pub async fn first_pod(&self, job_name: &str) -> Result<Option<Pod>> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let list = pods
-            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-            .await?;
+        // From the API server's watch cache (`resourceVersion=0`), not a quorum read of every pod
+        // of the namespace from etcd: anything a watch has shown us is already in that cache.
+        let params = ListParams::default()
+            .labels(&format!("job-name={job_name}"))
+            .match_any();
+        let list = pods.list(&params).await?;
         Ok(list.items.into_iter().next())
     }
 }

@@ -154,7 +154,12 @@ async fn pod_events(ctx: &Context, pod: &Pod) -> Vec<PodEvent> {
     if let Some(uid) = pod.uid() {
         selector.push_str(&format!(",involvedObject.uid={uid}"));
     }
-    match events.list(&ListParams::default().fields(&selector)).await {
+    // From the watch cache, as `Context::first_pod`: an etcd read of every Event of the
+    // namespace would cost far more than a slightly older view of them.
+    match events
+        .list(&ListParams::default().fields(&selector).match_any())
+        .await
+    {
         Ok(list) => list.items.iter().map(PodEvent::from_event).collect(),
         Err(e) => {
             warn!(pod = %pod.name_any(), error = %e, "reading the pod's events failed");

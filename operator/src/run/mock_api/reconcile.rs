@@ -47,6 +47,9 @@ fn event(type_: &str, reason: &str, action: &str) -> Step {
 fn pod_list_of_job(pods: Vec<Value>) -> Step {
     Expect::get(paths::pods())
         .query("labelSelector", &format!("job-name={RJ}"))
+        // From the watch cache, never a quorum read from etcd.
+        .query("resourceVersion", "0")
+        .query("resourceVersionMatch", "NotOlderThan")
         .reply(pod_list(pods))
         .into()
 }
@@ -171,6 +174,7 @@ async fn a_pod_waiting_for_a_node_shows_why_with_an_event() {
                     "involvedObject.kind=Pod,involvedObject.name={RJ}-abcde,involvedObject.uid=pod-uid"
                 ),
             )
+            .query("resourceVersion", "0")
             .reply(json!({
                 "apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": [scale_up],
             }))
