@@ -400,6 +400,38 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
     bed.finish().await;
 }
 
+#[tokio::test]
+async fn a_users_jobs_start_in_the_order_they_were_submitted() {
+    // One slot for the user: each job starts only after the one before it ended, so the
+    // order the pods start in is the order of admission. The entries arrive back to back and
+    // the intake creates their RepoboxJobs concurrently, so a later one often exists first.
+    let values = json!({
+        "config": {"maxJobsPerUser": 1},
+        "runner": {"agentCommand": "echo \"$REPOBOX_BRANCH\" > ORDER.md"},
+    });
+    let Some(mut bed) = RealBed::new("order", values).await else {
+        return;
+    };
+    bed.start_operator(&[]);
+    let mut names = Vec::new();
+    for i in 0..6 {
+        let job = bed.job(&format!("gina{i:02}-order"), "gina");
+        bed.submit(&job).await;
+        names.push(object_name(&job.id));
+    }
+    for name in &names {
+        bed.wait_phase(name, RepoboxJobPhase::Succeeded).await;
+    }
+    let started: Vec<String> = bed
+        .pods_started()
+        .iter()
+        .filter_map(|pod| pod.rsplit_once('-').map(|(job, _)| job.to_owned()))
+        .collect();
+    assert_eq!(started, names, "pods started in submission order");
+    bed.eventually_counter("gina", "0").await;
+    bed.finish().await;
+}
+
 /// Submits like the web app and reads the entry as `consumer` without acknowledging it: the
 /// state a consumer leaves when it dies right after XREADGROUP.
 async fn submit_and_read_as(
