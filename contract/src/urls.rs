@@ -63,19 +63,31 @@ pub fn check_redis_url(url: &str) -> Result<(), UrlError> {
 }
 
 /// `url` with any password replaced by `****` (for messages about URLs that may hold one).
+///
+/// Text, not a parsed URL, so a URL too broken to parse (or without its scheme) is masked too. User info without a
+/// colon is masked whole: `redis://secret@host` is how a password is often written by mistake.
+///
+/// ```
+/// use repobox_contract::urls::mask_password;
+///
+/// assert_eq!(mask_password("redis://user:pw@host:6379/0"), "redis://user:****@host:6379/0");
+/// assert_eq!(mask_password("rediss://pw@host"), "rediss://****@host");
+/// assert_eq!(mask_password("redis://host:6379"), "redis://host:6379");
+/// ```
 pub fn mask_password(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("****"));
-            u.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        // Not parseable: keep only the scheme and what follows the last `@`.
-        Err(_) => match (url.split_once("://"), url.rfind('@')) {
-            (Some((scheme, _)), Some(at)) => format!("{scheme}://****@{}", &url[at + 1..]),
-            _ => url.to_owned(),
-        },
-    }
+    // Without a scheme (a mistake, but it may still hold a password) the authority starts at 0.
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    // The last `@` of the authority: a password may hold `@` itself.
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let masked = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:****"),
+        None => "****".to_owned(),
+    };
+    format!("{}{masked}{}", &url[..scheme_end], &rest[at..])
 }
 
 /// A repository URL that is safe to show and to clone: https (or http when allowed), with a
@@ -275,6 +287,17 @@ mod tests {
         assert_eq!(mask_password("redis://:pw@h:1/0"), "redis://:****@h:1/0");
         assert_eq!(mask_password("redis://h:1"), "redis://h:1");
         assert!(!mask_password("redis://u:hunter2@[x").contains("hunter2"));
+        for (url, want) in [
+            ("redis://user:secretpw@host:6379/0", "redis://user:****@host:6379/0"),
+            ("redis://:secretpw@host", "redis://:****@host"),
+            ("rediss://secretpw@host", "rediss://****@host"),
+            ("redis://u:p@ss@host/x@y", "redis://u:****@host/x@y"),
+            ("redis://host/x@y", "redis://host/x@y"),
+            ("not a url", "not a url"),
+            ("u:secretpw@host", "u:****@host"),
+        ] {
+            assert_eq!(mask_password(url), want, "{url}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResourceExt, ResourceExt};
 use redis::AsyncCommands;
-use repobox_contract::{keys, mask_token};
+use repobox_contract::{EntryId, keys, mask_token};
 use repobox_operator::model::crd::{RepoboxJob, RepoboxJobPhase};
 use repobox_testbed::bed::{self, Bed, BedBuilder, ClusterKind, OperatorProcess, Output, Stopped};
 use repobox_testbed::control_plane::ControlPlane;
@@ -607,7 +607,7 @@ const COLUMNS: [&str; 9] = [
 /// `now`, AGE is left out (to compare tables regardless of the clock).
 fn rows(jobs: &BTreeMap<String, RepoboxJob>, now: Option<jiff::Timestamp>) -> Vec<Vec<String>> {
     let mut list: Vec<&RepoboxJob> = jobs.values().collect();
-    list.sort_by_key(|rj| entry_order(&rj.spec.stream_entry_id));
+    list.sort_by_key(|rj| EntryId::parse_or_max(&rj.spec.stream_entry_id));
     list.into_iter()
         .map(|rj| {
             let status = rj.status.clone().unwrap_or_default();
@@ -629,11 +629,6 @@ fn rows(jobs: &BTreeMap<String, RepoboxJob>, now: Option<jiff::Timestamp>) -> Ve
             row
         })
         .collect()
-}
-
-fn entry_order(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(u64::MAX), seq.parse().unwrap_or(0))
 }
 
 /// kubectl's short ages: `42s`, `3m12s`, `15m`, `2h`.

@@ -20,15 +20,6 @@ pub enum Error {
     /// The pull / merge request could not be opened: one line a user can act on, never a token.
     #[error("{0}")]
     Forge(String),
-    /// An I/O operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done (with the path, if any).
-        context: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// The crate's result type.

@@ -23,21 +23,7 @@ impl RedisUrl {
 
     /// The URL with the password (or a password-only userinfo) replaced by `****`.
     pub fn masked(&self) -> String {
-        let url = self.0.as_str();
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-            return url.to_owned();
-        };
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let Some(at) = rest[..authority_end].rfind('@') else {
-            return url.to_owned();
-        };
-        let userinfo = &rest[..at];
-        let masked = match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:****"),
-            None => "****".to_owned(),
-        };
-        format!("{}{masked}{}", &url[..scheme_end], &rest[at..])
+        repobox_contract::urls::mask_password(self.0.as_str())
     }
 }
 

@@ -945,16 +945,13 @@ fn redis_url_validation_and_masking() {
     let (s, _) = config_error(&[("REDIS_URL", "localhost:6379")]);
     assert_eq!(s, "REDIS_URL");
 
+    // The cases live with `mask_password`; this is the same function.
     let cases = [
         (
             "redis://user:secretpw@host:6379/0",
             "redis://user:****@host:6379/0",
         ),
-        ("redis://:secretpw@host", "redis://:****@host"),
         ("rediss://secretpw@host", "rediss://****@host"),
-        ("redis://host:6379", "redis://host:6379"),
-        ("redis://u:p@ss@host/x@y", "redis://u:****@host/x@y"),
-        ("not a url", "not a url"),
     ];
     for (url, want) in cases {
         assert_eq!(RedisUrl::from(url.to_owned()).masked(), want, "{url}");
