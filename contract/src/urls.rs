@@ -288,7 +288,10 @@ mod tests {
         assert_eq!(mask_password("redis://h:1"), "redis://h:1");
         assert!(!mask_password("redis://u:hunter2@[x").contains("hunter2"));
         for (url, want) in [
-            ("redis://user:secretpw@host:6379/0", "redis://user:****@host:6379/0"),
+            (
+                "redis://user:secretpw@host:6379/0",
+                "redis://user:****@host:6379/0",
+            ),
             ("redis://:secretpw@host", "redis://:****@host"),
             ("rediss://secretpw@host", "rediss://****@host"),
             ("redis://u:p@ss@host/x@y", "redis://u:****@host/x@y"),

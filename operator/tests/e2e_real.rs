@@ -404,7 +404,9 @@ async fn cancel_by_delete_and_by_spec_stops_the_pod_and_records_cancelled() {
 async fn a_users_jobs_start_in_the_order_they_were_submitted() {
     // One slot for the user: each job starts only after the one before it ended, so the
     // order the pods start in is the order of admission. The entries arrive back to back and
-    // the intake creates their RepoboxJobs concurrently, so a later one often exists first.
+    // the intake creates their RepoboxJobs concurrently, so a later one may exist first (the
+    // mocked-API test `a_job_whose_earlier_entry_is_still_on_its_way_waits_for_it` forces that
+    // case; this one checks the whole path on the real API).
     let values = json!({
         "config": {"maxJobsPerUser": 1},
         "runner": {"agentCommand": "echo \"$REPOBOX_BRANCH\" > ORDER.md"},
