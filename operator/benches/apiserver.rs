@@ -499,7 +499,8 @@ fn read_audit(path: &Path, from: u64) -> Result<Vec<Write>> {
 /// The operator's writes in one namespace, by kind.
 struct WriteCount {
     by_class: BTreeMap<String, usize>,
-    failed: usize,
+    /// Requests answered with a non-2xx status, by kind and status code.
+    failed: BTreeMap<String, usize>,
     /// Other clients' writes in the namespace (the job controller, the scheduler), by user.
     others: BTreeMap<String, usize>,
 }
@@ -508,7 +509,7 @@ impl WriteCount {
     fn from(writes: &[Write], ns: &str, operator: &str) -> Self {
         let mut by_class = BTreeMap::new();
         let mut others = BTreeMap::new();
-        let mut failed = 0;
+        let mut failed = BTreeMap::new();
         for w in writes.iter().filter(|w| w.namespace == ns) {
             if w.user != operator {
                 let who = w.user.rsplit(':').next().unwrap_or(&w.user).to_owned();
@@ -521,7 +522,9 @@ impl WriteCount {
                 .entry(format!("{} {}", w.verb, w.path()))
                 .or_default() += 1;
             if w.code >= 300 {
-                failed += 1;
+                *failed
+                    .entry(format!("{} {} {}", w.verb, w.path(), w.code))
+                    .or_default() += 1;
             }
         }
         Self {
@@ -560,11 +563,8 @@ impl WriteCount {
                 *n as f64 / jobs as f64
             );
         }
-        if self.failed > 0 {
-            println!(
-                "    (of these, {} answered with a non-2xx status)",
-                self.failed
-            );
+        for (class, n) in &self.failed {
+            println!("    (of these, {n} answered: {class})");
         }
         println!("    other clients in the namespace (not the operator's):");
         for (class, n) in &self.others {

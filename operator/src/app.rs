@@ -151,6 +151,7 @@ pub async fn run_with_client(
         health: health.clone(),
         created: Default::default(),
         arrivals: dispatcher.arrivals(),
+        slots: tokio::sync::Semaphore::new(crate::run::intake::ENTRY_CONCURRENCY),
     });
     let intake_stop = work.child_token();
     let intake_task = tokio::spawn({

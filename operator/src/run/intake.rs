@@ -42,6 +42,7 @@ use redis::streams::{
 };
 use redis::{AsyncCommands, AsyncConnectionConfig, Value};
 use repobox_contract::{JobStatus, keys};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -79,6 +80,11 @@ const BLOCK_MS: usize = 2000;
 /// Batches handled at once while the next one is read: at a steady trickle each read returns
 /// one entry, so a slow create no longer holds up the entries behind it.
 const MAX_BATCHES_IN_FLIGHT: usize = 32;
+/// Entries handled at once across all batches (each is a Redis read and an API create): the
+/// concurrency of a well-tuned client. Slots are granted in stream order (the semaphore is
+/// fair), so the RepoboxJobs are created, and admitted, in about that order; without the bound a
+/// burst put thousands of creates in flight and the API server answered many with errors.
+pub const ENTRY_CONCURRENCY: usize = 32;
 
 /// What became of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +126,8 @@ pub struct Intake {
     pub created: std::sync::Mutex<HashMap<String, String>>,
     /// The entries read and not yet in the cache, so the dispatcher keeps stream order.
     pub arrivals: Arc<Arrivals>,
+    /// [`ENTRY_CONCURRENCY`] slots for handling entries.
+    pub slots: Semaphore,
 }
 
 impl Intake {
@@ -483,7 +491,12 @@ impl Intake {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.handle(entry, deliveries).await {
+            let attempt_result = {
+                // Never closed: `ok()` only avoids an unwrap.
+                let _slot = self.slots.acquire().await.ok();
+                self.handle(entry, deliveries).await
+            };
+            match attempt_result {
                 Ok(h) => return Ok(h),
                 Err(e) if attempt < 4 => {
                     debug!(entry = %entry.id, error = %e, attempt, "retrying entry");
