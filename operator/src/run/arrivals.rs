@@ -5,7 +5,7 @@
 //! the API server, and the cache, before the one of an earlier entry. Admitting from the cache
 //! alone would then let a user's second job take the slot their first job was owed (and a later
 //! user take a cluster slot an earlier one was owed). The dispatcher therefore holds back every
-//! queued job whose entry comes after the oldest entry still on its way ([`Arrivals::floor`]).
+//! queued job whose entry comes after the oldest entry still on its way ([`Pending::floor`]).
 //!
 //! The RepoboxJob the intake just created is also handed over here ([`Arrivals::created`]), so
 //! the dispatcher can admit it at once rather than one watch event later: on a busy API server
