@@ -27,6 +27,12 @@ use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus, reasons};
 
 /// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
 pub const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
+/// While admitted jobs wait for a Job-create slot (a burst), a pending pod's first `Starting`
+/// explanation (a pod read and a status write) is retried after this long: admissions first.
+pub const ADMISSIONS_FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The explanation yields to admissions only this long after the Job's creation, so a
+/// backlog that never drains cannot hide a pending pod (or its timeout).
+pub const ADMISSIONS_FIRST_MAX: Duration = Duration::from_secs(30);
 
 /// How often a pod waiting for a node is looked at again (the autoscaler's word changes).
 pub const WAITING_RECHECK: Duration = Duration::from_secs(10);
@@ -81,6 +87,9 @@ pub struct Observed {
     /// Set when Redis refused a retry (the runner had recorded its result, or the record went):
     /// the Job's failure is then not the outcome, the record is.
     pub retry_refused: bool,
+    /// Set while admitted jobs wait for a Job-create slot: the API server is the bottleneck and
+    /// informational writes wait (see [`ADMISSIONS_FIRST_RETRY`]).
+    pub admissions_waiting: bool,
 }
 
 /// A fact to gather before deciding.
@@ -337,6 +346,14 @@ fn observe(rj: &RepoboxJob, job: &JobFacts, obs: &Observed, s: &Settings, now: T
             // gets its own `Starting` write (one API write per job saved on the happy path).
             if rj.phase() == RepoboxJobPhase::Queued && pending < STARTING_DEBOUNCE {
                 return Plan::wait(Then::Requeue(STARTING_DEBOUNCE - pending));
+            }
+            // In a burst the API server's time goes to creating Jobs first; the explanation
+            // (a pod read and a status write) follows once the creates keep up.
+            if rj.phase() == RepoboxJobPhase::Queued
+                && obs.admissions_waiting
+                && pending < ADMISSIONS_FIRST_MAX
+            {
+                return Plan::wait(Then::Requeue(ADMISSIONS_FIRST_RETRY));
             }
             // Why the pod is not running: waiting for a node the autoscaler adds, or for none.
             let Some(facts) = &obs.pod else {
@@ -801,6 +818,7 @@ mod tests {
     fn settle(rj: &RepoboxJob, facts: &Observed) -> (Vec<Need>, Vec<Step>, Then) {
         let mut obs = Observed {
             retry_refused: facts.retry_refused,
+            admissions_waiting: facts.admissions_waiting,
             ..Default::default()
         };
         let mut needs = Vec::new();
@@ -1020,6 +1038,29 @@ mod tests {
         assert_eq!(needs, [Need::CachedJob]);
         assert!(steps.is_empty());
         assert_eq!(then, Then::Requeue(STARTING_DEBOUNCE));
+    }
+
+    #[test]
+    fn in_a_burst_the_first_starting_explanation_waits_for_the_admissions() {
+        let burst = |age| Observed {
+            cached_job: Some(Some(job(JobState::Pending, age))),
+            pod: Some(Some(PodFacts::default())),
+            admissions_waiting: true,
+            ..Default::default()
+        };
+        // No pod read, no write: asked again in a second.
+        let (needs, steps, then) = settle(&rj(Some(RepoboxJobPhase::Queued)), &burst(3));
+        assert_eq!(needs, [Need::CachedJob]);
+        assert!(steps.is_empty(), "{steps:?}");
+        assert_eq!(then, Then::Requeue(ADMISSIONS_FIRST_RETRY));
+        // Not for ever: past the bound the pod is read and explained as usual.
+        let late = ADMISSIONS_FIRST_MAX.as_secs() as i64;
+        let (needs, steps, _) = settle(&rj(Some(RepoboxJobPhase::Queued)), &burst(late));
+        assert_eq!(needs, [Need::CachedJob, Need::Pod]);
+        assert!(!steps.is_empty());
+        // A job already showing `Starting` is followed as usual.
+        let (needs, _, _) = settle(&rj(Some(RepoboxJobPhase::Starting)), &burst(3));
+        assert_ne!(needs, [Need::CachedJob]);
     }
 
     #[test]

@@ -382,19 +382,61 @@ impl Resource for CachedJob {
     }
 }
 
-/// Wakes the dispatcher for a pass soon; many wakes before the pass runs coalesce into one.
-#[derive(Clone, Default)]
-pub struct Wakeup(Arc<Notify>);
+/// The handle between the dispatcher and the rest: wakes it for a pass soon (many wakes before
+/// the pass runs coalesce into one), and says whether admitted jobs wait for a Job-create slot
+/// (a burst: informational writes then wait, see `plan::ADMISSIONS_FIRST_RETRY`).
+#[derive(Clone)]
+pub struct Wakeup {
+    notify: Arc<Notify>,
+    /// Admitted jobs waiting for a create slot.
+    backlog: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Self {
+            notify: Arc::default(),
+            backlog: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
+
+/// Counts one admitted job as waiting for a create slot while it lives.
+pub struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
 
 impl Wakeup {
     /// Asks for a dispatcher pass.
     pub fn poke(&self) {
-        self.0.notify_one();
+        self.notify.notify_one();
     }
 
     /// Resolves at the next poke (or at once if one is pending).
     pub async fn notified(&self) {
-        self.0.notified().await;
+        self.notify.notified().await;
+    }
+
+    /// Marks an admitted job as waiting for a create slot until the guard is dropped.
+    pub fn waiting_for_slot(&self) -> Waiting {
+        self.backlog.send_modify(|n| *n += 1);
+        Waiting(Arc::clone(&self.backlog))
+    }
+
+    /// Whether admitted jobs wait for a create slot now.
+    pub fn admissions_waiting(&self) -> bool {
+        *self.backlog.borrow() > 0
+    }
+
+    /// Resolves once no admitted job waits for a create slot.
+    pub async fn admissions_drained(&self) {
+        let mut rx = self.backlog.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 }
 
@@ -414,6 +456,28 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 
     use super::*;
+
+    #[tokio::test]
+    async fn the_backlog_counts_admitted_jobs_waiting_for_a_slot() {
+        let wakeup = Wakeup::default();
+        assert!(!wakeup.admissions_waiting());
+        let (a, b) = (wakeup.waiting_for_slot(), wakeup.waiting_for_slot());
+        assert!(wakeup.admissions_waiting());
+        let drained = tokio::spawn({
+            let wakeup = wakeup.clone();
+            async move { wakeup.admissions_drained().await }
+        });
+        drop(a);
+        assert!(wakeup.admissions_waiting(), "one still waits");
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished());
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), drained)
+            .await
+            .expect("resolved once none waits")
+            .expect("the task ran");
+        assert!(!wakeup.admissions_waiting());
+    }
 
     #[test]
     fn the_job_cache_keeps_what_is_read() {

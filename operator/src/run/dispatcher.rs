@@ -21,7 +21,9 @@
 //! A pass only decides: the admitted enter the overlay at once and their Jobs are created by
 //! background tasks (bounded), so the next pass can admit jobs that arrived meanwhile instead
 //! of waiting for the slowest create of a batch. The `Admitted` Event is published after the
-//! Job exists, outside the create slots, at a lower concurrency.
+//! Job exists, outside the create slots, at a lower concurrency, and only while no admitted
+//! job waits for a create slot: in a burst the API server's time goes to the Jobs first (the
+//! reconciler holds back its first `Starting` explanation likewise, see [`Wakeup`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -497,9 +499,11 @@ impl Dispatcher {
     async fn admit(self: Arc<Self>, ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
         let name = rj.name_any();
         let result = {
+            let waiting = self.wakeup.waiting_for_slot();
             let Ok(_slot) = self.creates.acquire().await else {
                 return; // never closed
             };
+            drop(waiting);
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
@@ -527,6 +531,8 @@ impl Dispatcher {
                     .unwrap_or_default();
                 ctx.metrics.job_admitted(waited);
                 info!(job = %name, user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
+                // Informational: it waits while other admitted jobs wait for their Jobs.
+                self.wakeup.admissions_drained().await;
                 let Ok(_slot) = self.events.acquire().await else {
                     return;
                 };

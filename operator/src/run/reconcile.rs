@@ -61,7 +61,10 @@ pub async fn reconcile(rj: Arc<RepoboxJob>, ctx: Arc<Context>) -> Result<Action>
 /// Plans and executes until the plan is carried out (see [`plan`] for the decisions).
 async fn apply(rj: &RepoboxJob, ctx: &Context) -> Result<Action> {
     let settings = settings(rj, ctx);
-    let mut obs = Observed::default();
+    let mut obs = Observed {
+        admissions_waiting: ctx.dispatch.admissions_waiting(),
+        ..Observed::default()
+    };
     let mut pod = None;
     for _ in 0..MAX_PLANS {
         match plan::plan(rj, &obs, &settings, jiff::Timestamp::now()) {
