@@ -152,6 +152,7 @@ pub async fn run_with_client(
         created: Default::default(),
         arrivals: dispatcher.arrivals(),
         slots: tokio::sync::Semaphore::new(crate::run::intake::ENTRY_CONCURRENCY),
+        dispatch: ctx.dispatch.clone(),
     });
     let intake_stop = work.child_token();
     let intake_task = tokio::spawn({

@@ -27,7 +27,7 @@ use crate::model::crd::{RepoboxJob, RepoboxJobPhase, RepoboxJobStatus, reasons};
 
 /// How long a new Job's pod may take to start before the RepoboxJob shows `Starting`.
 pub const STARTING_DEBOUNCE: Duration = Duration::from_secs(2);
-/// While admitted jobs wait for a Job-create slot (a burst), a pending pod's first `Starting`
+/// While jobs wait for a create slot (a burst), a pending pod's first `Starting`
 /// explanation (a pod read and a status write) is retried after this long: admissions first.
 pub const ADMISSIONS_FIRST_RETRY: Duration = Duration::from_secs(1);
 /// The explanation yields to admissions only this long after the Job's creation, so a
@@ -87,8 +87,8 @@ pub struct Observed {
     /// Set when Redis refused a retry (the runner had recorded its result, or the record went):
     /// the Job's failure is then not the outcome, the record is.
     pub retry_refused: bool,
-    /// Set while admitted jobs wait for a Job-create slot: the API server is the bottleneck and
-    /// informational writes wait (see [`ADMISSIONS_FIRST_RETRY`]).
+    /// Set while jobs wait for a create slot (their RepoboxJob's or their Job's): the API
+    /// server is the bottleneck and informational writes wait (see [`ADMISSIONS_FIRST_RETRY`]).
     pub admissions_waiting: bool,
 }
 

@@ -383,12 +383,13 @@ impl Resource for CachedJob {
 }
 
 /// The handle between the dispatcher and the rest: wakes it for a pass soon (many wakes before
-/// the pass runs coalesce into one), and says whether admitted jobs wait for a Job-create slot
-/// (a burst: informational writes then wait, see `plan::ADMISSIONS_FIRST_RETRY`).
+/// the pass runs coalesce into one), and says whether jobs wait for a create slot, their
+/// RepoboxJob's in the intake or their Job's in the dispatcher (a burst: informational writes
+/// then wait, see `plan::ADMISSIONS_FIRST_RETRY`).
 #[derive(Clone)]
 pub struct Wakeup {
     notify: Arc<Notify>,
-    /// Admitted jobs waiting for a create slot.
+    /// Jobs waiting for a create slot (intake or dispatcher).
     backlog: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
@@ -401,7 +402,7 @@ impl Default for Wakeup {
     }
 }
 
-/// Counts one admitted job as waiting for a create slot while it lives.
+/// Counts one job as waiting for a create slot while it lives.
 pub struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
 
 impl Drop for Waiting {
@@ -421,18 +422,18 @@ impl Wakeup {
         self.notify.notified().await;
     }
 
-    /// Marks an admitted job as waiting for a create slot until the guard is dropped.
+    /// Marks a job as waiting for a create slot until the guard is dropped.
     pub fn waiting_for_slot(&self) -> Waiting {
         self.backlog.send_modify(|n| *n += 1);
         Waiting(Arc::clone(&self.backlog))
     }
 
-    /// Whether admitted jobs wait for a create slot now.
+    /// Whether jobs wait for a create slot now.
     pub fn admissions_waiting(&self) -> bool {
         *self.backlog.borrow() > 0
     }
 
-    /// Resolves once no admitted job waits for a create slot.
+    /// Resolves once no job waits for a create slot.
     pub async fn admissions_drained(&self) {
         let mut rx = self.backlog.subscribe();
         // The sender lives as long as `self`: the wait cannot fail.

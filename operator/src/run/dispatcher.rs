@@ -21,8 +21,8 @@
 //! A pass only decides: the admitted enter the overlay at once and their Jobs are created by
 //! background tasks (bounded), so the next pass can admit jobs that arrived meanwhile instead
 //! of waiting for the slowest create of a batch. The `Admitted` Event is published after the
-//! Job exists, outside the create slots, at a lower concurrency, and only while no admitted
-//! job waits for a create slot: in a burst the API server's time goes to the Jobs first (the
+//! Job exists, outside the create slots, at a lower concurrency, and only while no job waits
+//! for a create slot: in a burst the API server's time goes to the creates first (the
 //! reconciler holds back its first `Starting` explanation likewise, see [`Wakeup`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -531,7 +531,7 @@ impl Dispatcher {
                     .unwrap_or_default();
                 ctx.metrics.job_admitted(waited);
                 info!(job = %name, user = %rj.spec.user_id, waited_ms = waited.as_millis() as u64, "job admitted");
-                // Informational: it waits while other admitted jobs wait for their Jobs.
+                // Informational: it waits while other jobs wait for their creates.
                 self.wakeup.admissions_drained().await;
                 let Ok(_slot) = self.events.acquire().await else {
                     return;

@@ -55,6 +55,7 @@ use crate::model::labels::{
 };
 use crate::model::names::{display_repo, label_value, object_name};
 use crate::run::arrivals::Arrivals;
+use crate::run::context::Wakeup;
 use crate::run::metrics::Metrics;
 use crate::run::records::JobRecords;
 use crate::run::server::Health;
@@ -128,6 +129,9 @@ pub struct Intake {
     pub arrivals: Arc<Arrivals>,
     /// [`ENTRY_CONCURRENCY`] slots for handling entries.
     pub slots: Semaphore,
+    /// The dispatcher's handle: entries waiting for a slot count as admissions waiting, so
+    /// informational writes wait in a burst (see [`Wakeup`]).
+    pub dispatch: Wakeup,
 }
 
 impl Intake {
@@ -492,8 +496,10 @@ impl Intake {
         let mut attempt = 1;
         loop {
             let attempt_result = {
+                let waiting = self.dispatch.waiting_for_slot();
                 // Never closed: `ok()` only avoids an unwrap.
                 let _slot = self.slots.acquire().await.ok();
+                drop(waiting);
                 self.handle(entry, deliveries).await
             };
             match attempt_result {
