@@ -393,3 +393,32 @@ pub async fn finish<C: ConnectionLike>(
         _ => FinishOutcome::Missing,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_request_errors_are_folded_too() {
+        let fin = Finish::success("t".into(), Some("b".into()), Some("s".into()))
+            .with_pull_request(PullRequestFields {
+                url: None,
+                number: None,
+                error: Some("a\nb".into()),
+            });
+        assert_eq!(fin.pull_request.error.as_deref(), Some("a b"));
+        assert_eq!(
+            Finish::failed("t".into(), "x").pull_request,
+            PullRequestFields::default()
+        );
+    }
+
+    #[test]
+    fn errors_are_folded_to_one_bounded_line() {
+        assert_eq!(one_line("a\nb\r\n  c"), "a b c");
+        let long = "x".repeat(2000);
+        let out = one_line(&long);
+        assert_eq!(out.chars().count(), 500);
+        assert!(out.ends_with('…'));
+    }
+}
