@@ -148,7 +148,7 @@ impl Arrivals {
         }
     }
 
-    /// How many entries are on their way (for tests and the debug log).
+    /// How many entries are on their way.
     pub fn len(&self) -> usize {
         self.lock().len()
     }

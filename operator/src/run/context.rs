@@ -17,7 +17,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use repobox_contract::transitions::{FinishOutcome, RetryOutcome};
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tracing::{info, warn};
 
 use crate::Result;
@@ -403,7 +403,7 @@ impl Default for Wakeup {
 }
 
 /// Counts one job as waiting for a create slot while it lives.
-pub struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
+struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
@@ -423,9 +423,17 @@ impl Wakeup {
     }
 
     /// Marks a job as waiting for a create slot until the guard is dropped.
-    pub fn waiting_for_slot(&self) -> Waiting {
+    fn waiting_for_slot(&self) -> Waiting {
         self.backlog.send_modify(|n| *n += 1);
         Waiting(Arc::clone(&self.backlog))
+    }
+
+    /// Takes a create slot from `slots` (the intake's or the dispatcher's), counted as waiting
+    /// (see [`Wakeup::admissions_waiting`]) until it is granted; `None` only if `slots` was
+    /// closed.
+    pub async fn create_slot<'a>(&self, slots: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
+        let _waiting = self.waiting_for_slot();
+        slots.acquire().await.ok()
     }
 
     /// Whether jobs wait for a create slot now.

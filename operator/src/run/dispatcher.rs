@@ -180,24 +180,24 @@ impl Dispatcher {
     pub async fn pass(self: &Arc<Self>, ctx: &Arc<Context>) -> Result<()> {
         let mut state = self.state.lock().await;
         let mut all = ctx.store.state();
+        let mut by_name: HashMap<String, Arc<RepoboxJob>> = all
+            .iter()
+            .map(|rj| (rj.name_any(), Arc::clone(rj)))
+            .collect();
         // The intake's newest RepoboxJobs count before the cache shows them (stream order kept:
         // nothing after an entry whose RepoboxJob is not known yet).
-        let pending = {
-            let cached: std::collections::HashSet<&str> = all
-                .iter()
-                .filter_map(|rj| rj.metadata.name.as_deref())
-                .collect();
-            self.arrivals
-                .pending(|n| cached.contains(n), tokio::time::Instant::now())
-        };
-        all.extend(pending.fresh);
+        let pending = self
+            .arrivals
+            .pending(|n| by_name.contains_key(n), tokio::time::Instant::now());
+        for rj in pending.fresh {
+            by_name.insert(rj.name_any(), Arc::clone(&rj));
+            all.push(rj);
+        }
         tracing::debug!(
             objects = all.len(),
             overlay = state.overlay.len(),
             "admission pass"
         );
-        let by_name: HashMap<String, &Arc<RepoboxJob>> =
-            all.iter().map(|rj| (rj.name_any(), rj)).collect();
 
         // The overlay only bridges the gap until the cache shows the admission.
         state.overlay.retain(|name, _| {
@@ -407,7 +407,7 @@ impl Dispatcher {
         state: &mut State,
         resolved: &BTreeMap<&str, tiers::Resolved>,
         queued: &[quota::Candidate],
-        by_name: &HashMap<String, &Arc<RepoboxJob>>,
+        by_name: &HashMap<String, Arc<RepoboxJob>>,
     ) {
         // Users without queued jobs this pass were not resolved: what was reported stands.
         state
@@ -499,11 +499,9 @@ impl Dispatcher {
     async fn admit(self: Arc<Self>, ctx: Arc<Context>, rj: Arc<RepoboxJob>) {
         let name = rj.name_any();
         let result = {
-            let waiting = self.wakeup.waiting_for_slot();
-            let Ok(_slot) = self.creates.acquire().await else {
+            let Some(_slot) = self.wakeup.create_slot(&self.creates).await else {
                 return; // never closed
             };
-            drop(waiting);
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }

@@ -448,16 +448,18 @@ impl Intake {
         deliveries: &HashMap<String, usize>,
     ) -> Result<()> {
         let mut acks: Vec<String> = Vec::with_capacity(entries.len());
-        let results = futures::future::join_all(entries.iter().map(|e| {
+        let results = futures::future::join_all(entries.iter().map(|e| async move {
             let count = deliveries.get(&e.id).copied().unwrap_or(1);
-            self.handle_with_retry(e, count)
+            let result = self.handle_with_retry(e, count).await;
+            // At once, not after the whole batch: a bad entry must not hold later jobs back.
+            match &result {
+                Ok(Handled::Created { name }) => self.arrivals.exists(&e.id, name),
+                _ => self.arrivals.dropped(&e.id),
+            }
+            result
         }))
         .await;
         for (entry, result) in entries.iter().zip(results) {
-            match &result {
-                Ok(Handled::Created { name }) => self.arrivals.exists(&entry.id, name),
-                _ => self.arrivals.dropped(&entry.id),
-            }
             match result {
                 Ok(handled) => {
                     match &handled {
@@ -496,10 +498,8 @@ impl Intake {
         let mut attempt = 1;
         loop {
             let attempt_result = {
-                let waiting = self.dispatch.waiting_for_slot();
-                // Never closed: `ok()` only avoids an unwrap.
-                let _slot = self.slots.acquire().await.ok();
-                drop(waiting);
+                // Never closed: a `None` is never seen.
+                let _slot = self.dispatch.create_slot(&self.slots).await;
                 self.handle(entry, deliveries).await
             };
             match attempt_result {
