@@ -69,6 +69,12 @@ const RECONCILE_DURATION_BUCKETS: [f64; 13] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// One admission pass (a decision over every cached job): well under a millisecond with a few
+/// hundred jobs; milliseconds with tens of thousands.
+const ADMISSION_PASS_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
 /// Pod scheduling (admitted → runner pod bound to a node): under a second on a node with room;
 /// the cluster autoscaler or Karpenter adding a node takes one to several minutes; the last
 /// buckets reach `PENDING_TIMEOUT_SECONDS` (600 s by default).
@@ -119,6 +125,7 @@ pub struct Metrics {
     admission_wait: Histogram,
     intake_latency: Histogram,
     reconcile_duration: Histogram,
+    admission_pass: Histogram,
     pod_scheduling: Histogram,
     pod_startup: Histogram,
     pods_waiting_for_node: Gauge,
@@ -170,6 +177,7 @@ impl Metrics {
             admission_wait: Histogram::new(ADMISSION_WAIT_BUCKETS),
             intake_latency: Histogram::new(INTAKE_LATENCY_BUCKETS),
             reconcile_duration: Histogram::new(RECONCILE_DURATION_BUCKETS),
+            admission_pass: Histogram::new(ADMISSION_PASS_BUCKETS),
             pod_scheduling: Histogram::new(POD_SCHEDULING_BUCKETS),
             pod_startup: Histogram::new(POD_STARTUP_BUCKETS),
             pods_waiting_for_node: Gauge::default(),
@@ -268,6 +276,12 @@ impl Metrics {
             "Duration of one reconciliation",
             Unit::Seconds,
             m.reconcile_duration.clone(),
+        );
+        registry.register_with_unit(
+            "admission_pass_duration",
+            "Duration of one admission pass (its count is the number of passes)",
+            Unit::Seconds,
+            m.admission_pass.clone(),
         );
         registry.register_with_unit(
             "pod_scheduling",
@@ -372,6 +386,11 @@ impl Metrics {
             start: Instant::now(),
             recorded: false,
         }
+    }
+
+    /// An admission pass took `took`.
+    pub fn admission_pass(&self, took: Duration) {
+        self.admission_pass.observe(took.as_secs_f64());
     }
 
     /// A reconciliation failed; `label` is [`crate::Error::metric_label`], a fixed set.
