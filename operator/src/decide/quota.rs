@@ -232,6 +232,10 @@ pub fn decide_with(
     limits: Limits,
     overrides: &Overrides,
 ) -> Decision {
+    // Nothing queued, nothing to decide (most passes in steady load): skip the maps below.
+    if queued.is_empty() {
+        return Decision::default();
+    }
     let running_names: BTreeSet<&str> = running.iter().map(|r| r.name.as_str()).collect();
     let mut admitted: BTreeMap<&str, usize> = BTreeMap::new();
     for r in running {

@@ -85,6 +85,8 @@ struct State {
     /// Whether every `runner:user:*:running` key in Redis (also those another leader wrote)
     /// was set from this process's view since it took the lease.
     swept: bool,
+    /// The per-user gauges last published (`repobox_user_jobs`).
+    user_jobs: BTreeMap<String, UserJobs>,
     /// The unusable-limit problem last reported per user, so a Warning is published once per
     /// change rather than on every pass.
     warned: HashMap<String, String>,
@@ -267,9 +269,12 @@ impl Dispatcher {
         let inputs = ctx.outcomes.pass_inputs(&users).await?;
         since = std::time::Instant::now();
         let plans = ctx.cfg.plan_limits().unwrap_or_default();
+        // Only the users with queued jobs are resolved: the others' stream ids need no parsing.
         let newest = tiers::newest_plans(all.iter().filter_map(|rj| {
             let phase = rj.phase();
-            (phase == RepoboxJobPhase::Queued || phase.is_admitted()).then(|| {
+            let relevant = (phase == RepoboxJobPhase::Queued || phase.is_admitted())
+                && users.binary_search(&rj.spec.user_id.as_str()).is_ok();
+            relevant.then(|| {
                 (
                     rj.spec.user_id.as_str(),
                     EntryId::parse_or_max(&rj.spec.stream_entry_id),
@@ -376,7 +381,11 @@ impl Dispatcher {
                 depth.entry(rj.spec.user_id.clone()).or_default().queued += 1;
             }
         }
-        ctx.metrics.set_user_jobs(&depth);
+        // Unchanged in most passes; each update escapes and looks up every user's series.
+        if state.user_jobs != depth {
+            ctx.metrics.set_user_jobs(&depth);
+            state.user_jobs = depth;
+        }
         // Runner pods waiting for a node, as their RepoboxJobs say (see `scheduling`).
         let waiting_for_node = all
             .iter()
