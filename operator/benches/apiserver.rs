@@ -1748,6 +1748,51 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
 
 // ---------------------------------------------------------------------------------------------
 
+/// What a round of the steady or the burst phase runs.
+struct Phase {
+    name: &'static str,
+    /// The operator's job ids start with it (the plain client's with its first letter + `p`).
+    prefix: &'static str,
+    jobs: usize,
+    /// Jobs (and pairs) per second; `None`: as fast as possible.
+    rate: Option<f64>,
+}
+
+/// Round `r` of `phase`: the operator's run and the plain client's pairs, back to back on the
+/// same control plane, in an order that alternates between rounds (the plain client first in
+/// odd burst rounds and in even steady rounds), each followed by a settle. Drift in the
+/// machine's speed then falls on both sides.
+async fn round(cluster: &Cluster, phase: &Phase, r: usize) -> Result<(Run, Pairs)> {
+    let client = Client::try_from(cluster.plain_kube.clone())?;
+    let plain_first = (r % 2 == 1) == phase.rate.is_none();
+    let (name, jobs) = (phase.name, phase.jobs);
+    let mut plain = None;
+    let mut op = None;
+    for plain_now in [plain_first, !plain_first] {
+        if plain_now {
+            eprintln!("{name} {r}: {jobs} plain pairs");
+            let prefix = format!("{}p{r}", &phase.prefix[..1]);
+            plain = Some(
+                pairs(cluster, &client, &prefix, jobs, phase.rate)
+                    .await
+                    .context("plain pairs")?,
+            );
+        } else {
+            let prefix = format!("{}{r}", phase.prefix);
+            op = Some(
+                operator_run(cluster, &prefix, jobs, phase.rate)
+                    .await
+                    .context(name)?,
+            );
+        }
+        eprintln!("{name} {r}: settling ({:?})", cluster.settle().await?);
+    }
+    match (op, plain) {
+        (Some(op), Some(plain)) => Ok((op, plain)),
+        _ => bail!("a {name} round is missing a measurement"),
+    }
+}
+
 /// One burst round: the operator's run and the plain client's pairs next to it.
 struct BurstRound {
     /// Whether the plain client ran first this round (the order alternates).
@@ -1855,76 +1900,32 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    // Each steady round also starts the plain client's pairs at the same rate, back to back
-    // with the operator's run in alternating order: the floor the same machine sets that round.
+    // Each round runs the plain client next to the operator (see `round`): for the steady
+    // phase its pairs at the same rate, for the burst its pairs with `IN_FLIGHT` in flight.
     let mut steady = Vec::new();
     if on("steady") {
-        let client = Client::try_from(cluster.plain_kube.clone())?;
-        for round in 1..=rounds {
-            let plain_first = round % 2 == 0;
-            let mut plain = None;
-            let mut op = None;
-            for plain_now in [plain_first, !plain_first] {
-                if plain_now {
-                    eprintln!("steady {round}: {steady_jobs} plain pairs at {rate}/s");
-                    plain = Some(
-                        pairs(
-                            &cluster,
-                            &client,
-                            &format!("sp{round}"),
-                            steady_jobs,
-                            Some(rate),
-                        )
-                        .await
-                        .context("plain pairs")?,
-                    );
-                } else {
-                    op = Some(
-                        operator_run(&cluster, &format!("st{round}"), steady_jobs, Some(rate))
-                            .await
-                            .context("steady")?,
-                    );
-                }
-                eprintln!("steady {round}: settling ({:?})", cluster.settle().await?);
-            }
-            let (Some(plain), Some(op)) = (plain, op) else {
-                bail!("a steady round is missing a measurement");
+        for r in 1..=rounds {
+            let phase = Phase {
+                name: "steady",
+                prefix: "st",
+                jobs: steady_jobs,
+                rate: Some(rate),
             };
-            steady.push((op, plain));
+            steady.push(round(&cluster, &phase, r).await?);
         }
     }
-    // Each round measures the plain client's pairs and the operator's burst back to back on
-    // the same control plane, in alternating order, so drift in the machine's speed falls on
-    // both; the verdict is on the median of the rounds' ratios.
     let mut burst = Vec::new();
     if on("burst") {
-        let client = Client::try_from(cluster.plain_kube.clone())?;
-        for round in 1..=rounds {
-            let plain_first = round % 2 == 1;
-            let mut plain = None;
-            let mut op = None;
-            for plain_now in [plain_first, !plain_first] {
-                if plain_now {
-                    eprintln!("burst {round}: {jobs} plain pairs, {IN_FLIGHT} in flight");
-                    plain = Some(
-                        pairs(&cluster, &client, &format!("pl{round}"), jobs, None)
-                            .await
-                            .context("plain pairs")?,
-                    );
-                } else {
-                    op = Some(
-                        operator_run(&cluster, &format!("bu{round}"), jobs, None)
-                            .await
-                            .context("burst")?,
-                    );
-                }
-                eprintln!("burst {round}: settling ({:?})", cluster.settle().await?);
-            }
-            let (Some(plain), Some(op)) = (plain, op) else {
-                bail!("a burst round is missing a measurement");
+        for r in 1..=rounds {
+            let phase = Phase {
+                name: "burst",
+                prefix: "bu",
+                jobs,
+                rate: None,
             };
+            let (op, plain) = round(&cluster, &phase, r).await?;
             burst.push(BurstRound {
-                plain_first,
+                plain_first: r % 2 == 1,
                 plain_rate: plain.rate,
                 plain_cpu: plain.cpu,
                 op,
