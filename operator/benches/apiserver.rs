@@ -1904,25 +1904,25 @@ async fn main() -> Result<()> {
     // phase its pairs at the same rate, for the burst its pairs with `IN_FLIGHT` in flight.
     let mut steady = Vec::new();
     if on("steady") {
+        let phase = Phase {
+            name: "steady",
+            prefix: "st",
+            jobs: steady_jobs,
+            rate: Some(rate),
+        };
         for r in 1..=rounds {
-            let phase = Phase {
-                name: "steady",
-                prefix: "st",
-                jobs: steady_jobs,
-                rate: Some(rate),
-            };
             steady.push(round(&cluster, &phase, r).await?);
         }
     }
     let mut burst = Vec::new();
     if on("burst") {
+        let phase = Phase {
+            name: "burst",
+            prefix: "bu",
+            jobs,
+            rate: None,
+        };
         for r in 1..=rounds {
-            let phase = Phase {
-                name: "burst",
-                prefix: "bu",
-                jobs,
-                rate: None,
-            };
             let (op, plain) = round(&cluster, &phase, r).await?;
             burst.push(BurstRound {
                 plain_first: r % 2 == 1,

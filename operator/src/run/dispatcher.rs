@@ -616,6 +616,7 @@ impl Dispatcher {
 mod tests {
     use super::*;
     use crate::decide::job_builder;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     #[test]
     fn passes_are_paced_by_their_cost_up_to_a_bound() {
@@ -633,7 +634,6 @@ mod tests {
         assert_eq!(pass_gap(ms(13)), MAX_PASS_GAP);
         assert_eq!(pass_gap(Duration::from_secs(5)), MAX_PASS_GAP);
     }
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     fn job(name: &str, owners: Vec<OwnerReference>) -> Job {
         let mut job = Job::default();
