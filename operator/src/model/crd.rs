@@ -260,6 +260,12 @@ pub struct RepoboxJobStatus {
 }
 
 impl RepoboxJob {
+    /// The object's name, borrowed (always set on objects from the API; `name_any` clones,
+    /// which the loops over the whole cache avoid).
+    pub fn name_ref(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
     /// The current phase; a job without a status (just created by intake) is `Queued`.
     pub fn phase(&self) -> RepoboxJobPhase {
         self.status

@@ -231,14 +231,14 @@ impl Dispatcher {
         // The intake's newest RepoboxJobs count before the cache shows them (stream order kept:
         // nothing after an entry whose RepoboxJob is not known yet).
         let pending = {
-            let cached: HashSet<&str> = all.iter().map(|rj| name_of(rj)).collect();
+            let cached: HashSet<&str> = all.iter().map(|rj| rj.name_ref()).collect();
             self.arrivals
                 .pending(|n| cached.contains(n), tokio::time::Instant::now())
         };
         all.extend(pending.fresh);
         // Borrowed, not cloned: a pass runs for nearly every poke of a burst.
         let by_name: HashMap<&str, &Arc<RepoboxJob>> =
-            all.iter().map(|rj| (name_of(rj), rj)).collect();
+            all.iter().map(|rj| (rj.name_ref(), rj)).collect();
         tracing::debug!(
             objects = all.len(),
             overlay = state.overlay.len(),
@@ -508,11 +508,6 @@ impl Dispatcher {
             }
         }
     }
-}
-
-/// A RepoboxJob's name (always set on objects from the API).
-fn name_of(rj: &RepoboxJob) -> &str {
-    rj.metadata.name.as_deref().unwrap_or_default()
 }
 
 /// The least time between the end of a pass that computed for `computing` and the start of

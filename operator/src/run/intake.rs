@@ -330,9 +330,10 @@ impl Intake {
     fn queued_now(&self) -> usize {
         let state = self.store.state();
         let mut unseen = self.created.lock().unwrap_or_else(|p| p.into_inner());
-        let cached: std::collections::HashSet<String> =
-            state.iter().map(|rj| rj.name_any()).collect();
-        unseen.retain(|name, _| !cached.contains(name));
+        // Borrowed names: this runs for every read, and the cache keeps finished jobs for a day.
+        let cached: std::collections::HashSet<&str> =
+            state.iter().map(|rj| rj.name_ref()).collect();
+        unseen.retain(|name, _| !cached.contains(name.as_str()));
         state
             .iter()
             .filter(|rj| rj.phase() == RepoboxJobPhase::Queued)
@@ -634,11 +635,11 @@ impl Intake {
     /// Reserves a queue place for `name` of `user` under `MAX_QUEUED_PER_USER` = `cap`.
     fn reserve(&self, name: &str, user: &str, cap: usize) -> Reservation {
         let state = self.store.state();
-        let cached: Vec<(String, &str, bool)> = state
+        let cached: Vec<(&str, &str, bool)> = state
             .iter()
             .map(|rj| {
                 (
-                    rj.name_any(),
+                    rj.name_ref(),
                     rj.spec.user_id.as_str(),
                     rj.phase() == RepoboxJobPhase::Queued,
                 )
@@ -715,13 +716,16 @@ pub fn user_queue_verdict(
     name: &str,
     user: &str,
     cap: usize,
-    cached: &[(String, &str, bool)],
+    cached: &[(&str, &str, bool)],
     unseen: &mut HashMap<String, String>,
 ) -> Reservation {
-    if unseen.contains_key(name) || cached.iter().any(|(n, _, _)| n == name) {
+    if unseen.contains_key(name) || cached.iter().any(|(n, _, _)| *n == name) {
         return Reservation::Known;
     }
-    unseen.retain(|n, _| !cached.iter().any(|(c, _, _)| c == n));
+    if !unseen.is_empty() {
+        let names: std::collections::HashSet<&str> = cached.iter().map(|(n, _, _)| *n).collect();
+        unseen.retain(|n, _| !names.contains(n.as_str()));
+    }
     let queued = cached
         .iter()
         .filter(|(_, u, queued)| *queued && *u == user)
@@ -886,9 +890,9 @@ mod tests {
     #[test]
     fn per_user_queue_cap() {
         let cached = vec![
-            ("q1".to_owned(), "ann", true),
-            ("r1".to_owned(), "ann", false), // admitted: not queued
-            ("q2".to_owned(), "bob", true),
+            ("q1", "ann", true),
+            ("r1", "ann", false), // admitted: not queued
+            ("q2", "bob", true),
         ];
         let mut unseen = HashMap::from([("u1".to_owned(), "ann".to_owned())]);
         // ann: q1 + u1 queued = 2 < 3: reserved, and counted from now on.
@@ -918,7 +922,7 @@ mod tests {
         );
         // Once the cache shows a reserved name, it is counted once, not twice.
         let mut cached2 = cached.clone();
-        cached2.push(("u1".to_owned(), "ann", true));
+        cached2.push(("u1", "ann", true));
         assert_eq!(
             user_queue_verdict("n4", "ann", 3, &cached2, &mut unseen),
             Reservation::Full(3),
