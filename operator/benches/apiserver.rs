@@ -30,6 +30,11 @@
 //! 5. **Memory**: the release `repobox-operator` binary (a child process, `KUBECONFIG` of its
 //!    ServiceAccount) starts against `BENCH_MEMORY_OBJECTS` (10,000) finished RepoboxJobs and
 //!    their Jobs; its own `VmHWM`/`VmRSS` from `/proc`.
+//! 6. **Cost**: `BENCH_COST_REQUESTS` (400) requests of each kind the operator sends per job
+//!    (RepoboxJob create, status write, Event, pod list), 8 in flight, in three interleaved
+//!    repeats: the apiserver + etcd CPU one takes (their idle use subtracted), the median of
+//!    the repeats. The status write is measured as the operator sends it (server-side apply)
+//!    and, for comparison, as a JSON merge patch.
 //!
 //! Between phases the bench waits until the built-in controllers (rate limited to 20 requests/s
 //! each, their defaults) have worked off the previous phase's Jobs, so every phase starts on a
@@ -57,7 +62,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, CustomResourceExt, Resource, ResourceExt};
 use redis::aio::MultiplexedConnection;
 use repobox_contract::EncryptionKey;
 use repobox_contract::transitions::{self, Finish};
@@ -1747,6 +1752,191 @@ async fn memory(cluster: &Cluster, objects: usize) -> Result<Memory> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Phase 6: what each kind of request costs the apiserver.
+
+/// The apiserver + etcd CPU per request of one kind (their idle use subtracted).
+struct Cost {
+    kind: String,
+    /// The median of the repeats (for one run: its own figure).
+    per_request: Duration,
+    /// Each repeat's figure.
+    each: Vec<Duration>,
+    errors: usize,
+}
+
+/// Sends `n` requests made by `request`, `COST_IN_FLIGHT` at a time, and charges the
+/// apiserver + etcd CPU they used above its idle use (read over the 2 s before) to them.
+async fn cost_of<F, Fut>(cluster: &Cluster, kind: &str, n: usize, request: F) -> Result<Cost>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    const COST_IN_FLIGHT: usize = 8;
+    let idle_from = Cpu::now(cluster);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = Cpu::now(cluster).since(idle_from);
+    let idle_rate = idle.server.as_secs_f64() / idle.span.as_secs_f64();
+    let start = Cpu::now(cluster);
+    let results: Vec<Result<()>> = futures::stream::iter(0..n)
+        .map(request)
+        .buffer_unordered(COST_IN_FLIGHT)
+        .collect()
+        .await;
+    let used = Cpu::now(cluster).since(start);
+    let errors: Vec<&anyhow::Error> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(e) = errors.first() {
+        eprintln!("cost: {kind}: {} failed, the first: {e:#}", errors.len());
+    }
+    let net = used.server.as_secs_f64() - idle_rate * used.span.as_secs_f64();
+    Ok(Cost {
+        kind: kind.to_owned(),
+        per_request: Duration::from_secs_f64(net.max(0.0) / n as f64),
+        each: Vec::new(),
+        errors: errors.len(),
+    })
+}
+
+/// A `Starting` status as the reconciler writes it for a pod that waits for a node; `round`
+/// changes its message, so every write changes the object.
+fn starting_status(rj: &RepoboxJob, round: usize) -> RepoboxJobStatus {
+    let now = Time(jiff::Timestamp::now());
+    let message = format!(
+        "the runner pod waits for a node (round {round}): 0/3 nodes are available: 3 \
+         Insufficient cpu"
+    );
+    RepoboxJobStatus {
+        phase: Some(RepoboxJobPhase::Starting),
+        reason: Some("WaitingForNode".into()),
+        message: Some(message.clone()),
+        conditions: vec![
+            new_condition(
+                condition_types::ADMITTED,
+                true,
+                "Admitted",
+                format!("Job {} created", rj.name_any()),
+                Some(1),
+                now.clone(),
+            ),
+            new_condition(
+                "Ready",
+                false,
+                "WaitingForNode",
+                message,
+                Some(1),
+                now.clone(),
+            ),
+        ],
+        job_name: Some(rj.name_any()),
+        queued_at: Some(now),
+        observed_generation: Some(1),
+        ..RepoboxJobStatus::default()
+    }
+}
+
+/// The kinds of request [`costs`] measures, in the order of a job's life.
+const COST_KINDS: [&str; 5] = [
+    "RepoboxJob create",
+    "status write, server-side apply (as the operator)",
+    "status write, JSON merge patch",
+    "Event create",
+    "pod list by label, from the watch cache",
+];
+
+/// Each kind of request the operator sends per job, `n` of each in each of `COST_REPEATS`
+/// interleaved repeats (drift in the API server's own work, its garbage collection above
+/// all, then falls on every kind), from the plain client's identity: what the apiserver and
+/// etcd spend on one, the median of the repeats. The status write is measured as the
+/// operator sends it (server-side apply) and as a JSON merge patch of the same status.
+async fn costs(cluster: &Cluster, n: usize) -> Result<Vec<Cost>> {
+    const COST_REPEATS: usize = 3;
+    let client = Client::try_from(cluster.plain_kube.clone())?;
+    let ns = cluster
+        .namespace("bench-cost", "redis://127.0.0.1:1")
+        .await?;
+    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "repobox-operator".into(),
+            instance: Some("bench".into()),
+        },
+    );
+    let mut measured: Vec<Vec<Cost>> = COST_KINDS.iter().map(|_| Vec::new()).collect();
+    for repeat in 0..COST_REPEATS {
+        let objects: Vec<RepoboxJob> = (0..n)
+            .map(|i| intake_rj(&format!("co{repeat}"), i))
+            .collect();
+        for (k, kind) in COST_KINDS.iter().enumerate() {
+            let cost = cost_of(cluster, kind, n, |i| {
+                let (rjs, pods, recorder, ns, rj) = (&rjs, &pods, &recorder, &ns, &objects[i]);
+                async move {
+                    let status = || starting_status(rj, repeat * 2 + k);
+                    match k {
+                        0 => drop(rjs.create(&post(), rj).await?),
+                        1 => {
+                            let body = json!({
+                                "apiVersion": RepoboxJob::api_version(&()),
+                                "kind": RepoboxJob::kind(&()),
+                                "status": status(),
+                            });
+                            let params = PatchParams::apply(FIELD_MANAGER).force();
+                            drop(
+                                rjs.patch_status(&rj.name_any(), &params, &Patch::Apply(body))
+                                    .await?,
+                            );
+                        }
+                        2 => {
+                            let body = Patch::Merge(json!({ "status": status() }));
+                            drop(
+                                rjs.patch_status(&rj.name_any(), &PatchParams::default(), &body)
+                                    .await?,
+                            );
+                        }
+                        3 => {
+                            let event = kube::runtime::events::Event {
+                                type_: kube::runtime::events::EventType::Normal,
+                                reason: "Admitted".into(),
+                                note: Some(format!(
+                                    "quota slot granted; Job {} created",
+                                    rj.name_any()
+                                )),
+                                action: "Admit".into(),
+                                secondary: None,
+                            };
+                            let mut reference = rj.object_ref(&());
+                            reference.namespace = Some(ns.clone());
+                            recorder.publish(&event, &reference).await?;
+                        }
+                        _ => {
+                            let params = kube::api::ListParams::default()
+                                .labels(&format!("job-name={}", rj.name_any()))
+                                .match_any();
+                            drop(pods.list(&params).await?);
+                        }
+                    }
+                    Ok(())
+                }
+            })
+            .await?;
+            measured[k].push(cost);
+        }
+    }
+    Ok(measured
+        .into_iter()
+        .zip(COST_KINDS)
+        .map(|(runs, kind)| Cost {
+            kind: kind.to_owned(),
+            per_request: Duration::from_secs_f64(median(
+                runs.iter().map(|c| c.per_request.as_secs_f64()),
+            )),
+            each: runs.iter().map(|c| c.per_request).collect(),
+            errors: runs.iter().map(|c| c.errors).sum(),
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// What a round of the steady or the burst phase runs.
 struct Phase {
@@ -1886,8 +2076,8 @@ async fn main() -> Result<()> {
     let happy_jobs = env_usize("BENCH_HAPPY_JOBS", 20);
     let memory_objects = env_usize("BENCH_MEMORY_OBJECTS", 10_000);
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
-    let phases =
-        std::env::var("BENCH_PHASES").unwrap_or_else(|_| "limit,steady,burst,happy,memory".into());
+    let phases = std::env::var("BENCH_PHASES")
+        .unwrap_or_else(|_| "limit,steady,burst,happy,memory,cost".into());
     let on = |p: &str| phases.split(',').any(|x| x.trim() == p);
 
     println!("load average at start: {}", loadavg());
@@ -1941,6 +2131,12 @@ async fn main() -> Result<()> {
         Some(memory(&cluster, memory_objects).await.context("memory")?)
     } else {
         None
+    };
+    let costs = if on("cost") {
+        let n = env_usize("BENCH_COST_REQUESTS", 400).max(1);
+        costs(&cluster, n).await.context("cost")?
+    } else {
+        Vec::new()
     };
     println!("load average at the end: {}", loadavg());
 
@@ -2012,6 +2208,22 @@ async fn main() -> Result<()> {
             m.loaded_hwm as f64 / MIB,
             ms(m.cache_time)
         );
+    }
+    if !costs.is_empty() {
+        println!("== Cost: apiserver + etcd CPU per request (idle use subtracted) ==");
+        for c in &costs {
+            let errors = match c.errors {
+                0 => String::new(),
+                n => format!(" ({n} failed)"),
+            };
+            let each: Vec<String> = c.each.iter().map(|d| ms(*d)).collect();
+            println!(
+                "  {:<52} {} (repeats: {}){errors}",
+                c.kind,
+                ms(c.per_request),
+                each.join(", ")
+            );
+        }
     }
 
     println!();
