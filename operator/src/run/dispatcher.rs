@@ -2,8 +2,7 @@
 //!
 //! Admission needs a view of every job at once (quotas are per user and cluster-wide), so it
 //! runs as a single task rather than inside per-object reconciles: reconciles and finished jobs
-//! `poke` it (a queued job's watch event and reconcile poke on its behalf, which costs no pass
-//! once it is admitted), and each pass reads the controller's cache, applies the pure
+//! `poke` it, and each pass reads the controller's cache, applies the pure
 //! [`quota::decide`], creates the Jobs of the admitted and writes the waiting reason of the
 //! others. Counts come from the cluster's state, never from a counter that could leak; a restart
 //! re-derives them. Jobs admitted by this process but not yet visible in the cache are kept in
