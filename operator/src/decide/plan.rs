@@ -166,10 +166,8 @@ pub enum Announce {
 /// One side effect, in the order given.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
-    /// Wake the dispatcher: a slot may have freed up.
+    /// Wake the dispatcher (a slot may have freed up, or a queued job wants one).
     PokeDispatcher,
-    /// A queued job wants a slot: wake the dispatcher unless it has admitted the job already.
-    AwaitAdmission,
     /// Create the Job of the attempt the RepoboxJob is at.
     CreateJob,
     /// Delete a Job (and its pod, background propagation); a missing Job is fine.
@@ -258,7 +256,7 @@ pub fn plan(rj: &RepoboxJob, obs: &Observed, s: &Settings, now: Timestamp) -> Pl
         // Whether a queued job's Job exists is the dispatcher's business (its overlay and
         // AlreadyExists cover a lagging cache): nothing to ask the API.
         (None, RepoboxJobPhase::Queued) => {
-            return Plan::act(vec![Step::AwaitAdmission], Then::AwaitChange);
+            return Plan::act(vec![Step::PokeDispatcher], Then::AwaitChange);
         }
         // An admitted job: confirm with the API before calling its Job gone.
         (None, _) => match &obs.api_job {
@@ -863,7 +861,6 @@ mod tests {
             .iter()
             .map(|s| match s {
                 Step::PokeDispatcher => "poke",
-                Step::AwaitAdmission => "await-admission",
                 Step::CreateJob => "create-job",
                 Step::DeleteJob(_) => "delete-job",
                 Step::DeleteRepoboxJob => "delete-rj",
@@ -955,7 +952,7 @@ mod tests {
             };
             let (needs, steps, then) = settle(&rj(phase), &facts);
             assert_eq!(needs, [Need::CachedJob]);
-            assert_eq!(steps, [Step::AwaitAdmission]);
+            assert_eq!(steps, [Step::PokeDispatcher]);
             assert_eq!(then, Then::AwaitChange);
         }
     }

@@ -199,7 +199,6 @@ impl Context {
         for step in steps {
             match step {
                 Step::PokeDispatcher => self.dispatch.poke(),
-                Step::AwaitAdmission => self.dispatch.poke_for(&rj.name_any()),
                 Step::CreateJob => {
                     self.create_job(rj).await?;
                     info!(job = %rj.name_any(), attempt = job_builder::attempt(rj), "next attempt's Job created");
@@ -390,8 +389,6 @@ impl Resource for CachedJob {
 #[derive(Clone)]
 pub struct Wakeup {
     notify: Arc<Notify>,
-    /// What the pokes since the dispatcher last looked asked for.
-    asked: Arc<std::sync::Mutex<Asked>>,
     /// Jobs waiting for a create slot (intake or dispatcher).
     backlog: Arc<tokio::sync::watch::Sender<usize>>,
 }
@@ -400,25 +397,10 @@ impl Default for Wakeup {
     fn default() -> Self {
         Self {
             notify: Arc::default(),
-            asked: Arc::default(),
             backlog: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 }
-
-/// What the pokes since the dispatcher last took them asked for (see [`Wakeup::take`]).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Asked {
-    /// A pass over everything: a slot may have freed, a job arrived, the cache was listed.
-    pub pass: bool,
-    /// Queued RepoboxJobs that want a slot ([`Wakeup::poke_for`]): they need a pass only if
-    /// the dispatcher has not admitted them already.
-    pub queued: Vec<String>,
-}
-
-/// Named pokes kept between two passes; beyond it they become one plain poke (a burst of
-/// watch events must not grow memory while the dispatcher is paced).
-const ASKED_CAP: usize = 1024;
 
 /// Counts one job as waiting for a create slot while it lives.
 struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
@@ -432,33 +414,7 @@ impl Drop for Waiting {
 impl Wakeup {
     /// Asks for a dispatcher pass.
     pub fn poke(&self) {
-        self.asked().pass = true;
         self.notify.notify_one();
-    }
-
-    /// Asks for a pass on behalf of the queued RepoboxJob `name`: the dispatcher skips it
-    /// when it has admitted the job already (its watch event and first reconcile come after
-    /// the intake handed it over, and a pass for each would decide nothing new).
-    pub fn poke_for(&self, name: &str) {
-        {
-            let mut asked = self.asked();
-            if asked.queued.len() < ASKED_CAP {
-                asked.queued.push(name.to_owned());
-            } else {
-                asked.queued.clear();
-                asked.pass = true;
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    /// What the pokes since the last call asked for (and forgets it).
-    pub fn take(&self) -> Asked {
-        std::mem::take(&mut *self.asked())
-    }
-
-    fn asked(&self) -> std::sync::MutexGuard<'_, Asked> {
-        self.asked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Resolves at the next poke (or at once if one is pending).
@@ -509,34 +465,6 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 
     use super::*;
-
-    #[test]
-    fn pokes_say_what_they_ask_for_until_taken() {
-        let wakeup = Wakeup::default();
-        assert_eq!(wakeup.take(), Asked::default());
-        wakeup.poke_for("job-1");
-        wakeup.poke_for("job-2");
-        assert_eq!(
-            wakeup.take(),
-            Asked {
-                pass: false,
-                queued: vec!["job-1".into(), "job-2".into()],
-            }
-        );
-        assert_eq!(wakeup.take(), Asked::default(), "taken once");
-        wakeup.poke_for("job-3");
-        wakeup.poke();
-        assert!(wakeup.take().pass);
-        // A flood of named pokes becomes one plain poke rather than growing.
-        for i in 0..=ASKED_CAP {
-            wakeup.poke_for(&format!("job-{i}"));
-        }
-        let asked = wakeup.take();
-        assert!(asked.pass);
-        assert!(asked.queued.len() < ASKED_CAP);
-        // Every poke wakes the dispatcher.
-        assert!(futures::FutureExt::now_or_never(wakeup.notified()).is_some());
-    }
 
     #[tokio::test]
     async fn the_backlog_counts_admitted_jobs_waiting_for_a_slot() {

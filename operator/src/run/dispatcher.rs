@@ -48,7 +48,7 @@ use crate::error::Category;
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
 use crate::model::labels::MANAGED_BY_SELECTOR;
 use crate::run::arrivals::Arrivals;
-use crate::run::context::{Asked, Context, LIST_PAGE, Wakeup};
+use crate::run::context::{Context, LIST_PAGE, Wakeup};
 use crate::run::metrics::UserJobs;
 
 /// How often a pass runs even without a poke (a safety net, not the mechanism).
@@ -147,22 +147,18 @@ impl Dispatcher {
             } else {
                 IDLE_PASS
             };
-            let timed = tokio::select! {
+            tokio::select! {
                 _ = cancel.cancelled() => return self.drain().await,
-                _ = self.wakeup.notified() => false,
-                _ = tokio::time::sleep(idle) => true,
-            };
+                _ = self.wakeup.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
             // Pokes arriving meanwhile coalesce into this pass.
             tokio::select! {
                 _ = cancel.cancelled() => return self.drain().await,
                 _ = tokio::time::sleep_until(last.0 + pass_gap(last.1)) => {}
             }
-            let asked = self.wakeup.take();
             if !ctx.store_ready() {
                 tracing::debug!("admission waits for the cache");
-                continue;
-            }
-            if !self.needs_pass(timed, &asked).await {
                 continue;
             }
             let started = tokio::time::Instant::now();
@@ -177,21 +173,6 @@ impl Dispatcher {
             ctx.metrics.admission_pass(started.elapsed());
             last = (tokio::time::Instant::now(), computing);
         }
-    }
-
-    /// Whether a wake-up calls for a pass: a timer or a plain poke does; pokes that only name
-    /// queued jobs (see [`Wakeup::poke_for`]) do unless this dispatcher admitted them all
-    /// already. Nothing asked is nothing new either: a wake-up can outlive its pokes, which
-    /// the previous pass took and served.
-    pub(crate) async fn needs_pass(&self, timed: bool, asked: &Asked) -> bool {
-        if timed || asked.pass {
-            return true;
-        }
-        let state = self.state.lock().await;
-        !asked
-            .queued
-            .iter()
-            .all(|name| state.overlay.contains_key(name))
     }
 
     async fn seed(&self, ctx: &Context) -> Result<()> {

@@ -230,13 +230,12 @@ pub async fn run(
                 on_init.dispatch.poke();
             }
             // A new queued job wakes admission straight from the watch, not after its turn in
-            // the reconcile queue (which a burst makes long); one the intake handed over and
-            // the dispatcher admitted already costs no pass.
+            // the reconcile queue (which a burst makes long).
             Ok(watcher::Event::Apply(rj))
                 if rj.phase() == RepoboxJobPhase::Queued
                     && rj.metadata.deletion_timestamp.is_none() =>
             {
-                on_init.dispatch.poke_for(&rj.name_any());
+                on_init.dispatch.poke();
             }
             _ => {}
         })

@@ -7,7 +7,6 @@ use serde_json::json;
 
 use super::{Bed, Expect, any_order, paths, repobox_job};
 use crate::model::crd::{RepoboxJob, RepoboxJobPhase, reasons};
-use crate::run::context::Asked;
 use crate::run::dispatcher::Dispatcher;
 
 /// The Job POST of the RepoboxJob `name`: named after it, controlled by it.
@@ -52,7 +51,7 @@ async fn user_running(bed: &Bed, user: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn under_quota_each_admitted_job_gets_one_job_and_no_further_pass_for_it() {
+async fn under_quota_each_admitted_job_gets_one_job() {
     let (mut bed, api) = Bed::new(&[]).await;
     let jobs: Vec<RepoboxJob> = [("job-1", "alice"), ("job-2", "bob")]
         .into_iter()
@@ -84,25 +83,6 @@ async fn under_quota_each_admitted_job_gets_one_job_and_no_further_pass_for_it()
             "{name}: its Job, then its Event"
         );
     }
-    // Their watch events and first reconciles poke on their behalf: admitted, they need no
-    // pass; an unknown job, a plain poke or the timer still get one.
-    let asked = |names: &[&str], pass| Asked {
-        pass,
-        queued: names.iter().map(|n| (*n).to_owned()).collect(),
-    };
-    assert!(
-        !dispatcher
-            .needs_pass(false, &asked(&["job-1", "job-2"], false))
-            .await
-    );
-    assert!(!dispatcher.needs_pass(false, &asked(&[], false)).await);
-    assert!(
-        dispatcher
-            .needs_pass(false, &asked(&["job-1", "job-3"], false))
-            .await
-    );
-    assert!(dispatcher.needs_pass(false, &asked(&["job-1"], true)).await);
-    assert!(dispatcher.needs_pass(true, &asked(&[], false)).await);
 }
 
 #[tokio::test]
