@@ -59,7 +59,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, Resource, ResourceExt};
@@ -1630,6 +1630,18 @@ impl Child {
 
 /// A finished job as the operator leaves it (finalizer, `Succeeded`, completed an hour ago:
 /// kept for the 24 h retention), and the status to write.
+/// The `Admitted` condition as the operator leaves it on a job whose Job exists.
+fn admitted_condition(rj: &RepoboxJob, at: Time) -> Condition {
+    new_condition(
+        condition_types::ADMITTED,
+        true,
+        "Admitted",
+        format!("Job {} created", rj.name_any()),
+        Some(1),
+        at,
+    )
+}
+
 fn finished_rj(i: usize) -> (RepoboxJob, Value) {
     let rj = intake_rj("mem", i);
     let id = rj.spec.job_id.clone();
@@ -1641,14 +1653,7 @@ fn finished_rj(i: usize) -> (RepoboxJob, Value) {
         message: Some(format!("pushed repobox/{}", &id[..8])),
         // As the operator leaves them: Admitted and Complete, with their messages.
         conditions: vec![
-            new_condition(
-                condition_types::ADMITTED,
-                true,
-                "Admitted",
-                format!("Job {} created", rj.name_any()),
-                Some(1),
-                Time(done),
-            ),
+            admitted_condition(&rj, Time(done)),
             new_condition(
                 condition_types::COMPLETE,
                 true,
@@ -1809,14 +1814,7 @@ fn starting_status(rj: &RepoboxJob, round: usize) -> RepoboxJobStatus {
         reason: Some("WaitingForNode".into()),
         message: Some(message.clone()),
         conditions: vec![
-            new_condition(
-                condition_types::ADMITTED,
-                true,
-                "Admitted",
-                format!("Job {} created", rj.name_any()),
-                Some(1),
-                now.clone(),
-            ),
+            admitted_condition(rj, now.clone()),
             new_condition(
                 "Ready",
                 false,
