@@ -109,6 +109,8 @@ impl RealBed {
             g.labels.insert(key.clone(), value.clone());
         }
         cfg.namespaces = vec![self.ns.clone()];
+        // The tests of a binary share the control plane, and Nodes are cluster-wide.
+        cfg.node_prefix = format!("{}-", self.ns);
         repobox_testbed::autoscaler::Autoscaler::start(
             self.admin.clone(),
             self.kubelet().handle(),

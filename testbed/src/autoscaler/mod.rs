@@ -194,6 +194,10 @@ pub struct AutoscalerConfig {
     pub shutdown_grace_period: Duration,
     /// Only pods in these namespaces are looked at (empty: all, as CA).
     pub namespaces: Vec<String>,
+    /// Put before every node name (`{prefix}{group}-{n}`): Nodes are cluster-wide, so models
+    /// of tests sharing one control plane must not name theirs alike (one's scale-down would
+    /// delete the other's node under its running pods).
+    pub node_prefix: String,
 }
 
 impl Default for AutoscalerConfig {
@@ -214,6 +218,7 @@ impl Default for AutoscalerConfig {
             event_spam_window: Duration::from_secs(300),
             shutdown_grace_period: Duration::from_secs(30),
             namespaces: Vec::new(),
+            node_prefix: String::new(),
         }
     }
 }
@@ -826,7 +831,10 @@ fn new_node(sh: &Shared, group: usize) -> String {
     let mut st = sh.lock();
     let index = st.next_index[group];
     st.next_index[group] += 1;
-    let name = format!("{}-{index}", sh.cfg.groups[group].name);
+    let name = format!(
+        "{}{}-{index}",
+        sh.cfg.node_prefix, sh.cfg.groups[group].name
+    );
     st.nodes.insert(
         name.clone(),
         Managed {
