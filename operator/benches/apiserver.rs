@@ -779,10 +779,12 @@ fn post() -> PostParams {
     }
 }
 
-async fn bench_watches(cluster: &Cluster, ns: &str) -> Result<[JoinHandle<()>; 2]> {
+/// The watchers every phase runs on `ns` (their fan-out costs the apiserver too): when each
+/// Job was first seen, and both watches' tasks.
+async fn bench_watches(cluster: &Cluster, ns: &str) -> Result<(Seen, [JoinHandle<()>; 2])> {
     let (_, rjs) = watch_seen(Api::<RepoboxJob>::namespaced(cluster.admin.clone(), ns)).await?;
-    let (_, jobs) = watch_seen(Api::<Job>::namespaced(cluster.admin.clone(), ns)).await?;
-    Ok([rjs, jobs])
+    let (jobs_seen, jobs) = watch_seen(Api::<Job>::namespaced(cluster.admin.clone(), ns)).await?;
+    Ok((jobs_seen, [rjs, jobs]))
 }
 
 /// What [`pairs`] measured.
@@ -808,11 +810,8 @@ async fn pairs(
 ) -> Result<Pairs> {
     let url = "redis://127.0.0.1:1";
     let ns = cluster.namespace(&format!("bench-{prefix}"), url).await?;
-    // The same watchers as in the operator's phases (their fan-out costs the apiserver too).
-    let (_, rj_watch) =
-        watch_seen(Api::<RepoboxJob>::namespaced(cluster.admin.clone(), &ns)).await?;
-    let (jobs_seen, job_watch) =
-        watch_seen(Api::<Job>::namespaced(cluster.admin.clone(), &ns)).await?;
+    // The same watchers as in the operator's phases.
+    let (jobs_seen, watches) = bench_watches(cluster, &ns).await?;
     let cfg = job_config(url, &ns)?;
     let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
     let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
@@ -874,8 +873,9 @@ async fn pairs(
     let starts = std::mem::take(&mut *starts.lock().unwrap_or_else(|p| p.into_inner()));
     let names: Vec<String> = starts.iter().map(|(n, _)| n.clone()).collect();
     jobs_seen.wait_all(&names, WAIT).await?;
-    rj_watch.abort();
-    job_watch.abort();
+    for w in watches {
+        w.abort();
+    }
     Ok(Pairs {
         rate: n as f64 / elapsed.as_secs_f64(),
         latency: latencies_of(times),
@@ -890,7 +890,7 @@ async fn limit(cluster: &Cluster, jobs: usize, rate: f64, paced: usize) -> Resul
 
     // RepoboxJobs alone, then their Jobs alone.
     let ns = cluster.namespace("bench-limit-a", url).await?;
-    let watches = bench_watches(cluster, &ns).await?;
+    let (_, watches) = bench_watches(cluster, &ns).await?;
     let cfg = job_config(url, &ns)?;
     let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
     let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
@@ -1628,8 +1628,6 @@ impl Child {
     }
 }
 
-/// A finished job as the operator leaves it (finalizer, `Succeeded`, completed an hour ago:
-/// kept for the 24 h retention), and the status to write.
 /// The `Admitted` condition as the operator leaves it on a job whose Job exists.
 fn admitted_condition(rj: &RepoboxJob, at: Time) -> Condition {
     new_condition(
@@ -1642,6 +1640,8 @@ fn admitted_condition(rj: &RepoboxJob, at: Time) -> Condition {
     )
 }
 
+/// A finished job as the operator leaves it (finalizer, `Succeeded`, completed an hour ago:
+/// kept for the 24 h retention), and the status to write.
 fn finished_rj(i: usize) -> (RepoboxJob, Value) {
     let rj = intake_rj("mem", i);
     let id = rj.spec.job_id.clone();
@@ -1832,13 +1832,92 @@ fn starting_status(rj: &RepoboxJob, round: usize) -> RepoboxJobStatus {
 }
 
 /// The kinds of request [`costs`] measures, in the order of a job's life.
-const COST_KINDS: [&str; 5] = [
-    "RepoboxJob create",
-    "status write, server-side apply (as the operator)",
-    "status write, JSON merge patch",
-    "Event create",
-    "pod list by label, from the watch cache",
-];
+#[derive(Clone, Copy)]
+enum CostKind {
+    Create,
+    StatusApply,
+    StatusMerge,
+    Event,
+    PodList,
+}
+
+impl CostKind {
+    const ALL: [CostKind; 5] = [
+        Self::Create,
+        Self::StatusApply,
+        Self::StatusMerge,
+        Self::Event,
+        Self::PodList,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Create => "RepoboxJob create",
+            Self::StatusApply => "status write, server-side apply (as the operator)",
+            Self::StatusMerge => "status write, JSON merge patch",
+            Self::Event => "Event create",
+            Self::PodList => "pod list by label, from the watch cache",
+        }
+    }
+
+    /// One request of this kind about `rj` (a status write changes the status by `round`).
+    async fn send(self, api: &CostApis, rj: &RepoboxJob, round: usize) -> Result<()> {
+        let status = || starting_status(rj, round);
+        match self {
+            Self::Create => drop(api.rjs.create(&post(), rj).await?),
+            Self::StatusApply => {
+                let body = json!({
+                    "apiVersion": RepoboxJob::api_version(&()),
+                    "kind": RepoboxJob::kind(&()),
+                    "status": status(),
+                });
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let patch = Patch::Apply(body);
+                drop(
+                    api.rjs
+                        .patch_status(&rj.name_any(), &params, &patch)
+                        .await?,
+                );
+            }
+            Self::StatusMerge => {
+                let patch = Patch::Merge(json!({ "status": status() }));
+                let params = PatchParams::default();
+                drop(
+                    api.rjs
+                        .patch_status(&rj.name_any(), &params, &patch)
+                        .await?,
+                );
+            }
+            Self::Event => {
+                let event = kube::runtime::events::Event {
+                    type_: kube::runtime::events::EventType::Normal,
+                    reason: "Admitted".into(),
+                    note: Some(format!("quota slot granted; Job {} created", rj.name_any())),
+                    action: "Admit".into(),
+                    secondary: None,
+                };
+                let mut reference = rj.object_ref(&());
+                reference.namespace = Some(api.ns.clone());
+                api.recorder.publish(&event, &reference).await?;
+            }
+            Self::PodList => {
+                let params = kube::api::ListParams::default()
+                    .labels(&format!("job-name={}", rj.name_any()))
+                    .match_any();
+                drop(api.pods.list(&params).await?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`CostKind::send`] sends with: the plain client's APIs in the cost phase's namespace.
+struct CostApis {
+    ns: String,
+    rjs: Api<RepoboxJob>,
+    pods: Api<Pod>,
+    recorder: kube::runtime::events::Recorder,
+}
 
 /// Each kind of request the operator sends per job, `n` of each in each of `COST_REPEATS`
 /// interleaved repeats (drift in the API server's own work, its garbage collection above
@@ -1851,70 +1930,27 @@ async fn costs(cluster: &Cluster, n: usize) -> Result<Vec<Cost>> {
     let ns = cluster
         .namespace("bench-cost", "redis://127.0.0.1:1")
         .await?;
-    let rjs: Api<RepoboxJob> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: "repobox-operator".into(),
-            instance: Some("bench".into()),
-        },
-    );
-    let mut measured: Vec<Vec<Cost>> = COST_KINDS.iter().map(|_| Vec::new()).collect();
+    let api = CostApis {
+        rjs: Api::namespaced(client.clone(), &ns),
+        pods: Api::namespaced(client.clone(), &ns),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "repobox-operator".into(),
+                instance: Some("bench".into()),
+            },
+        ),
+        ns,
+    };
+    let mut measured: Vec<Vec<Cost>> = CostKind::ALL.iter().map(|_| Vec::new()).collect();
     for repeat in 0..COST_REPEATS {
         let objects: Vec<RepoboxJob> = (0..n)
             .map(|i| intake_rj(&format!("co{repeat}"), i))
             .collect();
-        for (k, kind) in COST_KINDS.iter().enumerate() {
-            let cost = cost_of(cluster, kind, n, |i| {
-                let (rjs, pods, recorder, ns, rj) = (&rjs, &pods, &recorder, &ns, &objects[i]);
-                async move {
-                    let status = || starting_status(rj, repeat * 2 + k);
-                    match k {
-                        0 => drop(rjs.create(&post(), rj).await?),
-                        1 => {
-                            let body = json!({
-                                "apiVersion": RepoboxJob::api_version(&()),
-                                "kind": RepoboxJob::kind(&()),
-                                "status": status(),
-                            });
-                            let params = PatchParams::apply(FIELD_MANAGER).force();
-                            drop(
-                                rjs.patch_status(&rj.name_any(), &params, &Patch::Apply(body))
-                                    .await?,
-                            );
-                        }
-                        2 => {
-                            let body = Patch::Merge(json!({ "status": status() }));
-                            drop(
-                                rjs.patch_status(&rj.name_any(), &PatchParams::default(), &body)
-                                    .await?,
-                            );
-                        }
-                        3 => {
-                            let event = kube::runtime::events::Event {
-                                type_: kube::runtime::events::EventType::Normal,
-                                reason: "Admitted".into(),
-                                note: Some(format!(
-                                    "quota slot granted; Job {} created",
-                                    rj.name_any()
-                                )),
-                                action: "Admit".into(),
-                                secondary: None,
-                            };
-                            let mut reference = rj.object_ref(&());
-                            reference.namespace = Some(ns.clone());
-                            recorder.publish(&event, &reference).await?;
-                        }
-                        _ => {
-                            let params = kube::api::ListParams::default()
-                                .labels(&format!("job-name={}", rj.name_any()))
-                                .match_any();
-                            drop(pods.list(&params).await?);
-                        }
-                    }
-                    Ok(())
-                }
+        for (k, kind) in CostKind::ALL.into_iter().enumerate() {
+            let (api, objects) = (&api, &objects);
+            let cost = cost_of(cluster, kind.label(), n, |i| {
+                kind.send(api, &objects[i], repeat * 2 + k)
             })
             .await?;
             measured[k].push(cost);
@@ -1922,9 +1958,9 @@ async fn costs(cluster: &Cluster, n: usize) -> Result<Vec<Cost>> {
     }
     Ok(measured
         .into_iter()
-        .zip(COST_KINDS)
+        .zip(CostKind::ALL)
         .map(|(runs, kind)| Cost {
-            kind: kind.to_owned(),
+            kind: kind.label().to_owned(),
             per_request: Duration::from_secs_f64(median(
                 runs.iter().map(|c| c.per_request.as_secs_f64()),
             )),
@@ -1946,13 +1982,21 @@ struct Phase {
     rate: Option<f64>,
 }
 
+impl Phase {
+    /// Whether the plain client runs first in round `r`: in odd burst rounds and in even
+    /// steady rounds.
+    fn plain_first(&self, r: usize) -> bool {
+        (r % 2 == 1) == self.rate.is_none()
+    }
+}
+
 /// Round `r` of `phase`: the operator's run and the plain client's pairs, back to back on the
 /// same control plane, in an order that alternates between rounds (the plain client first in
 /// odd burst rounds and in even steady rounds), each followed by a settle. Drift in the
 /// machine's speed then falls on both sides.
 async fn round(cluster: &Cluster, phase: &Phase, r: usize) -> Result<(Run, Pairs)> {
     let client = Client::try_from(cluster.plain_kube.clone())?;
-    let plain_first = (r % 2 == 1) == phase.rate.is_none();
+    let plain_first = phase.plain_first(r);
     let (name, jobs) = (phase.name, phase.jobs);
     let mut plain = None;
     let mut op = None;
@@ -2113,7 +2157,7 @@ async fn main() -> Result<()> {
         for r in 1..=rounds {
             let (op, plain) = round(&cluster, &phase, r).await?;
             burst.push(BurstRound {
-                plain_first: r % 2 == 1,
+                plain_first: phase.plain_first(r),
                 plain_rate: plain.rate,
                 plain_cpu: plain.cpu,
                 op,

@@ -407,12 +407,21 @@ struct Waiting(Arc<tokio::sync::watch::Sender<usize>>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.send_if_modified(|n| {
-            let before = *n;
-            *n = n.saturating_sub(1);
-            emptiness_changed(before, *n)
-        });
+        change_backlog(&self.0, |n| n.saturating_sub(1));
     }
+}
+
+/// Sets the backlog to `change(count)`, telling its waiters only when that empties or fills
+/// it (see [`emptiness_changed`]).
+fn change_backlog(
+    backlog: &tokio::sync::watch::Sender<usize>,
+    change: impl FnOnce(usize) -> usize,
+) {
+    backlog.send_if_modified(|n| {
+        let before = *n;
+        *n = change(before);
+        emptiness_changed(before, *n)
+    });
 }
 
 /// Whether a change of the backlog from `before` to `after` is one its waiters need to hear
@@ -436,11 +445,7 @@ impl Wakeup {
 
     /// Marks a job as waiting for a create slot until the guard is dropped.
     fn waiting_for_slot(&self) -> Waiting {
-        self.backlog.send_if_modified(|n| {
-            let before = *n;
-            *n += 1;
-            emptiness_changed(before, *n)
-        });
+        change_backlog(&self.backlog, |n| n + 1);
         Waiting(Arc::clone(&self.backlog))
     }
 
